@@ -1,0 +1,335 @@
+"""Tests of cyconv.data: image folders, splits, augmentation, loader, generated shapes.
+
+Every test builds its own small images in tmp_path, except the last one,
+which reads the shared animals folder (skipped when it is absent).
+"""
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cyconv.data import (Augment, ArrayDataset, DataLoader, ImageFolder, Subset, compute_mean_std,
+                         load_split, make_shapes, normalize, read_image, save_split, split_indices)
+
+DATASETS = Path(os.environ.get("CYCONV_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+def write(path, image):
+    """Encode ``image`` (OpenCV channel order) by the file's extension; works for non-ASCII paths."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buffer = cv2.imencode(path.suffix, image)
+    assert ok
+    buffer.tofile(str(path))
+
+
+def make_folder(root, counts, size=(12, 16), seed=0):
+    """``root/<class>/<i>.png`` random colour images, ``counts`` = {class: number of images}."""
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            write(root / name / f"{i}.png", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    return root
+
+
+def jpeg_bytes(seed=0):
+    image = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+# --- ImageFolder: layout ---------------------------------------------------
+
+def test_missing_root_names_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"root/<class>/\*\.jpg"):
+        ImageFolder(tmp_path / "nowhere")
+
+
+def test_root_without_class_folders(tmp_path):
+    (tmp_path / "loose.jpg").write_bytes(jpeg_bytes())
+    with pytest.raises(ValueError, match="no class sub-folders.*root/<class>"):
+        ImageFolder(tmp_path)
+
+
+def test_class_folders_without_images(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images found.*root/<class>"):
+        ImageFolder(tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    make_folder(tmp_path, {"cat": 2})
+    (tmp_path / "dog").mkdir()
+    with pytest.raises(ValueError, match="dog"):
+        ImageFolder(tmp_path)
+
+
+def test_named_class_without_folder(tmp_path):
+    make_folder(tmp_path, {"cat": 1, "dog": 1})
+    with pytest.raises(FileNotFoundError, match="panda"):
+        ImageFolder(tmp_path, classes=["cat", "panda"])
+
+
+def test_classes_sorted_or_in_given_order(tmp_path):
+    make_folder(tmp_path, {"dog": 2, "bird": 1, "cat": 3})
+    (tmp_path / "cat" / "readme.txt").write_text("ignored")
+    (tmp_path / "cat" / "UPPER.JPG").write_bytes(jpeg_bytes())
+    data = ImageFolder(tmp_path, image_size=8)
+    assert data.classes == ["bird", "cat", "dog"]
+    assert [label for _, label in data.samples] == [0, 1, 1, 1, 1, 2, 2]
+    assert len(data) == 7 and data.skipped == []
+
+    data = ImageFolder(tmp_path, classes=["dog", "bird"], image_size=8)
+    assert data.classes == ["dog", "bird"]
+    assert [(p.parent.name, label) for p, label in data.samples] == [("dog", 0), ("dog", 0), ("bird", 1)]
+
+
+# --- ImageFolder: reading --------------------------------------------------
+
+def test_bad_files_are_skipped_with_one_warning_each(tmp_path):
+    make_folder(tmp_path, {"cat": 2, "dog": 1})
+    good = jpeg_bytes()
+    bad = {"cat/truncated.jpg": good[:len(good) // 2],
+           "cat/text.jpg": b"this is not an image\n",
+           "dog/corrupt.jpeg": good[:3] + bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)),
+           "dog/empty.png": b""}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = ImageFolder(tmp_path, image_size=8)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(bad)
+    for name in bad:
+        assert sum(Path(name).name in m for m in messages) == 1
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in data.skipped) == sorted(bad)
+    assert len(data) == 3
+
+
+def test_image_failing_to_decode_at_load_time_is_replaced(tmp_path):
+    make_folder(tmp_path, {"a": 3, "b": 3})
+    # Passes the cheap header check (BMP signature) but cannot be decoded.
+    (tmp_path / "a" / "1.png").unlink()
+    (tmp_path / "a" / "1.bmp").write_bytes(b"BM" + bytes(100))
+    data = ImageFolder(tmp_path, image_size=8)
+    bad = [p.name for p, _ in data.samples].index("1.bmp")
+    loader = DataLoader(data, batch_size=4, num_workers=2)
+    with pytest.warns(UserWarning, match="1.bmp") as caught:
+        epochs = [[(x.copy(), y.copy()) for x, y in loader] for _ in range(2)]
+    assert len(caught) == 1 and data.skipped == [data.samples[bad][0]]
+    for batches in epochs:
+        assert [len(y) for _, y in batches] == [4, 2]
+        x = np.concatenate([x for x, _ in batches])
+        np.testing.assert_array_equal(x[bad], x[bad + 1])  # replaced by the next item
+    np.testing.assert_array_equal(epochs[0][0][0], epochs[1][0][0])
+
+
+def test_colour_conversions(tmp_path):
+    bgr = np.zeros((6, 10, 3), np.uint8)
+    bgr[..., 2] = 200  # red in OpenCV's BGR order
+    write(tmp_path / "red.png", bgr)
+    write(tmp_path / "gray.png", np.full((6, 10), 77, np.uint8))
+    write(tmp_path / "rgba.png", np.dstack([bgr, np.zeros((6, 10), np.uint8)]))
+    write(tmp_path / "deep.png", np.full((6, 10, 3), 65535, np.uint16))
+    write(tmp_path / "deep_gray.png", np.full((6, 10), 257 * 40, np.uint16))
+    expected = {"red": [200, 0, 0], "gray": [77, 77, 77], "rgba": [200, 0, 0],
+                "deep": [255, 255, 255], "deep_gray": [40, 40, 40]}
+    for name, rgb in expected.items():
+        image = read_image(tmp_path / f"{name}.png")
+        assert image.shape == (6, 10, 3) and image.dtype == np.uint8, name
+        assert (image == rgb).all(), name
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    Image.new("RGB", (40, 20), (0, 0, 255)).save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
+
+
+def test_non_ascii_file_name_with_spaces(tmp_path):
+    path = tmp_path / "ñandú 猫" / "my photo é 猫.jpg"
+    write(path, np.full((30, 20, 3), 128, np.uint8))
+    data = ImageFolder(tmp_path, image_size=(10, 7))
+    image, label = data[0]
+    assert data.classes == ["ñandú 猫"] and label == 0
+    assert image.shape == (10, 7, 3) and image.dtype == np.uint8
+    assert abs(int(image.mean()) - 128) <= 2
+
+
+def test_resize_to_int_or_height_width(tmp_path):
+    make_folder(tmp_path, {"a": 1}, size=(20, 30))
+    assert ImageFolder(tmp_path, image_size=8)[0][0].shape == (8, 8, 3)
+    assert ImageFolder(tmp_path, image_size=(40, 12))[0][0].shape == (40, 12, 3)
+
+
+# --- splits ----------------------------------------------------------------
+
+def test_split_is_stratified_reproducible_disjoint_and_covering():
+    labels = np.repeat([0, 1, 2, 3], [100, 30, 10, 3])
+    train, valid, test = split_indices(labels, seed=5)
+    everything = np.concatenate([train, valid, test])
+    assert np.array_equal(np.sort(everything), np.arange(len(labels)))
+    for part, counts in zip((train, valid, test), ([80, 24, 8, 1], [10, 3, 1, 1], [10, 3, 1, 1])):
+        assert part.dtype == np.int64
+        assert np.bincount(labels[part], minlength=4).tolist() == counts
+    again = split_indices(labels, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip((train, valid, test), again))
+    assert not np.array_equal(split_indices(labels, seed=6)[1], valid)
+
+
+def test_split_rejects_bad_ratios():
+    with pytest.raises(ValueError, match="ratios"):
+        split_indices([0, 1], ratios=(0.8, 0.3, 0.1))
+
+
+def test_save_and_load_split(tmp_path):
+    root = make_folder(tmp_path / "images", {"cat": 10, "dog": 10})
+    data = ImageFolder(root, image_size=8)
+    split = split_indices([label for _, label in data.samples])
+    save_split(tmp_path / "split.json", data, *split)
+    loaded = load_split(tmp_path / "split.json", data)
+    assert all(np.array_equal(a, b) for a, b in zip(split, loaded))
+
+    data.samples[split[2][0]][0].unlink()
+    with pytest.raises(FileNotFoundError, match="1 file"):
+        load_split(tmp_path / "split.json", ImageFolder(root, image_size=8))
+
+
+# --- augmentation and normalisation ----------------------------------------
+
+def test_augment_is_seeded():
+    image = make_shapes(1, image_size=(24, 32), seed=3)[0][0]
+    original = image.copy()
+    augment = Augment(hflip=0.5, vflip=0.5, crop=1.0, rotate=1.0, color=1.0)
+    first = augment(image, np.random.default_rng(7))
+    assert first.shape == image.shape and first.dtype == np.uint8
+    assert np.array_equal(first, augment(image, np.random.default_rng(7)))
+    assert not np.array_equal(first, augment(image, np.random.default_rng(8)))
+    assert np.array_equal(image, original)  # input untouched
+
+
+def test_flips_with_probability_one_are_exact():
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    plain = dict(crop=0.0, rotate=0.0, color=0.0)
+    assert np.array_equal(Augment(hflip=1.0, **plain)(image, rng), image[:, ::-1])
+    assert np.array_equal(Augment(hflip=0.0, vflip=1.0, **plain)(image, rng), image[::-1])
+    assert np.array_equal(Augment(hflip=0.0, **plain)(image, rng), image)
+
+
+def test_normalize_values():
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    mean, std = np.array([0.2, 0.5, 0.7]), np.array([0.1, 0.3, 0.25])
+    x = normalize(images, mean, std)
+    expected = ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    assert x.dtype == np.float32 and x.flags.c_contiguous and x.shape == (2, 3, 4, 5)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_mean_std_matches_numpy():
+    images, labels, classes = make_shapes(10, image_size=8)
+    indices = [1, 4, 5, 9]
+    mean, std = compute_mean_std(ArrayDataset(images, labels, classes), indices, batch_size=3)
+    pixels = images[indices].reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-4)
+
+
+# --- loader ----------------------------------------------------------------
+
+def shapes_dataset(n=10, size=8):
+    return ArrayDataset(*make_shapes(n, image_size=size, seed=1))
+
+
+def test_loader_batches_shapes_dtypes_and_values():
+    data = shapes_dataset(10)
+    mean, std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    loader = DataLoader(data, batch_size=4, mean=mean, std=std)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    assert [x.shape for x, _ in batches] == [(4, 3, 8, 8), (4, 3, 8, 8), (2, 3, 8, 8)]
+    for x, y in batches:
+        assert x.dtype == np.float32 and x.flags.c_contiguous and y.dtype == np.int64
+    x = np.concatenate([x for x, _ in batches])
+    np.testing.assert_allclose(x, normalize(data.images, mean, std), rtol=1e-6)
+    assert np.array_equal(np.concatenate([y for _, y in batches]), data.labels)
+
+
+def test_drop_last():
+    loader = DataLoader(shapes_dataset(10), batch_size=4, drop_last=True)
+    assert len(loader) == 2 and [len(y) for _, y in loader] == [4, 4]
+    assert len(DataLoader(shapes_dataset(8), batch_size=4, drop_last=True)) == 2
+
+
+def epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_loader_is_deterministic_whatever_the_threads(tmp_path):
+    make_folder(tmp_path, {"a": 7, "b": 6}, size=(10, 14))
+    data = ImageFolder(tmp_path, image_size=(10, 14))
+    runs = [epoch_batches(DataLoader(data, 3, shuffle=True, augment=Augment(vflip=0.5), seed=4,
+                                     num_workers=workers, cache=cache), epoch=2)
+            for workers, cache in ((1, True), (2, False), (2, True), (0, True))]
+    for run in runs[1:]:
+        assert len(run) == len(runs[0]) == 5
+        for (x0, y0), (x1, y1) in zip(runs[0], run):
+            assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
+
+
+def test_epochs_differ_and_state_round_trips():
+    loader = DataLoader(shapes_dataset(12), 4, shuffle=True, augment=Augment(), seed=1)
+    first, second = list(loader), list(loader)
+    assert loader.state_dict() == {"epoch": 2, "seed": 1}
+    assert not np.array_equal(first[0][0], second[0][0])
+
+    resumed = DataLoader(shapes_dataset(12), 4, shuffle=True, augment=Augment())
+    resumed.load_state_dict({"epoch": 1, "seed": 1})
+    for (x0, y0), (x1, y1) in zip(second, resumed):
+        assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
+
+
+def test_subset_and_shuffle_cover_each_item_once():
+    data = shapes_dataset(12)
+    subset = Subset(data, [0, 3, 5, 7, 11])
+    y = np.concatenate([y for _, y in DataLoader(subset, 2, shuffle=True)])
+    assert sorted(y.tolist()) == sorted(data.labels[[0, 3, 5, 7, 11]].tolist())
+
+
+# --- generated shapes ------------------------------------------------------
+
+def test_make_shapes_balanced_and_deterministic():
+    images, labels, classes = make_shapes(31, image_size=(16, 20), seed=2)
+    assert classes == ["circle", "square", "triangle"]
+    assert images.shape == (31, 16, 20, 3) and images.dtype == np.uint8
+    assert labels.shape == (31,) and labels.dtype == np.int64
+    assert sorted(np.bincount(labels).tolist()) == [10, 10, 11]
+    again = make_shapes(31, image_size=(16, 20), seed=2)
+    assert np.array_equal(images, again[0]) and np.array_equal(labels, again[1])
+    assert not np.array_equal(images, make_shapes(31, image_size=(16, 20), seed=3)[0])
+
+
+# --- real data ---------------------------------------------------------------
+
+@pytest.mark.skipif(not (DATASETS / "animals").is_dir(),
+                    reason=f"animals data set not found at {DATASETS / 'animals'} (set CYCONV_DATASETS)")
+def test_animals_folder():
+    data = ImageFolder(DATASETS / "animals", classes=["dog", "panda", "bird"], image_size=64)
+    assert data.classes == ["dog", "panda", "bird"]
+    assert len(data) + len(data.skipped) == 3000
+    picked = np.random.default_rng(0).choice(len(data), 32, replace=False)
+    loader = DataLoader(Subset(data, picked), 16, shuffle=True, augment=Augment())
+    batches = list(loader)
+    assert len(batches) == 2
+    for x, y in batches:
+        assert x.shape == (16, 3, 64, 64) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+    labels = np.concatenate([y for _, y in batches])
+    assert sorted(labels.tolist()) == sorted(data.samples[i][1] for i in picked)
