@@ -1,0 +1,295 @@
+"""Conv2d: forward and backward against the numpy reference, finite
+differences, PyTorch, and assorted properties."""
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import (DTYPES, FD_TOL, assert_close, finite_difference,
+                      random_projection_loss)
+
+import cyconv
+from cyconv import nn
+
+
+def _case(N, C, O, H, W, k, s=1, p=0, d=1, bias=True):
+    return dict(N=N, C=C, O=O, H=H, W=W, k=R.pair(k), s=R.pair(s), p=R.pair(p),
+                d=R.pair(d), bias=bias)
+
+
+def _out_hw(c):
+    return (R.conv_out_size(c["H"], c["k"][0], c["s"][0], c["p"][0], c["d"][0]),
+            R.conv_out_size(c["W"], c["k"][1], c["s"][1], c["p"][1], c["d"][1]))
+
+
+def _random_cases(n=26, seed=20240611):
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n:
+        c = _case(N=int(rng.integers(1, 4)), C=int(rng.integers(1, 5)),
+                  O=int(rng.integers(1, 5)), H=int(rng.integers(1, 13)),
+                  W=int(rng.integers(1, 13)),
+                  k=tuple(int(v) for v in rng.integers(1, 6, 2)),
+                  s=tuple(int(v) for v in rng.integers(1, 4, 2)),
+                  p=tuple(int(v) for v in rng.integers(0, 3, 2)),
+                  d=tuple(int(v) for v in rng.integers(1, 3, 2)),
+                  bias=bool(rng.integers(0, 2)))
+        if min(_out_hw(c)) >= 1:
+            cases.append(c)
+    return cases
+
+
+EDGE_CASES = [
+    _case(2, 3, 4, 5, 7, k=1),                               # 1x1, stride 1
+    _case(2, 3, 2, 6, 5, k=1, s=2),                          # 1x1, stride 2 (skips inputs)
+    _case(1, 2, 3, 3, 4, k=1, p=2),                          # padding > kernel
+    _case(2, 2, 3, 5, 5, k=5),                               # kernel == input -> 1x1
+    _case(2, 2, 2, 7, 9, k=(2, 4), s=(2, 3), p=(1, 0)),      # even, non-square
+    _case(1, 3, 2, 9, 8, k=3, s=(1, 2), p=(0, 2), d=(2, 1)),  # per-axis everything
+    _case(2, 2, 2, 1, 12, k=(1, 3), s=(1, 2)),               # H == 1
+    _case(3, 2, 3, 10, 11, k=3, s=3, bias=False),            # (H - k) % s != 0
+    _case(1, 1, 1, 4, 4, k=2, s=3),                          # stride > kernel
+    _case(1, 1, 1, 1, 1, k=1),                               # scalar image
+    _case(2, 4, 4, 12, 12, k=3, s=2, p=1),                   # typical downsampling
+    _case(1, 2, 2, 8, 8, k=3, p=2, d=2),                     # "same" dilated conv
+    _case(2, 3, 1, 6, 7, k=(5, 2), s=(3, 1), p=(2, 1), d=(1, 2), bias=False),
+]
+
+CASES = _random_cases() + EDGE_CASES
+
+
+def _id(c):
+    return ("n{N}c{C}o{O}_{H}x{W}_k{k[0]}{k[1]}_s{s[0]}{s[1]}_p{p[0]}{p[1]}"
+            "_d{d[0]}{d[1]}_{b}").format(b="b" if c["bias"] else "nb", **c)
+
+
+def _fd_cases():
+    small = [c for c in CASES
+             if c["N"] * c["C"] * c["H"] * c["W"] <= 80
+             and c["O"] * c["C"] * c["k"][0] * c["k"][1] <= 80]
+    return small[:10]
+
+
+def make_layer(c, dtype, seed=0):
+    return nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"],
+                     dilation=c["d"], bias=c["bias"], dtype=dtype, seed=seed)
+
+
+def ref_forward(c, layer, x):
+    params = layer.parameters()
+    b = params[1].data if c["bias"] else None
+    return R.conv2d_forward(x, params[0].data, b, c["s"], c["p"], c["d"])
+
+
+def ref_backward(c, layer, x, dy):
+    return R.conv2d_backward(x, layer.parameters()[0].data, dy, c["s"], c["p"],
+                             c["d"], bias=c["bias"])
+
+
+def _input(c, rng, dtype):
+    return rng.standard_normal((c["N"], c["C"], c["H"], c["W"])).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", CASES, ids=_id)
+def test_forward_matches_reference(c, dtype, rng):
+    layer = make_layer(c, dtype)
+    x = _input(c, rng, dtype)
+    x0 = x.copy()
+    y = layer(x)
+    assert isinstance(y, np.ndarray)
+    assert y.dtype == dtype
+    assert y.shape == (c["N"], c["O"]) + _out_hw(c)
+    assert_close(y, ref_forward(c, layer, x), dtype)
+    np.testing.assert_array_equal(x, x0)  # input untouched
+    np.testing.assert_array_equal(layer.forward(x), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", CASES, ids=_id)
+def test_backward_matches_reference(c, dtype, rng):
+    layer = make_layer(c, dtype)
+    x = _input(c, rng, dtype)
+    y = layer(x)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dy0 = dy.copy()
+    dx = layer.backward(dy)
+    np.testing.assert_array_equal(dy, dy0)  # upstream grad untouched
+    rdx, rdw, rdb = ref_backward(c, layer, x, dy)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert_close(dx, rdx, dtype, err_msg="dx")
+    params = layer.parameters()
+    assert len(params) == (2 if c["bias"] else 1)
+    assert params[0].grad.dtype == dtype
+    assert_close(params[0].grad, rdw, dtype, err_msg="dW")
+    if c["bias"]:
+        assert params[1].grad.dtype == dtype
+        assert_close(params[1].grad, rdb, dtype, err_msg="db")
+
+
+@pytest.mark.parametrize("c", _fd_cases(), ids=_id)
+def test_backward_matches_finite_differences(c, rng):
+    layer = make_layer(c, np.float64)
+    x = _input(c, rng, np.float64)
+    Rm = rng.standard_normal((c["N"], c["O"]) + _out_hw(c))
+    f = random_projection_loss(layer, x, Rm)
+    layer.zero_grad()
+    layer(x)
+    dx = layer.backward(Rm.copy())
+    grads = [p.grad.copy() for p in layer.parameters()]
+    np.testing.assert_allclose(dx, finite_difference(lambda v: float((layer(v) * Rm).sum()), x),
+                               **FD_TOL)
+    for p, g in zip(layer.parameters(), grads):
+        np.testing.assert_allclose(g, finite_difference(f, p.data), **FD_TOL)
+
+
+@pytest.mark.parametrize("c", _fd_cases()[:4], ids=_id)
+def test_reference_backward_matches_finite_differences(c, rng):
+    """Sanity check of the reference itself."""
+    x = _input(c, rng, np.float64)
+    w = rng.standard_normal((c["O"], c["C"]) + c["k"])
+    b = rng.standard_normal(c["O"])
+    Rm = rng.standard_normal((c["N"], c["O"]) + _out_hw(c))
+    fwd = lambda x_, w_, b_: (R.conv2d_forward(x_, w_, b_, c["s"], c["p"], c["d"]) * Rm).sum()
+    dx, dw, db = R.conv2d_backward(x, w, Rm, c["s"], c["p"], c["d"])
+    np.testing.assert_allclose(dx, finite_difference(lambda v: fwd(v, w, b), x), **FD_TOL)
+    np.testing.assert_allclose(dw, finite_difference(lambda v: fwd(x, v, b), w), **FD_TOL)
+    np.testing.assert_allclose(db, finite_difference(lambda v: fwd(x, w, v), b), **FD_TOL)
+
+
+@pytest.mark.parametrize("c", CASES[::3], ids=_id)
+def test_matches_torch(c, rng):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    layer = make_layer(c, np.float64)
+    x = _input(c, rng, np.float64)
+    tconv = torch.nn.Conv2d(c["C"], c["O"], c["k"], c["s"], c["p"], c["d"],
+                            bias=c["bias"]).double()
+    with torch.no_grad():
+        tconv.weight.copy_(torch.from_numpy(layer.parameters()[0].data))
+        if c["bias"]:
+            tconv.bias.copy_(torch.from_numpy(layer.parameters()[1].data))
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    ty = tconv(tx)
+    y = layer(x)
+    assert y.shape == tuple(ty.shape)
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
+    dy = rng.standard_normal(y.shape)
+    ty.backward(torch.from_numpy(dy))
+    dx = layer.backward(dy)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer.parameters()[0].grad, tconv.weight.grad.numpy(),
+                               rtol=1e-10, atol=1e-10)
+    if c["bias"]:
+        np.testing.assert_allclose(layer.parameters()[1].grad, tconv.bias.grad.numpy(),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_int_and_tuple_arguments_are_equivalent(rng):
+    a = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2, dtype=np.float64, seed=3)
+    b = nn.Conv2d(2, 3, (3, 3), stride=(2, 2), padding=(1, 1), dilation=(2, 2),
+                  dtype=np.float64, seed=3)
+    x = rng.standard_normal((2, 2, 9, 8))
+    np.testing.assert_array_equal(a(x), b(x))
+
+
+def test_param_grads_accumulate(rng):
+    c = _case(2, 3, 2, 6, 5, k=3, s=2, p=1)
+    layer = make_layer(c, np.float64)
+    x = _input(c, rng, np.float64)
+    dy = rng.standard_normal((2, 2) + _out_hw(c))
+    layer.zero_grad()
+    layer(x)
+    dx1 = layer.backward(dy)
+    g1 = [p.grad.copy() for p in layer.parameters()]
+    layer(x)
+    dx2 = layer.backward(dy)
+    np.testing.assert_array_equal(dx1, dx2)  # the input gradient does not accumulate
+    for p, g in zip(layer.parameters(), g1):
+        np.testing.assert_allclose(p.grad, 2 * g, rtol=1e-12, atol=1e-12)
+    layer.zero_grad()
+    for p in layer.parameters():
+        assert not np.any(p.grad)
+
+
+def test_backward_uses_latest_forward(rng):
+    c = _case(1, 2, 2, 5, 5, k=3, p=1)
+    layer = make_layer(c, np.float64)
+    x1, x2 = _input(c, rng, np.float64), _input(c, rng, np.float64)
+    layer(x1)
+    layer(x2)
+    dy = rng.standard_normal((1, 2, 5, 5))
+    layer.zero_grad()
+    layer.backward(dy)
+    _, rdw, _ = ref_backward(c, layer, x2, dy)
+    np.testing.assert_allclose(layer.parameters()[0].grad, rdw, rtol=1e-10, atol=1e-10)
+
+
+def test_different_batch_sizes_reuse_layer(rng):
+    layer = nn.Conv2d(2, 3, 3, padding=1, dtype=np.float64, seed=1)
+    for n, h, w in [(1, 4, 4), (3, 7, 5), (2, 4, 4)]:
+        x = rng.standard_normal((n, 2, h, w))
+        p = layer.parameters()
+        np.testing.assert_allclose(layer(x), R.conv2d_forward(x, p[0].data, p[1].data, 1, 1),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_weight_changes_are_seen_by_forward(rng):
+    layer = nn.Conv2d(2, 3, 3, dtype=np.float64, seed=1)
+    x = rng.standard_normal((1, 2, 5, 5))
+    layer(x)
+    w, b = layer.parameters()
+    w.data[...] = rng.standard_normal(w.data.shape)
+    b.data[...] = rng.standard_normal(b.data.shape)
+    np.testing.assert_allclose(layer(x), R.conv2d_forward(x, w.data, b.data),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parameters_and_state_dict(dtype):
+    layer = nn.Conv2d(3, 5, (2, 4), dtype=dtype, seed=0)
+    w, b = layer.parameters()
+    assert w.data.shape == (5, 3, 2, 4) and b.data.shape == (5,)
+    assert w.data.dtype == dtype and b.data.dtype == dtype
+    assert w.grad.shape == w.data.shape and w.grad.dtype == dtype
+    sd = layer.state_dict()
+    assert list(sd.keys()) == ["weight", "bias"]
+    np.testing.assert_array_equal(sd["weight"], w.data)
+    nb = nn.Conv2d(3, 5, 3, bias=False, dtype=dtype, seed=0)
+    assert len(nb.parameters()) == 1
+    assert list(nb.state_dict().keys()) == ["weight"]
+
+
+@pytest.mark.parametrize("fan", [(3, 8, 3), (16, 4, 5), (1, 64, 1)])
+def test_kaiming_uniform_init(fan):
+    cin, cout, k = fan
+    layer = nn.Conv2d(cin, cout, k, seed=0)
+    w, b = (p.data for p in layer.parameters())
+    bound = 1.0 / np.sqrt(cin * k * k)
+    assert np.all(np.abs(w) <= bound * (1 + 1e-6))
+    assert np.all(np.abs(b) <= bound * (1 + 1e-6))
+    if w.size >= 200:
+        # uniform on [-bound, bound]: std = bound / sqrt(3), fills the range
+        assert abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound
+        assert np.abs(w).max() > 0.9 * bound
+        assert abs(w.mean()) < 0.1 * bound
+    assert len(np.unique(w)) == w.size  # no repeated values
+
+
+def test_seed_reproducible():
+    a = nn.Conv2d(3, 4, 3, seed=7)
+    b = nn.Conv2d(3, 4, 3, seed=7)
+    c = nn.Conv2d(3, 4, 3, seed=8)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(pa.data, pb.data)
+    assert not np.array_equal(a.parameters()[0].data, c.parameters()[0].data)
+
+
+def test_manual_seed_reproducible():
+    cyconv.manual_seed(0)
+    a = nn.Conv2d(3, 4, 3)
+    a2 = nn.Conv2d(3, 4, 3)
+    cyconv.manual_seed(0)
+    b = nn.Conv2d(3, 4, 3)
+    np.testing.assert_array_equal(a.parameters()[0].data, b.parameters()[0].data)
+    np.testing.assert_array_equal(a.parameters()[1].data, b.parameters()[1].data)
+    assert not np.array_equal(a.parameters()[0].data, a2.parameters()[0].data)

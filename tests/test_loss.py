@@ -1,0 +1,104 @@
+"""CrossEntropyLoss (mean reduction, optional label smoothing)."""
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import DTYPES, FD_TOL, assert_close, finite_difference
+
+from cyconv import nn
+
+CASES = [(1, 1), (1, 4), (3, 2), (8, 4), (5, 10), (16, 3), (2, 7)]
+SMOOTHING = [0.0, 0.1, 0.35]
+
+
+@pytest.mark.parametrize("ls", SMOOTHING)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C", CASES)
+def test_forward_backward_matches_reference(N, C, dtype, ls, rng):
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=ls) if ls else nn.CrossEntropyLoss()
+    z = (rng.standard_normal((N, C)) * 3).astype(dtype)
+    labels = rng.integers(0, C, N)
+    z0 = z.copy()
+    loss = loss_fn(z, labels)
+    assert type(loss) is float
+    ref = R.cross_entropy_forward(z, labels, ls)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert abs(loss - ref) <= tol * max(1.0, abs(ref))
+    dz = loss_fn.backward()
+    assert dz.shape == (N, C) and dz.dtype == dtype
+    assert_close(dz, R.cross_entropy_backward(z, labels, ls), dtype)
+    np.testing.assert_array_equal(z, z0)
+
+
+@pytest.mark.parametrize("ls", SMOOTHING)
+@pytest.mark.parametrize("N,C", [(1, 3), (4, 5), (3, 2)])
+def test_finite_differences(N, C, ls, rng):
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=ls)
+    z = rng.standard_normal((N, C))
+    labels = rng.integers(0, C, N)
+    loss_fn(z, labels)
+    dz = loss_fn.backward()
+    num = finite_difference(lambda v: loss_fn(v, labels), z)
+    np.testing.assert_allclose(dz, num, **FD_TOL)
+    num_ref = finite_difference(lambda v: R.cross_entropy_forward(v, labels, ls), z)
+    np.testing.assert_allclose(R.cross_entropy_backward(z, labels, ls), num_ref, **FD_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numerically_stable_for_large_logits(dtype):
+    z = np.array([[1000.0, 0.0, -1000.0], [-500.0, 500.0, 499.0]], dtype=dtype)
+    labels = np.array([0, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    loss = loss_fn(z, labels)
+    ref = R.cross_entropy_forward(z, labels)
+    assert np.isfinite(loss)
+    assert abs(loss - ref) <= 1e-5 * abs(ref)
+    dz = loss_fn.backward()
+    assert np.all(np.isfinite(dz))
+    assert_close(dz, R.cross_entropy_backward(z, labels), dtype)
+
+
+def test_known_values():
+    loss_fn = nn.CrossEntropyLoss()
+    z = np.zeros((2, 4))
+    assert abs(loss_fn(z, np.array([1, 3])) - np.log(4)) < 1e-12
+    np.testing.assert_allclose(loss_fn.backward(),
+                               [[0.125, -0.375, 0.125, 0.125], [0.125, 0.125, 0.125, -0.375]])
+    # label smoothing moves eps/C of the target mass to every class
+    ls = nn.CrossEntropyLoss(label_smoothing=0.2)
+    z = np.array([[2.0, 0.0]])
+    lp = R.log_softmax(z)[0]
+    expected = -(0.9 * lp[0] + 0.1 * lp[1])
+    assert abs(ls(z, np.array([0])) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.intp, np.uint8])
+def test_integer_label_dtypes_accepted(label_dtype, rng):
+    z = rng.standard_normal((4, 3))
+    labels = np.array([0, 2, 1, 2], dtype=label_dtype)
+    loss = nn.CrossEntropyLoss()(z, labels)
+    assert abs(loss - R.cross_entropy_forward(z, labels.astype(np.int64))) < 1e-12
+
+
+def test_backward_reflects_last_call(rng):
+    loss_fn = nn.CrossEntropyLoss()
+    z1, z2 = rng.standard_normal((3, 4)), rng.standard_normal((2, 4))
+    l1 = np.array([0, 1, 2])
+    l2 = np.array([3, 3])
+    loss_fn(z1, l1)
+    loss_fn(z2, l2)
+    np.testing.assert_allclose(loss_fn.backward(), R.cross_entropy_backward(z2, l2),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    for ls in SMOOTHING:
+        z = rng.standard_normal((6, 5)) * 2
+        labels = rng.integers(0, 5, 6)
+        tz = torch.from_numpy(z.copy()).requires_grad_(True)
+        tl = torch.nn.CrossEntropyLoss(label_smoothing=ls)(tz, torch.from_numpy(labels))
+        tl.backward()
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=ls)
+        assert abs(loss_fn(z, labels) - tl.item()) < 1e-12
+        np.testing.assert_allclose(loss_fn.backward(), tz.grad.numpy(), rtol=1e-10, atol=1e-14)
