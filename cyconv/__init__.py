@@ -1,0 +1,14 @@
+"""cyconv: a convolutional-network library written from scratch.
+
+Every layer's forward and backward pass is a Cython kernel over typed
+memoryviews; numpy arrays go in and come out.
+"""
+from cyconv._grad_mode import is_grad_enabled, no_grad
+from cyconv._random import manual_seed
+from cyconv._threads import get_num_threads, set_num_threads
+from cyconv import nn, optim
+
+__version__ = "0.1.0"
+
+__all__ = ["nn", "optim", "no_grad", "is_grad_enabled", "manual_seed",
+           "get_num_threads", "set_num_threads"]

@@ -1,0 +1,47 @@
+"""Elementwise activation kernels over flat (contiguous) arrays.
+
+Each element is independent, so prange over elements with a static schedule
+gives the same result for any thread count.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+
+
+def relu_forward(const floating[::1] x,   # IN  (M,)
+                 floating[::1] out,       # OUT (M,)
+                 int num_threads):
+    """out = max(x, 0)."""
+    cdef Py_ssize_t i
+    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+        out[i] = x[i] if x[i] > 0 else 0
+
+
+def relu_backward(const floating[::1] out,       # IN  (M,) the forward output
+                  const floating[::1] grad_out,  # IN  (M,)
+                  floating[::1] grad_input,      # OUT (M,)
+                  int num_threads):
+    """grad_input = grad_out where the output was positive, else 0."""
+    cdef Py_ssize_t i
+    for i in prange(out.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+        grad_input[i] = grad_out[i] if out[i] > 0 else 0
+
+
+def leaky_relu_forward(const floating[::1] x,   # IN  (M,)
+                       floating[::1] out,       # OUT (M,)
+                       double negative_slope, int num_threads):
+    """out = x where x > 0, else negative_slope * x."""
+    cdef Py_ssize_t i
+    cdef floating slope = <floating> negative_slope
+    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+        out[i] = x[i] if x[i] > 0 else slope * x[i]
+
+
+def leaky_relu_backward(const floating[::1] x,         # IN  (M,) the forward input
+                        const floating[::1] grad_out,  # IN  (M,)
+                        floating[::1] grad_input,      # OUT (M,)
+                        double negative_slope, int num_threads):
+    """grad_input = grad_out where x > 0, else negative_slope * grad_out."""
+    cdef Py_ssize_t i
+    cdef floating slope = <floating> negative_slope
+    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+        grad_input[i] = grad_out[i] if x[i] > 0 else slope * grad_out[i]

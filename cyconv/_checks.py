@@ -1,0 +1,80 @@
+"""Argument checking, done in Python before any kernel runs.
+
+Every message says what was expected and what came, e.g.
+``Conv2d: expected input of shape (N, 3, H, W), got (8, 4, 32, 32)``.
+"""
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_dtype(dtype):
+    """np.dtype(dtype) if it is float32 or float64, else TypeError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"expected dtype float32 or float64, got {dtype!r}")
+    return dt
+
+
+def positive_pair(name, value, minimum=1):
+    """An int or a pair of ints, each >= minimum, as a tuple (h, w)."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                 and v >= minimum for v in pair):
+        raise ValueError(f"expected {name} to be an int >= {minimum} or a pair of them, "
+                         f"got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def positive_int(name, value):
+    """value itself if it is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+    return int(value)
+
+
+def shape_text(shape):
+    """(N, 3, H, W) style text of a shape whose entries may be names or ints."""
+    return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def as_input(layer, x, expected_shape, dtype=None):
+    """x as a C-contiguous float array of the expected shape, or a clear error.
+
+    expected_shape holds ints (must match) and names (any size), e.g.
+    ("N", 3, "H", "W").  dtype: the layer's dtype, or None for float32/float64.
+    """
+    where = type(layer).__name__
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{where}: expected a numpy ndarray input, got {type(x).__name__}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{where}: expected a {np.dtype(dtype).name} input "
+                        f"(the layer's dtype), got {x.dtype}")
+    if dtype is None and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: expected a float32 or float64 input, got {x.dtype}")
+    if x.ndim != len(expected_shape) or any(
+            isinstance(e, int) and e != s for e, s in zip(expected_shape, x.shape)):
+        raise ValueError(f"{where}: expected input of shape {shape_text(expected_shape)}, "
+                         f"got {shape_text(x.shape)}")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{where}: expected non-empty dimensions, got shape {shape_text(x.shape)}")
+    return np.ascontiguousarray(x)
+
+
+def as_grad_output(layer, grad_output, expected_shape, dtype):
+    """grad_output as a C-contiguous array of the forward output's shape and dtype."""
+    where = type(layer).__name__
+    if not isinstance(grad_output, np.ndarray):
+        raise TypeError(f"{where}.backward: expected a numpy ndarray gradient, "
+                        f"got {type(grad_output).__name__}")
+    if grad_output.shape != tuple(expected_shape):
+        raise ValueError(f"{where}.backward: expected a gradient of shape "
+                         f"{shape_text(expected_shape)} (the output's), "
+                         f"got {shape_text(grad_output.shape)}")
+    if grad_output.dtype != dtype:
+        raise TypeError(f"{where}.backward: expected a {np.dtype(dtype).name} gradient, "
+                        f"got {grad_output.dtype}")
+    return np.ascontiguousarray(grad_output)

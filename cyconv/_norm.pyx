@@ -1,0 +1,122 @@
+"""2-D batch normalisation kernels (per channel over N, H, W).
+
+Layouts: x, out, grad (N, C, HW) (the NCHW batch with H*W flattened);
+per-channel vectors (C,).  Each channel belongs to one thread (prange over C)
+and its sums run in a fixed order in double precision, so results do not
+depend on the thread count.
+
+    train:  mean_c = sum x / M,  var_c = sum (x - mean_c)^2 / M,  M = N*H*W
+            y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c
+            running_mean = (1 - momentum) running_mean + momentum mean_c
+            running_var  = (1 - momentum) running_var  + momentum var_c * M / (M - 1)
+    eval:   the running statistics stand for mean_c and var_c.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+
+def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, HW)
+                               const floating[::1] weight,       # IN    (C,)
+                               const floating[::1] bias,         # IN    (C,)
+                               floating[::1] running_mean,       # INOUT (C,)
+                               floating[::1] running_var,        # INOUT (C,)
+                               floating[::1] saved_mean,         # OUT   (C,) batch mean
+                               floating[::1] saved_invstd,       # OUT   (C,) 1 / sqrt(var + eps)
+                               floating[:, :, ::1] out,          # OUT   (N, C, HW)
+                               double eps, double momentum, bint update_running,
+                               int num_threads):
+    """Normalise with the batch statistics; update the running ones."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n, i
+    cdef double M = <double> N * HW
+    cdef double total, mean, var, d, invstd, scale, shift
+    with nogil:
+        for c in prange(C, schedule='static', num_threads=num_threads):
+            total = 0
+            for n in range(N):
+                for i in range(HW):
+                    total = total + x[n, c, i]
+            mean = total / M
+            total = 0
+            for n in range(N):
+                for i in range(HW):
+                    d = x[n, c, i] - mean
+                    total = total + d * d
+            var = total / M
+            invstd = 1.0 / sqrt(var + eps)
+            saved_mean[c] = <floating> mean
+            saved_invstd[c] = <floating> invstd
+            if update_running:
+                running_mean[c] = <floating> ((1 - momentum) * running_mean[c] + momentum * mean)
+                running_var[c] = <floating> ((1 - momentum) * running_var[c]
+                                             + momentum * var * M / max(M - 1, 1.0))
+            scale = weight[c] * invstd
+            shift = bias[c] - mean * scale
+            for n in range(N):
+                for i in range(HW):
+                    out[n, c, i] = <floating> (x[n, c, i] * scale + shift)
+
+
+def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, HW)
+                              const floating[::1] weight,         # IN  (C,)
+                              const floating[::1] bias,           # IN  (C,)
+                              const floating[::1] running_mean,   # IN  (C,)
+                              const floating[::1] running_var,    # IN  (C,)
+                              floating[:, :, ::1] out,            # OUT (N, C, HW)
+                              double eps, int num_threads):
+    """Normalise with the running statistics (an affine map per channel)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n, i
+    cdef double scale, shift
+    with nogil:
+        for c in prange(C, schedule='static', num_threads=num_threads):
+            scale = weight[c] / sqrt(running_var[c] + eps)
+            shift = bias[c] - running_mean[c] * scale
+            for n in range(N):
+                for i in range(HW):
+                    out[n, c, i] = <floating> (x[n, c, i] * scale + shift)
+
+
+def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, HW)
+                          const floating[:, :, ::1] x,          # IN    (N, C, HW) forward input
+                          const floating[::1] mean,             # IN    (C,) the statistics used forward
+                          const floating[::1] invstd,           # IN    (C,)
+                          const floating[::1] weight,           # IN    (C,)
+                          floating[::1] grad_weight,            # INOUT (C,), accumulated
+                          floating[::1] grad_bias,              # INOUT (C,), accumulated
+                          floating[:, :, ::1] grad_input,       # OUT   (N, C, HW)
+                          bint batch_stats, int num_threads):
+    """Gradients of y = (x - mean) * invstd * weight + bias.
+
+    batch_stats (train mode): mean and invstd depend on x, so
+        dx = weight * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M);
+    otherwise (eval mode) they are constants and dx = weight * invstd * dy.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n, i
+    cdef double M = <double> N * HW
+    cdef double sum_dy, sum_dy_xhat, xhat, k, mu, istd
+    with nogil:
+        for c in prange(C, schedule='static', num_threads=num_threads):
+            mu = mean[c]
+            istd = invstd[c]
+            sum_dy = 0
+            sum_dy_xhat = 0
+            for n in range(N):
+                for i in range(HW):
+                    sum_dy = sum_dy + grad_out[n, c, i]
+                    sum_dy_xhat = sum_dy_xhat + grad_out[n, c, i] * (x[n, c, i] - mu) * istd
+            grad_weight[c] += <floating> sum_dy_xhat
+            grad_bias[c] += <floating> sum_dy
+            k = weight[c] * istd
+            if batch_stats:
+                for n in range(N):
+                    for i in range(HW):
+                        xhat = (x[n, c, i] - mu) * istd
+                        grad_input[n, c, i] = <floating> (
+                            k * (grad_out[n, c, i] - sum_dy / M - xhat * sum_dy_xhat / M))
+            else:
+                for n in range(N):
+                    for i in range(HW):
+                        grad_input[n, c, i] = <floating> (k * grad_out[n, c, i])

@@ -1,0 +1,2 @@
+from cython cimport floating
+from cyconv._conv cimport Geometry

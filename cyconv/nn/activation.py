@@ -1,0 +1,70 @@
+"""Activations: ReLU and LeakyReLU (elementwise kernels over the flattened array)."""
+import numpy as np
+
+from cyconv import _activation
+from cyconv._checks import as_grad_output, float_dtype
+from cyconv._threads import get_num_threads
+from cyconv.nn.module import Module
+
+
+def _as_float_array(layer, x):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{type(layer).__name__}: expected a numpy ndarray input, "
+                        f"got {type(x).__name__}")
+    try:
+        float_dtype(x.dtype)
+    except TypeError:
+        raise TypeError(f"{type(layer).__name__}: expected a float32 or float64 input, "
+                        f"got {x.dtype}") from None
+    return np.ascontiguousarray(x)
+
+
+class ReLU(Module):
+    """y = max(x, 0); dx = dy where y > 0, else 0.  Any shape."""
+
+    def forward(self, x):
+        x = _as_float_array(self, x)
+        out = np.empty_like(x)
+        _activation.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
+        self._save_for_backward(out)
+        return out
+
+    def backward(self, grad_output, input_grad=True):
+        (out,) = self._saved_for_backward()
+        grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
+        if not input_grad:
+            return None
+        grad_input = np.empty_like(out)
+        _activation.relu_backward(out.reshape(-1), grad_output.reshape(-1),
+                                  grad_input.reshape(-1), get_num_threads())
+        return grad_input
+
+
+class LeakyReLU(Module):
+    """y = x where x > 0, else negative_slope * x.  Any shape."""
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        x = _as_float_array(self, x)
+        out = np.empty_like(x)
+        _activation.leaky_relu_forward(x.reshape(-1), out.reshape(-1), self.negative_slope,
+                                       get_num_threads())
+        self._save_for_backward(x)
+        return out
+
+    def backward(self, grad_output, input_grad=True):
+        (x,) = self._saved_for_backward()
+        grad_output = as_grad_output(self, grad_output, x.shape, x.dtype)
+        if not input_grad:
+            return None
+        grad_input = np.empty_like(x)
+        _activation.leaky_relu_backward(x.reshape(-1), grad_output.reshape(-1),
+                                        grad_input.reshape(-1), self.negative_slope,
+                                        get_num_threads())
+        return grad_input
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"

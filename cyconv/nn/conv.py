@@ -1,0 +1,125 @@
+"""Conv2d: 2-D convolution (cross-correlation, as PyTorch computes it)."""
+import numpy as np
+
+from cyconv import _conv
+from cyconv._checks import as_grad_output, as_input, float_dtype, positive_int, positive_pair
+from cyconv._grad_mode import is_grad_enabled
+from cyconv._random import generator
+from cyconv._threads import get_num_threads
+from cyconv.nn._init import kaiming_uniform
+from cyconv.nn.module import Module, Parameter
+
+
+def output_size(size, kernel, stride, padding, dilation):
+    """floor((size + 2*padding - dilation*(kernel - 1) - 1) / stride) + 1."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def geometry(layer, x_shape, kernel, stride, padding, dilation):
+    """The kernels' Geometry dict for an input of x_shape, or ValueError when too small."""
+    _, channels, height, width = x_shape
+    out_h = output_size(height, kernel[0], stride[0], padding[0], dilation[0])
+    out_w = output_size(width, kernel[1], stride[1], padding[1], dilation[1])
+    if out_h < 1 or out_w < 1:
+        span = ((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1)
+        raise ValueError(
+            f"{type(layer).__name__}: input of size {height}x{width} (padded: "
+            f"{height + 2 * padding[0]}x{width + 2 * padding[1]}) is smaller than the kernel "
+            f"extent {span[0]}x{span[1]}")
+    return dict(channels=channels, height=height, width=width,
+                out_height=out_h, out_width=out_w,
+                kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0], stride_w=stride[1],
+                pad_h=padding[0], pad_w=padding[1], dilation_h=dilation[0], dilation_w=dilation[1])
+
+
+def empty(ndim, dtype):
+    """A 0-sized array that stands for an unused kernel argument."""
+    return np.empty((0,) * ndim, dtype)
+
+
+class Conv2d(Module):
+    """y[n, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * x_pad[n, c, s*h + d*i, s*w + d*j]
+
+    Shapes: x (N, C_in, H, W) -> y (N, C_out, OH, OW) with
+    OH = floor((H + 2*padding - dilation*(kernel - 1) - 1) / stride) + 1 (likewise OW);
+    weight (C_out, C_in, kh, kw), bias (C_out,).  kernel_size, stride, padding
+    and dilation take an int or an (h, w) pair.
+
+    fuse_relu=True applies max(., 0) inside the kernel (Conv2d + ReLU in one pass);
+    its backward then masks the gradient by the output's sign.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 bias=True, dtype=np.float32, seed=None, fuse_relu=False):
+        super().__init__()
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
+        self.kernel_size = positive_pair("kernel_size", kernel_size)
+        self.stride = positive_pair("stride", stride)
+        self.padding = positive_pair("padding", padding, minimum=0)
+        self.dilation = positive_pair("dilation", dilation)
+        self.dtype = float_dtype(dtype)
+        self.fuse_relu = bool(fuse_relu)
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        rng = generator(seed)
+        self.weight = Parameter(kaiming_uniform(
+            (self.out_channels, self.in_channels) + self.kernel_size, fan_in, self.dtype, rng))
+        self._parameters["weight"] = self.weight
+        self.bias = None
+        if bias:
+            self.bias = Parameter(kaiming_uniform((self.out_channels,), fan_in, self.dtype, rng))
+            self._parameters["bias"] = self.bias
+
+    def _geometry(self, x_shape):
+        return geometry(self, x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def forward(self, x):
+        x = as_input(self, x, ("N", self.in_channels, "H", "W"), self.dtype)
+        g = self._geometry(x.shape)
+        n = x.shape[0]
+        k = self.weight.data[0].size
+        p = g["out_height"] * g["out_width"]
+        threads = get_num_threads()
+        keep = is_grad_enabled()
+        # The columns of every image are kept for the weight gradient; in
+        # inference each thread reuses one slot.
+        cols = self._workspace("cols", (n if keep else threads, k, p), self.dtype)
+        out = np.empty((n, self.out_channels, g["out_height"], g["out_width"]), self.dtype)
+        bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
+        _conv.conv2d_forward(x, self.weight.data.reshape(self.out_channels, k), bias, cols, out,
+                             g, keep, self.fuse_relu, threads)
+        self._save_for_backward(x.shape, g, cols, out)
+        return out
+
+    def backward(self, grad_output, input_grad=True):
+        x_shape, g, cols, out = self._saved_for_backward()
+        grad_output = as_grad_output(self, grad_output, out.shape, self.dtype)
+        if self.fuse_relu:
+            grad_output = np.where(out > 0, grad_output, 0).astype(self.dtype)
+        n, k = x_shape[0], self.weight.data[0].size
+        p = g["out_height"] * g["out_width"]
+        threads = get_num_threads()
+        parts = self._workspace("grad_weight_parts", (n, self.out_channels, k), self.dtype)
+        if input_grad:
+            grad_cols = self._workspace("grad_cols", (threads, k, p), self.dtype)
+            grad_input = np.empty(x_shape, self.dtype)
+        else:
+            grad_cols, grad_input = empty(3, self.dtype), empty(4, self.dtype)
+        grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
+        _conv.conv2d_backward(grad_output, self.weight.data.reshape(self.out_channels, k), cols,
+                              self.weight.grad.reshape(self.out_channels, k), grad_bias,
+                              parts, grad_cols, grad_input, g, input_grad, threads)
+        return grad_input if input_grad else None
+
+    def extra_repr(self):
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}")
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.fuse_relu:
+            text += ", fuse_relu=True"
+        return text

@@ -1,0 +1,84 @@
+"""BatchNorm2d: per-channel normalisation with batch (train) or running (eval) statistics."""
+import numpy as np
+
+from cyconv import _norm
+from cyconv._checks import as_grad_output, as_input, float_dtype, positive_int
+from cyconv._threads import get_num_threads
+from cyconv.nn.module import Module, Parameter
+
+
+class BatchNorm2d(Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel, x (N, C, H, W).
+
+    train(): mean and var are the batch's (biased var), and the running
+    statistics move towards them by `momentum` (the running variance takes the
+    unbiased batch variance, as PyTorch does; momentum=None: a cumulative
+    average).  eval(): the running statistics are used, so the layer is a fixed
+    affine map and one image gives the same answer alone or in a batch.
+    Parameters weight (C,) = 1, bias (C,) = 0; buffers running_mean (C,) = 0,
+    running_var (C,) = 1, num_batches_tracked () int64.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        self.num_features = positive_int("num_features", num_features)
+        if not eps > 0:
+            raise ValueError(f"BatchNorm2d: expected eps > 0, got {eps!r}")
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"BatchNorm2d: expected momentum in [0, 1] or None, got {momentum!r}")
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.dtype = float_dtype(dtype)
+        c = self.num_features
+        self.weight = Parameter(np.ones(c, self.dtype))
+        self.bias = Parameter(np.zeros(c, self.dtype))
+        self._parameters["weight"] = self.weight
+        self._parameters["bias"] = self.bias
+        self.running_mean = np.zeros(c, self.dtype)
+        self.running_var = np.ones(c, self.dtype)
+        self.num_batches_tracked = np.zeros((), np.int64)
+        self._buffers["running_mean"] = self.running_mean
+        self._buffers["running_var"] = self.running_var
+        self._buffers["num_batches_tracked"] = self.num_batches_tracked
+
+    def forward(self, x):
+        x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
+        n, c, h, w = x.shape
+        flat = x.reshape(n, c, h * w)
+        out = np.empty_like(x)
+        threads = get_num_threads()
+        if self.training:
+            if n * h * w < 2:
+                raise ValueError("BatchNorm2d: expected more than 1 value per channel when "
+                                 f"training, got input of shape {x.shape}")
+            self.num_batches_tracked += 1
+            momentum = (1.0 / int(self.num_batches_tracked) if self.momentum is None
+                        else float(self.momentum))
+            mean = np.empty(c, self.dtype)
+            invstd = np.empty(c, self.dtype)
+            _norm.batch_norm2d_forward_train(flat, self.weight.data, self.bias.data,
+                                             self.running_mean, self.running_var, mean, invstd,
+                                             out.reshape(n, c, h * w), self.eps, momentum, True,
+                                             threads)
+        else:
+            _norm.batch_norm2d_forward_eval(flat, self.weight.data, self.bias.data,
+                                            self.running_mean, self.running_var,
+                                            out.reshape(n, c, h * w), self.eps, threads)
+            mean = self.running_mean.copy()
+            invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+                      ).astype(self.dtype)
+        self._save_for_backward(x.shape, flat, mean, invstd, self.training)
+        return out
+
+    def backward(self, grad_output, input_grad=True):
+        x_shape, flat, mean, invstd, batch_stats = self._saved_for_backward()
+        n, c, hw = flat.shape
+        grad_output = as_grad_output(self, grad_output, x_shape, self.dtype)
+        grad_input = np.empty_like(grad_output)
+        _norm.batch_norm2d_backward(grad_output.reshape(n, c, hw), flat, mean, invstd,
+                                    self.weight.data, self.weight.grad, self.bias.grad,
+                                    grad_input.reshape(n, c, hw), batch_stats, get_num_threads())
+        return grad_input if input_grad else None
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

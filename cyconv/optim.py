@@ -1,0 +1,125 @@
+"""Optimizers: SGD (momentum, Nesterov, weight decay), Adam and AdamW.
+
+Each works on the Parameters given (their .data and .grad arrays, updated in
+place); the update rules are kernels in cyconv/_optim.pyx with PyTorch's
+semantics.  ``lr`` is a plain attribute that schedules may change between steps.
+"""
+import numpy as np
+
+from cyconv import _optim
+from cyconv._threads import get_num_threads
+from cyconv.nn.module import Parameter
+
+
+class Optimizer:
+    """Shared bookkeeping: the parameters, zero_grad, and the state that a checkpoint keeps."""
+
+    def __init__(self, params, lr):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{type(self).__name__}: expected Parameter objects, got "
+                                f"{type(p).__name__} at position {i}")
+        if not lr >= 0:
+            raise ValueError(f"{type(self).__name__}: expected lr >= 0, got {lr!r}")
+        self.lr = float(lr)
+        self.step_count = 0
+        self.state = [{} for _ in self.params]   # per parameter: name -> ndarray
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad[...] = 0
+
+    def _buffer(self, index, name):
+        """The named per-parameter buffer, created as zeros on first use."""
+        state = self.state[index]
+        if name not in state:
+            state[name] = np.zeros_like(self.params[index].data)
+        return state[name]
+
+    def state_dict(self):
+        """{"lr", "step_count", "state": [{name: array copy}]}: enough to resume exactly."""
+        return {"lr": self.lr, "step_count": self.step_count,
+                "state": [{k: v.copy() for k, v in s.items()} for s in self.state]}
+
+    def load_state_dict(self, state_dict):
+        state = state_dict["state"]
+        if len(state) != len(self.params):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected state for "
+                             f"{len(self.params)} parameters, got {len(state)}")
+        for i, (p, s) in enumerate(zip(self.params, state)):
+            for name, value in s.items():
+                if np.shape(value) != p.data.shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: buffer '{name}' of "
+                                     f"parameter {i} expected shape {p.data.shape}, "
+                                     f"got {np.shape(value)}")
+        self.lr = float(state_dict["lr"])
+        self.step_count = int(state_dict["step_count"])
+        self.state = [{k: np.array(v, dtype=p.data.dtype) for k, v in s.items()}
+                      for p, s in zip(self.params, state)]
+
+
+class SGD(Optimizer):
+    """p -= lr * d, d = grad + weight_decay * p, through a momentum buffer when momentum > 0."""
+
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        super().__init__(params, lr)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD: expected momentum >= 0 and weight_decay >= 0, "
+                             f"got {momentum!r} and {weight_decay!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: Nesterov momentum requires momentum > 0 and zero dampening")
+        self.momentum = float(momentum)
+        self.dampening = float(dampening)
+        self.weight_decay = float(weight_decay)
+        self.nesterov = bool(nesterov)
+
+    def step(self):
+        threads = get_num_threads()
+        for i, p in enumerate(self.params):
+            first_step = "momentum_buffer" not in self.state[i]
+            buffer = (self._buffer(i, "momentum_buffer") if self.momentum
+                      else np.empty(0, p.data.dtype))
+            _optim.sgd_step(p.data.reshape(-1), p.grad.reshape(-1), buffer.reshape(-1), self.lr,
+                            self.momentum, self.dampening, self.weight_decay, self.nesterov,
+                            first_step, threads)
+        self.step_count += 1
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), bias-corrected; weight_decay is added to the gradient."""
+
+    decoupled_weight_decay = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr)
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"{type(self).__name__}: expected betas in [0, 1), got {betas!r}")
+        if not eps > 0 or weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}: expected eps > 0 and weight_decay >= 0, "
+                             f"got {eps!r} and {weight_decay!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+
+    def step(self):
+        threads = get_num_threads()
+        self.step_count += 1
+        for i, p in enumerate(self.params):
+            _optim.adam_step(p.data.reshape(-1), p.grad.reshape(-1),
+                             self._buffer(i, "exp_avg").reshape(-1),
+                             self._buffer(i, "exp_avg_sq").reshape(-1),
+                             self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay,
+                             self.decoupled_weight_decay, self.step_count, threads)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): p *= 1 - lr * weight_decay."""
+
+    decoupled_weight_decay = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr, betas, eps, weight_decay)
