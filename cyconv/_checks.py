@@ -41,6 +41,16 @@ def shape_text(shape):
     return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
+def as_float_array(layer, x):
+    """x as a C-contiguous float32/float64 array of any shape, or a clear error."""
+    where = type(layer).__name__
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{where}: expected a numpy ndarray input, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: expected a float32 or float64 input, got {x.dtype}")
+    return np.ascontiguousarray(x)
+
+
 def as_input(layer, x, expected_shape, dtype=None):
     """x as a C-contiguous float array of the expected shape, or a clear error.
 
@@ -55,8 +65,10 @@ def as_input(layer, x, expected_shape, dtype=None):
                         f"(the layer's dtype), got {x.dtype}")
     if dtype is None and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{where}: expected a float32 or float64 input, got {x.dtype}")
-    if x.ndim != len(expected_shape) or any(
-            isinstance(e, int) and e != s for e, s in zip(expected_shape, x.shape)):
+    if x.ndim != len(expected_shape):
+        raise ValueError(f"{where}: expected {len(expected_shape)}-D input of shape "
+                         f"{shape_text(expected_shape)}, got {x.ndim}-D {shape_text(x.shape)}")
+    if any(isinstance(e, int) and e != s for e, s in zip(expected_shape, x.shape)):
         raise ValueError(f"{where}: expected input of shape {shape_text(expected_shape)}, "
                          f"got {shape_text(x.shape)}")
     if 0 in x.shape[1:]:

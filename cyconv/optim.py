@@ -39,9 +39,17 @@ class Optimizer:
             state[name] = np.zeros_like(self.params[index].data)
         return state[name]
 
+    # Attributes that state_dict carries besides lr (set by each subclass).
+    HYPERPARAMETERS = ()
+
     def state_dict(self):
-        """{"lr", "step_count", "state": [{name: array copy}]}: enough to resume exactly."""
+        """{"lr", "step_count", "hyperparameters", "state": [{name: array copy}]}.
+
+        Like torch.optim, every hyperparameter travels with the state, so an
+        optimizer built with other settings continues exactly like the saved one.
+        """
         return {"lr": self.lr, "step_count": self.step_count,
+                "hyperparameters": {name: getattr(self, name) for name in self.HYPERPARAMETERS},
                 "state": [{k: v.copy() for k, v in s.items()} for s in self.state]}
 
     def load_state_dict(self, state_dict):
@@ -55,6 +63,12 @@ class Optimizer:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: buffer '{name}' of "
                                      f"parameter {i} expected shape {p.data.shape}, "
                                      f"got {np.shape(value)}")
+        unknown = set(state_dict.get("hyperparameters", {})) - set(self.HYPERPARAMETERS)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: unexpected "
+                             f"hyperparameters {sorted(unknown)} (a state of another optimizer?)")
+        for name, value in state_dict.get("hyperparameters", {}).items():
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
         self.lr = float(state_dict["lr"])
         self.step_count = int(state_dict["step_count"])
         self.state = [{k: np.array(v, dtype=p.data.dtype) for k, v in s.items()}
@@ -63,6 +77,8 @@ class Optimizer:
 
 class SGD(Optimizer):
     """p -= lr * d, d = grad + weight_decay * p, through a momentum buffer when momentum > 0."""
+
+    HYPERPARAMETERS = ("momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False):
@@ -93,6 +109,7 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba), bias-corrected; weight_decay is added to the gradient."""
 
     decoupled_weight_decay = False
+    HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)

@@ -2,28 +2,16 @@
 import numpy as np
 
 from cyconv import _activation
-from cyconv._checks import as_grad_output, float_dtype
+from cyconv._checks import as_float_array, as_grad_output
 from cyconv._threads import get_num_threads
 from cyconv.nn.module import Module
-
-
-def _as_float_array(layer, x):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{type(layer).__name__}: expected a numpy ndarray input, "
-                        f"got {type(x).__name__}")
-    try:
-        float_dtype(x.dtype)
-    except TypeError:
-        raise TypeError(f"{type(layer).__name__}: expected a float32 or float64 input, "
-                        f"got {x.dtype}") from None
-    return np.ascontiguousarray(x)
 
 
 class ReLU(Module):
     """y = max(x, 0); dx = dy where y > 0, else 0.  Any shape."""
 
     def forward(self, x):
-        x = _as_float_array(self, x)
+        x = as_float_array(self, x)
         out = np.empty_like(x)
         _activation.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
         self._save_for_backward(out)
@@ -48,7 +36,7 @@ class LeakyReLU(Module):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x):
-        x = _as_float_array(self, x)
+        x = as_float_array(self, x)
         out = np.empty_like(x)
         _activation.leaky_relu_forward(x.reshape(-1), out.reshape(-1), self.negative_slope,
                                        get_num_threads())

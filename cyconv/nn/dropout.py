@@ -2,10 +2,9 @@
 import numpy as np
 
 from cyconv import _dropout
-from cyconv._checks import as_grad_output
+from cyconv._checks import as_float_array, as_grad_output
 from cyconv._random import generator
 from cyconv._threads import get_num_threads
-from cyconv.nn.activation import _as_float_array
 from cyconv.nn.module import Module
 
 
@@ -32,7 +31,7 @@ class Dropout(Module):
         return int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1, np.uint64)[0])
 
     def forward(self, x):
-        x = _as_float_array(self, x)
+        x = as_float_array(self, x)
         if not self.training or self.p == 0:
             self._save_for_backward(None, x.shape, x.dtype)
             return x

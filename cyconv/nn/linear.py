@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv import _linear
-from cyconv._checks import as_grad_output, as_input, float_dtype, positive_int
+from cyconv._checks import as_float_array, as_grad_output, as_input, float_dtype, positive_int
 from cyconv._random import generator
 from cyconv._threads import get_num_threads
 from cyconv.nn._init import kaiming_uniform
@@ -56,10 +56,11 @@ class Flatten(Module):
     """x (N, d1, d2, ...) -> (N, d1*d2*...): a reshape, no copy of contiguous data."""
 
     def forward(self, x):
-        if not isinstance(x, np.ndarray) or x.ndim < 1:
-            raise ValueError(f"Flatten: expected an ndarray with a batch dimension, got {x!r:.60}")
+        x = as_float_array(self, x)
+        if x.ndim < 1:
+            raise ValueError(f"Flatten: expected an array with a batch dimension, got shape {x.shape}")
         self._save_for_backward(x.shape, x.dtype)
-        return np.ascontiguousarray(x).reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_output, input_grad=True):
         x_shape, dtype = self._saved_for_backward()
