@@ -293,3 +293,84 @@ def test_manual_seed_reproducible():
     np.testing.assert_array_equal(a.parameters()[0].data, b.parameters()[0].data)
     np.testing.assert_array_equal(a.parameters()[1].data, b.parameters()[1].data)
     assert not np.array_equal(a.parameters()[0].data, a2.parameters()[0].data)
+
+
+MEDIUM_CASES = [
+    _case(2, 16, 24, 12, 12, k=3, p=1),
+    _case(3, 8, 5, 10, 11, k=5, s=2, p=2),
+    _case(1, 32, 8, 7, 9, k=(1, 3), s=(2, 1), p=(0, 1), d=(1, 2), bias=False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", MEDIUM_CASES, ids=_id)
+def test_medium_sizes_match_reference(c, dtype, rng):
+    """Larger channel counts (longer GEMM reductions) than the random cases."""
+    layer = make_layer(c, dtype)
+    x = _input(c, rng, dtype)
+    y = layer(x)
+    assert_close(y, ref_forward(c, layer, x), dtype)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = layer.backward(dy)
+    rdx, rdw, rdb = ref_backward(c, layer, x, dy)
+    assert_close(dx, rdx, dtype)
+    assert_close(layer.parameters()[0].grad, rdw, dtype)
+    if c["bias"]:
+        assert_close(layer.parameters()[1].grad, rdb, dtype)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_grad_forward_equals_grad_forward(dtype, n_threads, threads, rng):
+    threads(n_threads)
+    c = _case(5, 3, 4, 9, 8, k=3, s=2, p=1)
+    layer = make_layer(c, dtype)
+    x = _input(c, rng, dtype)
+    y = layer(x).copy()
+    with cyconv.no_grad():
+        y_ng = layer(x)
+    np.testing.assert_array_equal(y, y_ng)
+    # and a grad-mode forward afterwards still gives correct gradients
+    layer(x)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    layer.zero_grad()
+    dx = layer.backward(dy)
+    rdx, rdw, _ = ref_backward(c, layer, x, dy)
+    assert_close(dx, rdx, dtype)
+    assert_close(layer.parameters()[0].grad, rdw, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_grad_false_still_accumulates_param_grads(dtype, rng):
+    c = _case(2, 3, 2, 7, 6, k=3, s=(2, 1), p=1)
+    a, b = make_layer(c, dtype), make_layer(c, dtype)
+    x = _input(c, rng, dtype)
+    dy = rng.standard_normal((2, 2) + _out_hw(c)).astype(dtype)
+    a(x)
+    a.backward(dy)
+    b(x)
+    assert b.backward(dy, input_grad=False) is None
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(pa.grad, pb.grad)
+
+
+@pytest.mark.parametrize("c", [EDGE_CASES[4], EDGE_CASES[10], CASES[0]], ids=_id)
+def test_fused_relu_option(c, rng):
+    """Conv2d(..., fuse_relu=True) (an extension beyond the PyTorch API) must
+    equal Conv2d followed by ReLU, forward and backward."""
+    try:
+        fused = nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"],
+                          dilation=c["d"], bias=c["bias"], dtype=np.float64, seed=0,
+                          fuse_relu=True)
+    except TypeError:
+        pytest.skip("no fuse_relu option")
+    plain = make_layer(c, np.float64)
+    relu = nn.ReLU()
+    x = _input(c, rng, np.float64)
+    y = fused(x)
+    np.testing.assert_allclose(y, relu(plain(x)), rtol=1e-12, atol=1e-14)
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(fused.backward(dy), plain.backward(relu.backward(dy)),
+                               rtol=1e-12, atol=1e-14)
+    for pf, pp in zip(fused.parameters(), plain.parameters()):
+        np.testing.assert_allclose(pf.grad, pp.grad, rtol=1e-12, atol=1e-14)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import reference as R
 from conftest import assert_msg_mentions, finite_difference
 
 import cyconv
@@ -422,3 +423,78 @@ def test_overfit_fixed_batch(opt_name, kw):
     assert acc == 1.0, (step, losses[-5:])
     assert losses[-1] < 0.01, losses[-5:]
     assert losses[-1] < 0.1 * losses[0]
+
+
+# ----------------------------------------------------------------------------
+# returned arrays are not scratch buffers that later calls overwrite
+# ----------------------------------------------------------------------------
+LAYERS = {
+    "conv": (lambda: nn.Conv2d(2, 3, 3, padding=1, dtype=np.float64, seed=0), (2, 2, 5, 5)),
+    "conv_relu_seq": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, dtype=np.float64, seed=0),
+                                            nn.ReLU()), (2, 2, 5, 5)),
+    "bn": (lambda: nn.BatchNorm2d(2, dtype=np.float64), (2, 2, 3, 3)),
+    "linear": (lambda: nn.Linear(4, 3, dtype=np.float64, seed=0), (2, 4)),
+    "maxpool": (lambda: nn.MaxPool2d(2), (2, 2, 4, 4)),
+    "avgpool": (lambda: nn.AvgPool2d(2), (2, 2, 4, 4)),
+    "gap": (lambda: nn.AdaptiveAvgPool2d(1), (2, 2, 4, 4)),
+    "relu": (nn.ReLU, (2, 2, 3, 3)),
+    "leaky": (nn.LeakyReLU, (2, 2, 3, 3)),
+    "dropout": (lambda: nn.Dropout(0.5, seed=0), (2, 2, 3, 3)),
+    "flatten": (nn.Flatten, (2, 2, 3, 3)),
+    "wide_net": (wide_net, (2, 3, 11, 13)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_returned_arrays_survive_later_calls(name, rng):
+    factory, shape = LAYERS[name]
+    layer = factory()
+    x1, x2 = rng.standard_normal(shape), rng.standard_normal(shape)
+    y1 = layer(x1)
+    y1_copy = y1.copy()
+    dy1 = rng.standard_normal(y1.shape)
+    dx1 = layer.backward(dy1)
+    dx1_copy = dx1.copy()
+    y2 = layer(x2)
+    layer.backward(rng.standard_normal(y2.shape))
+    np.testing.assert_array_equal(y1, y1_copy)
+    np.testing.assert_array_equal(dx1, dx1_copy)
+    np.testing.assert_array_equal(x1, x1)
+
+
+def test_loss_gradient_survives_later_calls(rng):
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(rng.standard_normal((3, 4)), np.array([0, 1, 2]))
+    g1 = loss_fn.backward()
+    g1_copy = g1.copy()
+    loss_fn(rng.standard_normal((3, 4)), np.array([3, 1, 0]))
+    loss_fn.backward()
+    np.testing.assert_array_equal(g1, g1_copy)
+
+
+def test_sequential_conv_relu_matches_layer_by_layer(rng):
+    """Sequential may fuse Conv2d + ReLU internally; results must not change."""
+    cyconv.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, dtype=np.float64), nn.ReLU(),
+                          nn.Conv2d(3, 2, 3, stride=2, dtype=np.float64), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8, 2, dtype=np.float64))
+    x = rng.standard_normal((2, 2, 5, 5))
+    y = model(x)
+    h = x
+    for layer in model:
+        h = layer(h)
+    np.testing.assert_array_equal(y, h)
+    conv0 = model[0].parameters()
+    a0 = R.conv2d_forward(x, conv0[0].data, conv0[1].data, padding=1)
+    np.testing.assert_allclose(model[1](model[0](x)), R.relu_forward(a0), rtol=1e-12, atol=1e-14)
+    loss_fn = nn.CrossEntropyLoss()
+    labels = np.array([1, 0])
+    model.zero_grad()
+    loss_fn(model(x), labels)
+    dx = model.backward(loss_fn.backward())
+    grads = [p.grad.copy() for p in model.parameters()]
+    f = lambda v: loss_fn(model(v), labels)
+    np.testing.assert_allclose(dx, finite_difference(f, x), rtol=1e-5, atol=1e-8)
+    p0 = model.parameters()[0]
+    np.testing.assert_allclose(grads[0], finite_difference(lambda _: f(x), p0.data),
+                               rtol=1e-5, atol=1e-8)

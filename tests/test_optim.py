@@ -149,7 +149,7 @@ def test_optimizer_state_dict_round_trip(opt_cfg, rng):
     sd_copy = copy.deepcopy(sd)
     for pa, pb in zip(a_params, b_params):
         pb.data[...] = pa.data
-    b = getattr(optim, name)(b_params, lr=0.123)
+    b = getattr(optim, name)(b_params, **dict(cfg, lr=0.123))
     b.load_state_dict(sd)
     assert b.lr == a.lr
     for step in range(3, 6):
@@ -162,6 +162,31 @@ def test_optimizer_state_dict_round_trip(opt_cfg, rng):
         np.testing.assert_array_equal(pa.data, pb.data)
     # the state_dict is a snapshot: later steps did not change it
     _assert_nested_equal(sd, sd_copy)
+
+
+@pytest.mark.parametrize("opt_cfg", [("SGD", dict(lr=0.05, momentum=0.9, nesterov=True,
+                                                  weight_decay=0.01)),
+                                     ("Adam", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.01)),
+                                     ("AdamW", dict(lr=0.01, eps=1e-6, weight_decay=0.2))], ids=_id)
+def test_optimizer_load_state_dict_restores_hyperparameters(opt_cfg, rng):
+    """Like torch.optim: the state_dict carries every hyperparameter, so an
+    optimizer built with other settings continues exactly like the saved one."""
+    name, cfg = opt_cfg
+    a_params, b_params = _params(np.float64), _params(np.float64)
+    a = getattr(optim, name)(a_params, **cfg)
+    for p in a_params:
+        p.grad[...] = rng.standard_normal(p.data.shape)
+    a.step()
+    for pa, pb in zip(a_params, b_params):
+        pb.data[...] = pa.data
+    b = getattr(optim, name)(b_params, lr=0.5)
+    b.load_state_dict(a.state_dict())
+    for pa, pb in zip(a_params, b_params):
+        pa.grad[...] = pb.grad[...] = rng.standard_normal(pa.data.shape)
+    a.step()
+    b.step()
+    for pa, pb in zip(a_params, b_params):
+        np.testing.assert_array_equal(pa.data, pb.data)
 
 
 def _assert_nested_equal(a, b):
