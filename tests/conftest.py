@@ -4,7 +4,9 @@ Helpers are plain functions (importable with ``from conftest import ...``,
 pytest puts this directory on sys.path) and are also exposed as fixtures.
 """
 import contextlib
+import os
 import re
+import sys
 import zlib
 
 import numpy as np
@@ -13,7 +15,13 @@ import pytest
 try:  # the reference tests must still run when cyconv does not import
     import cyconv
 except ImportError:  # pragma: no cover
-    cyconv = None
+    # plain `pytest` from the repository does not put the repository root on
+    # sys.path; an in-place build (setup.py build_ext --inplace) lives there
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import cyconv
+    except ImportError:
+        cyconv = None
 
 TOL = {
     np.float32: dict(rtol=1e-4, atol=1e-5),

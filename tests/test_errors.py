@@ -6,7 +6,7 @@ import pytest
 
 from conftest import assert_msg_mentions, shape_regex
 
-from cyconv import nn
+from cyconv import nn, optim
 
 
 def _msg(ei):
@@ -369,3 +369,52 @@ def test_non_contiguous_linear_and_loss(dtype, rng):
     la, lb = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
     assert la(z, labels[::-1]) == lb(np.ascontiguousarray(z), np.ascontiguousarray(labels[::-1]))
     np.testing.assert_array_equal(la.backward(), lb.backward())
+
+
+def _some_params():
+    return nn.Linear(3, 2, dtype=np.float64, seed=0).parameters()
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: optim.SGD(p, lr=-0.1),
+    lambda p: optim.SGD(p, lr=0.1, momentum=-0.5),
+    lambda p: optim.SGD(p, lr=0.1, weight_decay=-1.0),
+    lambda p: optim.SGD(p, lr=0.1, nesterov=True),                            # needs momentum
+    lambda p: optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5, nesterov=True),  # and no dampening
+    lambda p: optim.Adam(p, lr=-1e-3),
+    lambda p: optim.Adam(p, betas=(1.0, 0.999)),
+    lambda p: optim.Adam(p, betas=(0.9, -0.1)),
+    lambda p: optim.Adam(p, eps=-1e-8),
+    lambda p: optim.AdamW(p, weight_decay=-0.1),
+])
+def test_invalid_optimizer_arguments(make):
+    """Same validation as torch.optim (ValueError)."""
+    with pytest.raises(ValueError):
+        make(_some_params())
+
+
+def test_batchnorm_train_needs_more_than_one_value_per_channel():
+    # PyTorch: "Expected more than 1 value per channel when training"
+    layer = nn.BatchNorm2d(3)
+    with pytest.raises(ValueError) as ei:
+        layer(np.zeros((1, 3, 1, 1), np.float32))
+    assert_msg_mentions(ei, (1, 3, 1, 1))
+    layer.eval()
+    layer(np.zeros((1, 3, 1, 1), np.float32))  # fine with running statistics
+
+
+@pytest.mark.parametrize("make", [lambda: nn.MaxPool2d(2, padding=2),
+                                  lambda: nn.AvgPool2d(3, padding=2)])
+def test_pool_padding_larger_than_half_kernel(make):
+    # PyTorch: "pad should be at most half of effective kernel size"
+    with pytest.raises(ValueError):
+        make()(np.zeros((1, 1, 8, 8), np.float32))
+
+
+def test_dropout_p_one_zeroes_everything(rng):
+    layer = nn.Dropout(1.0, seed=0)
+    x = rng.standard_normal((2, 3, 4, 4))
+    y = layer(x)
+    assert np.all(y == 0) and np.all(np.isfinite(y))
+    dx = layer.backward(np.ones_like(x))
+    assert np.all(dx == 0) and np.all(np.isfinite(dx))

@@ -450,6 +450,7 @@ def test_returned_arrays_survive_later_calls(name, rng):
     factory, shape = LAYERS[name]
     layer = factory()
     x1, x2 = rng.standard_normal(shape), rng.standard_normal(shape)
+    x1_copy = x1.copy()
     y1 = layer(x1)
     y1_copy = y1.copy()
     dy1 = rng.standard_normal(y1.shape)
@@ -459,7 +460,7 @@ def test_returned_arrays_survive_later_calls(name, rng):
     layer.backward(rng.standard_normal(y2.shape))
     np.testing.assert_array_equal(y1, y1_copy)
     np.testing.assert_array_equal(dx1, dx1_copy)
-    np.testing.assert_array_equal(x1, x1)
+    np.testing.assert_array_equal(x1, x1_copy)
 
 
 def test_loss_gradient_survives_later_calls(rng):
