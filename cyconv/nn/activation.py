@@ -12,7 +12,7 @@ class ReLU(Module):
 
     def forward(self, x):
         x = as_float_array(self, x)
-        out = np.empty_like(x)
+        out = self._output_array(x.shape, x.dtype)
         _activation.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
         self._save_for_backward(out)
         return out
@@ -22,7 +22,7 @@ class ReLU(Module):
         grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
         if not input_grad:
             return None
-        grad_input = np.empty_like(out)
+        grad_input = self._grad_input_array(out.shape, out.dtype)
         _activation.relu_backward(out.reshape(-1), grad_output.reshape(-1),
                                   grad_input.reshape(-1), get_num_threads())
         return grad_input
@@ -37,7 +37,7 @@ class LeakyReLU(Module):
 
     def forward(self, x):
         x = as_float_array(self, x)
-        out = np.empty_like(x)
+        out = self._output_array(x.shape, x.dtype)
         _activation.leaky_relu_forward(x.reshape(-1), out.reshape(-1), self.negative_slope,
                                        get_num_threads())
         self._save_for_backward(x)
@@ -48,7 +48,7 @@ class LeakyReLU(Module):
         grad_output = as_grad_output(self, grad_output, x.shape, x.dtype)
         if not input_grad:
             return None
-        grad_input = np.empty_like(x)
+        grad_input = self._grad_input_array(x.shape, x.dtype)
         _activation.leaky_relu_backward(x.reshape(-1), grad_output.reshape(-1),
                                         grad_input.reshape(-1), self.negative_slope,
                                         get_num_threads())

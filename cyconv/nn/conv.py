@@ -84,7 +84,8 @@ class Conv2d(Module):
         # The columns of every image are kept for the weight gradient; in
         # inference each thread reuses one slot.
         cols = self._workspace("cols", (n if keep else threads, k, p), self.dtype)
-        out = np.empty((n, self.out_channels, g["out_height"], g["out_width"]), self.dtype)
+        out = self._output_array((n, self.out_channels, g["out_height"], g["out_width"]),
+                                 self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
         _conv.conv2d_forward(x, self.weight.data.reshape(self.out_channels, k), bias, cols, out,
                              g, keep, self.fuse_relu, threads)
@@ -102,7 +103,7 @@ class Conv2d(Module):
         parts = self._workspace("grad_weight_parts", (n, self.out_channels, k), self.dtype)
         if input_grad:
             grad_cols = self._workspace("grad_cols", (threads, k, p), self.dtype)
-            grad_input = np.empty(x_shape, self.dtype)
+            grad_input = self._grad_input_array(x_shape, self.dtype)
         else:
             grad_cols, grad_input = empty(3, self.dtype), empty(4, self.dtype)
         grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)

@@ -35,8 +35,8 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             self._save_for_backward(None, x.shape, x.dtype)
             return x
-        out = np.empty_like(x)
-        mask = np.empty(x.shape, np.uint8)
+        out = self._output_array(x.shape, x.dtype)
+        mask = self._workspace("mask", x.shape, np.uint8)
         if self.p == 1:
             out[...] = 0
             mask[...] = 0
@@ -54,7 +54,7 @@ class Dropout(Module):
             return None
         if mask is None:
             return grad_output
-        grad_input = np.empty_like(grad_output)
+        grad_input = self._grad_input_array(grad_output.shape, grad_output.dtype)
         if self.p == 1:
             grad_input[...] = 0
         else:

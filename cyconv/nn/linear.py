@@ -31,7 +31,7 @@ class Linear(Module):
 
     def forward(self, x):
         x = as_input(self, x, ("N", self.in_features), self.dtype)
-        out = np.empty((x.shape[0], self.out_features), self.dtype)
+        out = self._output_array((x.shape[0], self.out_features), self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
         _linear.linear_forward(x, self.weight.data, bias, out, get_num_threads())
         self._save_for_backward(x)
@@ -41,7 +41,7 @@ class Linear(Module):
         (x,) = self._saved_for_backward()
         grad_output = as_grad_output(self, grad_output, (x.shape[0], self.out_features),
                                      self.dtype)
-        grad_input = np.empty_like(x) if input_grad else empty(2, self.dtype)
+        grad_input = self._grad_input_array(x.shape, x.dtype) if input_grad else empty(2, self.dtype)
         grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
         _linear.linear_backward(grad_output, x, self.weight.data, self.weight.grad, grad_bias,
                                 grad_input, input_grad, get_num_threads())

@@ -45,7 +45,7 @@ class BatchNorm2d(Module):
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
-        out = np.empty_like(x)
+        out = self._output_array(x.shape, x.dtype)
         threads = get_num_threads()
         if self.training:
             if n * h * w < 2:
@@ -74,7 +74,7 @@ class BatchNorm2d(Module):
         x_shape, flat, mean, invstd, batch_stats = self._saved_for_backward()
         n, c, hw = flat.shape
         grad_output = as_grad_output(self, grad_output, x_shape, self.dtype)
-        grad_input = np.empty_like(grad_output)
+        grad_input = self._grad_input_array(grad_output.shape, self.dtype)
         _norm.batch_norm2d_backward(grad_output.reshape(n, c, hw), flat, mean, invstd,
                                     self.weight.data, self.weight.grad, self.bias.grad,
                                     grad_input.reshape(n, c, hw), batch_stats, get_num_threads())

@@ -25,7 +25,7 @@ class _Pool2d(Module):
         """(x checked and contiguous, its geometry, a fresh output array)."""
         x = as_input(self, x, ("N", "C", "H", "W"))
         g = geometry(self, x.shape, self.kernel_size, self.stride, self.padding, (1, 1))
-        out = np.empty(x.shape[:2] + (g["out_height"], g["out_width"]), x.dtype)
+        out = self._output_array(x.shape[:2] + (g["out_height"], g["out_width"]), x.dtype)
         return x, g, out
 
     def extra_repr(self):
@@ -42,7 +42,8 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x):
         x, g, out = self._prepare(x)
-        argmax = np.empty(out.shape, np.int32) if is_grad_enabled() else empty(4, np.int32)
+        argmax = (self._workspace("argmax", out.shape, np.int32) if is_grad_enabled()
+                  else empty(4, np.int32))
         _pool.max_pool2d_forward(x, out, argmax, g, get_num_threads())
         self._save_for_backward(x.shape, x.dtype, argmax)
         return out
@@ -52,7 +53,7 @@ class MaxPool2d(_Pool2d):
         grad_output = as_grad_output(self, grad_output, argmax.shape, dtype)
         if not input_grad:
             return None
-        grad_input = np.empty(x_shape, dtype)
+        grad_input = self._grad_input_array(x_shape, dtype)
         _pool.max_pool2d_backward(grad_output, argmax, grad_input, get_num_threads())
         return grad_input
 
@@ -78,7 +79,7 @@ class AvgPool2d(_Pool2d):
         grad_output = as_grad_output(self, grad_output, out_shape, dtype)
         if not input_grad:
             return None
-        grad_input = np.empty(x_shape, dtype)
+        grad_input = self._grad_input_array(x_shape, dtype)
         _pool.avg_pool2d_backward(grad_output, grad_input, g, self.count_include_pad,
                                   get_num_threads())
         return grad_input
@@ -103,7 +104,7 @@ class AdaptiveAvgPool2d(Module):
     def forward(self, x):
         x = as_input(self, x, ("N", "C", "H", "W"))
         n, c, h, w = x.shape
-        out = np.empty((n, c, 1, 1), x.dtype)
+        out = self._output_array((n, c, 1, 1), x.dtype)
         _pool.global_avg_pool2d_forward(x.reshape(n, c, h * w), out.reshape(n, c),
                                         get_num_threads())
         self._save_for_backward(x.shape, x.dtype)
@@ -115,7 +116,7 @@ class AdaptiveAvgPool2d(Module):
         grad_output = as_grad_output(self, grad_output, (n, c, 1, 1), dtype)
         if not input_grad:
             return None
-        grad_input = np.empty(x_shape, dtype)
+        grad_input = self._grad_input_array(x_shape, dtype)
         _pool.global_avg_pool2d_backward(grad_output.reshape(n, c),
                                          grad_input.reshape(n, c, h * w), get_num_threads())
         return grad_input
