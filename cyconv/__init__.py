@@ -12,3 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = ["nn", "optim", "no_grad", "is_grad_enabled", "manual_seed",
            "get_num_threads", "set_num_threads"]
+from cyconv import models, train
+from cyconv.checkpoint import load, predict, save

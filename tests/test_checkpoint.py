@@ -1,0 +1,265 @@
+"""Checkpoints: safetensors layout, rebuild from metadata, atomic writes, clear errors, torch."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import cyconv
+from cyconv import checkpoint, models, nn
+from cyconv.checkpoint import CheckpointError
+
+
+def every_layer_net():
+    cyconv.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)),
+        nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+        nn.AvgPool2d(2, stride=1, padding=1),
+        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, momentum=None),
+                      nn.ReLU()),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(6, 5, 1, fuse_relu=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.25), nn.Linear(5, 3))
+
+
+def trained_bn(model, x):
+    """One training forward so that BN running statistics differ from their defaults."""
+    model.train()
+    model(x)
+    return model.eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    x = np.random.default_rng(0).standard_normal((4, 3, 11, 13)).astype(np.float32)
+    model = trained_bn(every_layer_net(), x)
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, model, {"note": "hello", "metrics": {"accuracy": 0.5}},
+                    classes=["a", "b", "c"], mean=[0.1, 0.2, 0.3], std=[0.5, 0.5, 0.5],
+                    image_size=(11, 13))
+    return path, model, x
+
+
+def test_roundtrip_rebuilds_any_sequential(saved):
+    path, model, x = saved
+    loaded = cyconv.load(path)
+    assert repr(loaded) == repr(model)
+    assert not loaded.training
+    np.testing.assert_array_equal(loaded(x), model(x))
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value)
+    assert loaded.classes == ["a", "b", "c"]
+    np.testing.assert_allclose(loaded.mean, [0.1, 0.2, 0.3])
+    assert loaded.std.dtype == np.float32 and loaded.image_size == (11, 13)
+    assert loaded.metadata["note"] == "hello" and loaded.metadata["metrics"]["accuracy"] == 0.5
+    assert loaded[9].seed == model[9].seed    # the dropout stream's seed
+    assert loaded[4][1].momentum is None
+
+
+def test_file_is_plain_safetensors_with_pytorch_keys(saved):
+    from safetensors import safe_open
+    path, model, _ = saved
+    with safe_open(str(path), "numpy") as f:
+        assert sorted(f.keys()) == sorted(model.state_dict())
+        meta = f.metadata()
+        assert f.get_tensor("1.num_batches_tracked").shape == ()
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["format"] == "cyconv"
+    assert json.loads(meta["architecture"])[4]["type"] == "Sequential"
+    assert "4.0.weight" in model.state_dict()
+
+
+def test_named_architectures():
+    ref = models.create("reference", 3, 224)
+    assert ref[-1].in_features == 4608 and ref[-1].out_features == 3
+    assert models.reference(2, 128)[-1].in_features == 128 * 3 * 3
+    x = np.zeros((2, 3, 96, 96), np.float32)
+    assert models.create("small", 4, 96)(x).shape == (2, 4)
+    assert models.create("small", 4, 128)(np.zeros((1, 3, 128, 128), np.float32)).shape == (1, 4)
+    with pytest.raises(models.ArchitectureError, match="unknown architecture"):
+        models.create("resnet", 3, 96)
+    with pytest.raises(models.ArchitectureError, match="too small"):
+        models.reference(3, 32)
+    spec = models.architecture(ref)
+    assert models.build(json.dumps(spec)).state_dict().keys() == ref.state_dict().keys()
+    with pytest.raises(models.ArchitectureError, match="layer 1.*unknown layer type 'Foo'"):
+        models.build([spec[0], {"type": "Foo", "args": {}}])
+    with pytest.raises(models.ArchitectureError, match=r"layer 0 \(Conv2d\)"):
+        models.build([{"type": "Conv2d", "args": {"in_channels": 3}}])
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------
+def test_failed_write_leaves_the_old_file(saved, monkeypatch):
+    path, model, _ = saved
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        checkpoint.save(path, nn.Sequential(nn.Linear(2, 2)))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]   # no temporary left
+
+
+def test_stale_temporary_files_are_removed(saved):
+    path, model, _ = saved
+    stale = path.parent / f".{path.name}.999999999.abc.tmp"   # a pid that does not exist
+    stale.write_bytes(b"half a file")
+    checkpoint.save(path, model)
+    assert not stale.exists()
+
+
+# ---------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------
+def rewrite_header(path, change):
+    """Rewrite a safetensors file with change(header dict) applied (data section unchanged)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
+def test_truncated_files_raise_clear_errors(saved, tmp_path):
+    path, _, _ = saved
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    cut = tmp_path / "cut.safetensors"
+    for length in sorted({0, 3, 8, 20, n + 8, n + 9, len(data) // 2, len(data) - 1}):
+        cut.write_bytes(data[:length])
+        with pytest.raises(CheckpointError, match="truncated|not a safetensors") as info:
+            cyconv.load(cut)
+        assert str(cut) in str(info.value)
+    cut.write_bytes(data[:len(data) - 1])
+    with pytest.raises(CheckpointError, match=r"truncated: tensor '[0-9.a-z_]+' needs bytes"):
+        checkpoint.read(cut)
+
+
+def test_corrupted_tensor_is_named(saved):
+    path, model, _ = saved
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    offsets = json.loads(data[8:8 + n])["6.weight"]["data_offsets"]
+    data[8 + n + offsets[0] + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"tensor '6\.weight' is corrupted"):
+        cyconv.load(path)
+
+
+def test_corrupted_header_and_metadata(saved):
+    path, _, _ = saved
+    good = path.read_bytes()
+    path.write_bytes(good[:8] + b"#" + good[9:])
+    with pytest.raises(CheckpointError, match="header is not valid JSON"):
+        cyconv.load(path)
+
+    path.write_bytes(good)
+    rewrite_header(path, lambda h: h["__metadata__"].update(architecture="[{oops"))
+    with pytest.raises(CheckpointError, match="metadata field 'architecture'"):
+        cyconv.load(path)
+
+    path.write_bytes(good)
+    def bad_layer(h):
+        arch = json.loads(h["__metadata__"]["architecture"])
+        arch[10]["args"]["out_features"] = -1
+        h["__metadata__"]["architecture"] = json.dumps(arch)
+    rewrite_header(path, bad_layer)
+    with pytest.raises(CheckpointError, match=r"'architecture'.*layer 10 \(Linear\)"):
+        cyconv.load(path)
+
+    path.write_bytes(good)
+    rewrite_header(path, lambda h: h["6.weight"].update(shape=[5, 6, 2, 1]))
+    with pytest.raises(CheckpointError, match=r"tensor '6\.weight'.*data offsets"):
+        cyconv.load(path)
+
+
+def test_foreign_files(tmp_path):
+    from safetensors.numpy import save_file
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    foreign = tmp_path / "foreign.safetensors"
+    weights = {k: v * 2 for k, v in model.state_dict().items()}
+    save_file(weights, str(foreign))
+    with pytest.raises(CheckpointError, match="not a cyconv checkpoint"):
+        cyconv.load(foreign)
+    checkpoint.load_weights(foreign, model)      # the weights of a known architecture load
+    np.testing.assert_array_equal(model[2].weight.data, weights["2.weight"])
+
+    for name, content in [("random.bin", np.random.default_rng(1).bytes(300)),
+                          ("empty.safetensors", b""),
+                          ("image.png", b"\x89PNG\r\n\x1a\n" + bytes(100)),
+                          ("text.json", b'{"a": 1}')]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError) as info:
+            cyconv.load(tmp_path / name)
+        assert name in str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cyconv.load(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_of_another_architecture(saved, tmp_path):
+    path, _, _ = saved
+    other = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(CheckpointError, match=r"tensor '0\.weight' has shape \[4, 3, 3, 2\], "
+                                              r"the model expects \[3, 4\]"):
+        checkpoint.load_weights(path, other)
+    small = models.create("small", 3, 96)
+    (tmp_path / "small.safetensors").write_bytes(b"")
+    checkpoint.save(tmp_path / "small.safetensors", small)
+    with pytest.raises(CheckpointError, match="missing|another architecture"):
+        checkpoint.load_weights(tmp_path / "small.safetensors", models.create("reference", 3, 96))
+
+
+def test_non_finite_weights_are_named(tmp_path):
+    from safetensors.numpy import save_file
+    model = nn.Sequential(nn.Linear(4, 3))
+    weights = model.state_dict()
+    weights["0.bias"][1] = np.nan
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'0\.bias' contains NaN"):
+        checkpoint.load_weights(tmp_path / "nan.safetensors", model)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch loads the checkpoint
+# ---------------------------------------------------------------------------
+def test_torch_loads_checkpoint_strictly_with_same_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+
+    from cyconv.data import ArrayDataset, DataLoader, Subset, make_shapes
+    from cyconv.train import Trainer
+
+    images, labels, classes = make_shapes(48, 64, seed=1)
+    data = ArrayDataset(images, labels, classes)
+    cyconv.manual_seed(0)
+    model = models.create("reference", 3, 64)
+    opt = cyconv.optim.SGD(model.parameters(), 0.01, momentum=0.9)
+    loader = DataLoader(Subset(data, np.arange(48)), 16, shuffle=True)
+    Trainer(model, opt, loader, loader, epochs=1, out_dir=tmp_path, classes=classes,
+            progress=False, verbose=False).fit()
+    best = tmp_path / "best.safetensors"
+    ours = cyconv.load(best)
+    theirs = models.to_torch(ours.architecture)
+    theirs.load_state_dict(safetensors.torch.load_file(str(best)))   # strict
+    theirs.eval()
+    x = next(iter(DataLoader(Subset(data, np.arange(8)), 8)))[0]
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(cyconv.predict(ours, x), expected, rtol=1e-4, atol=1e-4)
+
+    # and the small network with BatchNorm and Dropout
+    small = trained_bn(models.create("small", 3, 64), x)
+    checkpoint.save(tmp_path / "small.safetensors", small)
+    theirs = models.to_torch(small)
+    theirs.load_state_dict(safetensors.torch.load_file(str(tmp_path / "small.safetensors")))
+    with torch.no_grad():
+        expected = theirs.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(cyconv.load(tmp_path / "small.safetensors")(x), expected,
+                               rtol=1e-4, atol=1e-4)

@@ -1,0 +1,218 @@
+"""Trainer: schedules, metrics, outputs, exact resume, determinism, NaN and signals."""
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+
+import cyconv
+from cyconv import checkpoint, models, optim
+from cyconv.data import ArrayDataset, Augment, DataLoader, Subset, make_shapes, split_indices
+from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, confusion_matrix, evaluate,
+                          format_confusion, metrics_from_confusion)
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    images, labels, classes = make_shapes(192, SIZE, seed=3)
+    data = ArrayDataset(images, labels, classes)
+    train, valid, _ = split_indices(labels, seed=0)
+    return data, train, valid
+
+
+def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, **kwargs):
+    """A small run with every kind of training state: BN, dropout, momentum, augmentation."""
+    data, train, valid = shapes
+    cyconv.manual_seed(seed)
+    model = models.small(3, SIZE, widths=(8, 16), dropout=0.3)
+    opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    train_loader = DataLoader(Subset(data, train), 16, shuffle=True, seed=seed,
+                              augment=Augment(), drop_last=True, num_workers=2)
+    valid_loader = DataLoader(Subset(data, valid), 32, num_workers=0)
+    kwargs.setdefault("schedule", LRSchedule(0.05, "cosine", warmup_epochs=1))
+    return trainer_class(model, opt, train_loader, valid_loader, epochs=epochs, out_dir=out_dir,
+                         classes=data.classes, progress=False, verbose=False, **kwargs)
+
+
+def assert_same_run(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].tobytes() == sb[key].tobytes(), key
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["step_count"] == ob["step_count"] and oa["lr"] == ob["lr"]
+    for x, y in zip(oa["state"], ob["state"]):
+        assert sorted(x) == sorted(y)
+        for name in x:
+            assert x[name].tobytes() == y[name].tobytes()
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa
+    assert strip(a.history) == strip(b.history)
+    assert a.global_step == b.global_step
+
+
+# ---------------------------------------------------------------------------
+# Schedules and metrics
+# ---------------------------------------------------------------------------
+def test_cosine_schedule_with_warmup():
+    s = LRSchedule(0.1, "cosine", warmup_epochs=1, epochs=10, steps_per_epoch=10)
+    lrs = [s(i) for i in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert lrs[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 1e-3
+    assert s(55) == pytest.approx(0.05 * (1 + math.cos(math.pi * 45 / 90)))
+
+
+def test_step_schedule():
+    s = LRSchedule(0.1, "step", step_size=3, gamma=0.5, epochs=9, steps_per_epoch=4)
+    assert [s(e * 4) for e in range(9)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025] * 3)
+    with pytest.raises(ValueError, match="kind"):
+        LRSchedule(0.1, "linear")
+
+
+def test_metrics():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 1, 0, 2])
+    cm = confusion_matrix(labels, preds, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    m = metrics_from_confusion(cm)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx([0.5, 2 / 3, 1.0])
+    assert m["recall"] == pytest.approx([0.5, 1.0, 0.5])
+    text = format_confusion(cm, ["a", "b", "c"])
+    assert "precision" in text and "recall" in text
+
+
+# ---------------------------------------------------------------------------
+# A run and its outputs
+# ---------------------------------------------------------------------------
+def test_fit_writes_outputs(shapes, tmp_path):
+    trainer = make_trainer(shapes, tmp_path, epochs=3)
+    history = trainer.fit()
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    for name in ("best.safetensors", "last.safetensors", "history.jsonl", "history.csv",
+                 "curves.png", "confusion_matrix.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "valid_loss", "valid_acc",
+                            "lr", "seconds"}
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # best.safetensors holds only the model's keys and the best epoch's valid model
+    best = checkpoint.read(tmp_path / "best.safetensors")
+    assert set(best.tensors) == set(trainer.model.state_dict())
+    best_epoch = max(history, key=lambda r: r["valid_acc"])["epoch"]
+    assert best.metadata["epoch"] == best_epoch == trainer.best["epoch"]
+    assert best.metadata["metrics"]["accuracy"] == history[best_epoch - 1]["valid_acc"]
+    model = cyconv.load(tmp_path / "best.safetensors")
+    assert model.classes == ["circle", "square", "triangle"]
+    result = evaluate(model, trainer.valid_loader)
+    assert result["accuracy"] == history[best_epoch - 1]["valid_acc"]
+    assert np.array(result["confusion"]).sum() == len(shapes[2])
+    # last.safetensors: the end state, loadable as a model too
+    last = checkpoint.read(tmp_path / "last.safetensors")
+    assert any(k.startswith("optimizer.") for k in last.tensors)
+    assert last.metadata["training_state"]["epoch"] == 3
+    assert cyconv.load(tmp_path / "last.safetensors") is not None
+
+
+def test_training_learns(shapes, tmp_path):
+    history = make_trainer(shapes, None, epochs=6).fit()
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(r["valid_acc"] for r in history) > 0.6
+
+
+# ---------------------------------------------------------------------------
+# Exact resume and determinism
+# ---------------------------------------------------------------------------
+class StopAfterEpoch(Trainer):
+    stop_epoch = 2
+
+    def _end_epoch(self):
+        super()._end_epoch()
+        if self.epoch == self.stop_epoch:
+            self._signal = "SIGINT"   # as if Ctrl-C came during the epoch's evaluation
+
+
+class SignalAtStep(Trainer):
+    stop_step = 12   # mid-epoch 2 (9 steps per epoch)
+
+    def lr_at(self, step):
+        if step == self.stop_step:
+            signal.raise_signal(signal.SIGINT)
+        return super().lr_at(step)
+
+
+def test_exact_resume_after_epoch(shapes, tmp_path):
+    straight = make_trainer(shapes, tmp_path / "a")
+    straight.fit()
+    first = make_trainer(shapes, tmp_path / "b", trainer_class=StopAfterEpoch)
+    first.fit()
+    assert first.interrupted == "SIGINT" and len(first.history) == 2
+    resumed = make_trainer(shapes, tmp_path / "b", seed=99)   # another init: all is restored
+    resumed.fit(resume=True)
+    assert_same_run(straight, resumed)
+    assert (tmp_path / "a" / "best.safetensors").exists()
+
+
+def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys):
+    straight = make_trainer(shapes, tmp_path / "a")
+    straight.fit()
+    first = make_trainer(shapes, tmp_path / "b", trainer_class=SignalAtStep)
+    assert first.steps_per_epoch == 9
+    first.fit()
+    assert first.interrupted == "SIGINT"
+    assert (first.epoch, first.step_in_epoch) == (1, 4)
+    err = capsys.readouterr().err
+    assert "Interrupted by SIGINT" in err and "resume" in err and "last.safetensors" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = make_trainer(shapes, tmp_path / "b")
+    resumed.fit(resume=True)
+    assert_same_run(straight, resumed)
+
+
+def test_same_seed_same_run_whatever_the_thread_count(shapes, threads):
+    threads(1)
+    one = make_trainer(shapes, None, epochs=2)
+    one.fit()
+    threads(2)
+    two = make_trainer(shapes, None, epochs=2)
+    two.fit()
+    assert_same_run(one, two)
+
+
+def test_resume_refuses_another_architecture(shapes, tmp_path):
+    make_trainer(shapes, tmp_path, epochs=1).fit()
+    data, train, valid = shapes
+    model = models.small(3, SIZE, widths=(8, 32), dropout=0.3)
+    opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
+    other = Trainer(model, opt, DataLoader(Subset(data, train), 16, drop_last=True), epochs=2,
+                    out_dir=tmp_path, progress=False, verbose=False)
+    with pytest.raises(checkpoint.CheckpointError, match="another architecture.*layer 4"):
+        other.fit(resume=True)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        make_trainer(shapes, tmp_path / "nothing").fit(resume=True)
+
+
+# ---------------------------------------------------------------------------
+# NaN / inf loss
+# ---------------------------------------------------------------------------
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(shapes, tmp_path):
+    def schedule(step):
+        return 0.05 if step < 9 else float("nan")   # epoch 2 poisons the weights
+
+    trainer = make_trainer(shapes, tmp_path, schedule=schedule)
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "epoch 2, step 2" in message and "global step 11" in message
+    assert str(tmp_path / "last.safetensors") in message and "intact" in message
+    last = checkpoint.read(tmp_path / "last.safetensors")
+    assert last.metadata["training_state"]["epoch"] == 1
+    model = cyconv.load(tmp_path / "last.safetensors")   # finite, loads
+    assert all(np.isfinite(v).all() for v in model.state_dict().values())
+    assert len(trainer.history) == 1
