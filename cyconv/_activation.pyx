@@ -22,8 +22,10 @@ def relu_backward(const floating[::1] out,       # IN  (M,) the forward output
                   int num_threads):
     """grad_input = grad_out where the output was positive, else 0."""
     cdef Py_ssize_t i
+    cdef floating g
     for i in prange(out.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        grad_input[i] = grad_out[i] if out[i] > 0 else 0
+        g = grad_out[i]  # loaded unconditionally, so the select needs no branch
+        grad_input[i] = g if out[i] > 0 else 0
 
 
 def leaky_relu_forward(const floating[::1] x,   # IN  (M,)
@@ -43,5 +45,7 @@ def leaky_relu_backward(const floating[::1] x,         # IN  (M,) the forward in
     """grad_input = grad_out where x > 0, else negative_slope * grad_out."""
     cdef Py_ssize_t i
     cdef floating slope = <floating> negative_slope
+    cdef floating g
     for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        grad_input[i] = grad_out[i] if x[i] > 0 else slope * grad_out[i]
+        g = grad_out[i]
+        grad_input[i] = g if x[i] > 0 else slope * g

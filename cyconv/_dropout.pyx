@@ -31,12 +31,8 @@ def dropout_forward(const floating[::1] x,   # IN  (M,)
     cdef Py_ssize_t i
     cdef floating scale = <floating> (1.0 / (1.0 - p))
     for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        if uniform(seed, i) >= p:
-            mask[i] = 1
-            out[i] = x[i] * scale
-        else:
-            mask[i] = 0
-            out[i] = 0
+        mask[i] = uniform(seed, i) >= p
+        out[i] = x[i] * (scale * mask[i])
 
 
 def dropout_backward(const floating[::1] grad_out,   # IN  (M,)
@@ -47,4 +43,4 @@ def dropout_backward(const floating[::1] grad_out,   # IN  (M,)
     cdef Py_ssize_t i
     cdef floating scale = <floating> (1.0 / (1.0 - p))
     for i in prange(grad_out.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        grad_input[i] = grad_out[i] * scale if mask[i] else 0
+        grad_input[i] = grad_out[i] * (scale * mask[i])   # no branch on the random mask

@@ -10,6 +10,48 @@ from cython.parallel cimport prange
 from libc.string cimport memset
 
 
+cdef inline int first_nan(const floating* plane, int W, int h0, int h1, int w0, int w1) noexcept nogil:
+    """Flat index of the first NaN of the window rows [h0, h1) x columns [w0, w1)."""
+    cdef int ih, iw
+    for ih in range(h0, h1):
+        for iw in range(w0, w1):
+            if plane[ih * W + iw] != plane[ih * W + iw]:
+                return ih * W + iw
+    return h0 * W + w0
+
+
+cdef void max_pool_2x2_plane(const floating* src, floating* dst, int* argmax,
+                             Geometry g) noexcept nogil:
+    """The common 2x2 window without padding, unrolled: each output reads its 4 inputs once.
+
+    argmax may be NULL (inference).  Same rules as the general loop: the first
+    maximum wins, a NaN wins over numbers.
+    """
+    cdef int oh, ow, top, best_index, W = g.width
+    cdef floating a, b, c, d, best
+    for oh in range(g.out_height):
+        for ow in range(g.out_width):
+            top = oh * g.stride_h * W + ow * g.stride_w
+            a = src[top]
+            b = src[top + 1]
+            c = src[top + W]
+            d = src[top + W + 1]
+            best, best_index = a, top
+            best_index = (top + 1) if b > best else best_index
+            best = b if b > best else best
+            best_index = (top + W) if c > best else best_index
+            best = c if c > best else best
+            best_index = (top + W + 1) if d > best else best_index
+            best = d if d > best else best
+            if (a != a) | (b != b) | (c != c) | (d != d):
+                best_index = first_nan(src, W, oh * g.stride_h, oh * g.stride_h + 2,
+                                       ow * g.stride_w, ow * g.stride_w + 2)
+                best = src[best_index]
+            dst[oh * g.out_width + ow] = best
+            if argmax != NULL:
+                argmax[oh * g.out_width + ow] = best_index
+
+
 def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                        floating[:, :, :, ::1] out,       # OUT (N, C, OH, OW)
                        int[:, :, :, ::1] argmax,         # OUT (N, C, OH, OW), or empty when not needed
@@ -20,9 +62,10 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef int H = g.height, W = g.width, OH = g.out_height, OW = g.out_width
     cdef int oh, ow, ih, iw, h0, w0, h1, w1, best_index
     cdef bint store_argmax = argmax.shape[0] > 0
+    cdef bint has_nan
+    cdef bint is_2x2 = g.kernel_h == 2 and g.kernel_w == 2 and g.pad_h == 0 and g.pad_w == 0
     cdef const floating* src
     cdef floating* dst
-    cdef int* where
     cdef floating best, v
     with nogil:
         for plane in prange(N * C, schedule='static', num_threads=num_threads):
@@ -30,6 +73,9 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             c = plane % C
             src = &x[n, c, 0, 0]
             dst = &out[n, c, 0, 0]
+            if is_2x2:
+                max_pool_2x2_plane(src, dst, &argmax[n, c, 0, 0] if store_argmax else NULL, g)
+                continue
             for oh in range(OH):
                 h0 = max(oh * g.stride_h - g.pad_h, 0)
                 h1 = min(oh * g.stride_h - g.pad_h + g.kernel_h, H)
@@ -38,17 +84,22 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                     w1 = min(ow * g.stride_w - g.pad_w + g.kernel_w, W)
                     best_index = h0 * W + w0
                     best = src[best_index]
+                    has_nan = 0
                     for ih in range(h0, h1):
                         for iw in range(w0, w1):
+                            # Selects, not branches (the winner's position is random:
+                            # a branch would mispredict half the time); strict '>'
+                            # keeps the first maximum.
                             v = src[ih * W + iw]
-                            # strict '>' keeps the first maximum; a NaN wins and stays
-                            if v > best or (v != v and best == best):
-                                best = v
-                                best_index = ih * W + iw
+                            best_index = (ih * W + iw) if v > best else best_index
+                            best = v if v > best else best
+                            has_nan = has_nan | (v != v)
+                    if has_nan:  # rare: a NaN wins, as in PyTorch (the first one)
+                        best_index = first_nan(src, W, h0, h1, w0, w1)
+                        best = src[best_index]
                     dst[oh * OW + ow] = best
                     if store_argmax:
-                        where = &argmax[n, c, 0, 0]
-                        where[oh * OW + ow] = best_index
+                        argmax[n, c, oh, ow] = best_index
 
 
 def max_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH, OW)
