@@ -14,3 +14,5 @@ __all__ = ["nn", "optim", "no_grad", "is_grad_enabled", "manual_seed",
            "get_num_threads", "set_num_threads"]
 from cyconv import models, train
 from cyconv.checkpoint import load, predict, save
+from cyconv.feature_maps import feature_grid, features
+from cyconv.gradcam import gradcam

@@ -1,0 +1,262 @@
+"""Grad-CAM and feature maps: against a plain-numpy Grad-CAM, thread invariance, no side effects."""
+import numpy as np
+import pytest
+
+import cyconv
+import reference as ref
+from conftest import num_threads
+from cyconv import models, nn
+from cyconv.feature_maps import feature_grid, features
+from cyconv.gradcam import default_layer, gradcam, overlay
+
+F64 = np.float64
+
+
+def tiny_net(rng, dtype=F64):
+    """Conv-ReLU-MaxPool-Conv-BN-ReLU-Flatten-Linear for 3x8x8 images, 3 classes, random eval BN."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dtype, seed=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False, dtype=dtype, seed=2), nn.BatchNorm2d(5, dtype=dtype),
+        nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3, dtype=dtype, seed=3))
+    bn = net[4]
+    bn.weight.data[...] = rng.uniform(0.5, 1.5, 5)
+    bn.bias.data[...] = rng.uniform(-0.2, 0.4, 5)
+    bn.running_mean[...] = rng.uniform(-0.3, 0.3, 5)
+    bn.running_var[...] = rng.uniform(0.5, 2.0, 5)
+    return net.eval()
+
+
+def bilinear(a, size):
+    """Half-pixel-centre bilinear resize of a 2-D array (cv2.INTER_LINEAR's rule), in numpy."""
+    def axis(n_out, n_in):
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), pos - lo
+    y0, y1, wy = axis(size[0], a.shape[0])
+    x0, x1, wx = axis(size[1], a.shape[1])
+    top = a[y0][:, x0] * (1 - wx) + a[y0][:, x1] * wx
+    bottom = a[y1][:, x0] * (1 - wx) + a[y1][:, x1] * wx
+    return top * (1 - wy[:, None]) + bottom * wy[:, None]
+
+
+def numpy_gradcam(net, x, layer, classes=None):
+    """Grad-CAM of tiny_net written with tests/reference.py: (heatmaps, raw, weights, A, dA)."""
+    c0, _, _, c3, bn, _, _, lin = net.layers
+    a = {}
+    a[0] = ref.conv2d_forward(x, c0.weight.data, c0.bias.data, padding=1)
+    a[1] = ref.relu_forward(a[0])
+    a[2], _ = ref.max_pool2d_forward(a[1], 2)
+    a[3] = ref.conv2d_forward(a[2], c3.weight.data, None, padding=1)
+    a[4] = ref.batch_norm2d_eval_forward(a[3], bn.weight.data, bn.bias.data, bn.running_mean,
+                                         bn.running_var, bn.eps)
+    a[5] = ref.relu_forward(a[4])
+    logits = ref.linear_forward(a[5].reshape(len(x), -1), lin.weight.data, lin.bias.data)
+    chosen = logits.argmax(1) if classes is None else np.asarray(classes)
+    g = {6: np.eye(3)[chosen] @ ref.f64(lin.weight.data)}
+    g[5] = g[6].reshape(a[5].shape)                                       # d/d out of layer 5
+    g[4] = ref.relu_backward(a[4], g[5])
+    g[3] = ref.batch_norm2d_eval_backward(a[3], bn.weight.data, bn.running_mean,
+                                          bn.running_var, g[4], bn.eps)[0]
+    g[2] = ref.conv2d_backward(a[2], c3.weight.data, g[3], padding=1, bias=False)[0]
+    g[1] = ref.max_pool2d_backward(a[1], g[2], 2)
+    g[0] = ref.relu_backward(a[0], g[1])
+    A, dA = a[layer], g[layer]
+    weights = dA.mean(axis=(2, 3))
+    raw = np.maximum(np.einsum("nk,nkhw->nhw", weights, A), 0)
+    maps = []
+    for r in raw:
+        big = bilinear(r, x.shape[2:])
+        maps.append(big / big.max() if big.max() > 0 else big)
+    return np.stack(maps), raw, weights, A, dA
+
+
+@pytest.mark.parametrize("layer", [None, 5, 4, 3, 2, 1, 0])
+def test_matches_numpy_reference(rng, layer):
+    net = tiny_net(rng)
+    x = rng.standard_normal((3, 3, 8, 8))
+    result = gradcam(net, x, layer=layer, details=True)
+    expected, raw, weights, A, dA = numpy_gradcam(net, x, 5 if layer is None else layer)
+    assert result.layer == (5 if layer is None else layer)
+    np.testing.assert_allclose(result.activations, A, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.gradients, dA, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.weights, weights, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.raw, raw, rtol=1e-10, atol=1e-12)
+    assert result.heatmap.shape == (3, 8, 8) and result.heatmap.dtype == np.float32
+    np.testing.assert_allclose(result.heatmap, expected, atol=1e-6)
+    assert result.heatmap.min() >= 0 and result.heatmap.max() <= 1
+
+
+def test_explicit_classes_and_names(rng):
+    net = tiny_net(rng)
+    net.classes = ["cat", "dog", "owl"]
+    x = rng.standard_normal((2, 3, 8, 8))
+    result = gradcam(net, x, class_index=[0, 2], details=True)
+    expected = numpy_gradcam(net, x, 5, classes=[0, 2])[0]
+    np.testing.assert_allclose(result.heatmap, expected, atol=1e-6)
+    assert result.class_names == ["cat", "owl"]
+    p = np.exp(result.logits - result.logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(result.probability, p[[0, 1], [0, 2]])
+    by_name = gradcam(net, x[1], class_index="owl")
+    np.testing.assert_allclose(by_name, result.heatmap[1], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown class 'emu'"):
+        gradcam(net, x, class_index="emu")
+    with pytest.raises(ValueError, match="class_index"):
+        gradcam(net, x, class_index=7)
+
+
+def test_float32_model_close_to_reference(rng):
+    net = tiny_net(rng, np.float32)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    result = gradcam(net, x, details=True)
+    expected, raw, *_ = numpy_gradcam(net, x, 5)
+    np.testing.assert_allclose(result.raw, raw, rtol=1e-4, atol=1e-5 * raw.max())
+    np.testing.assert_allclose(result.heatmap, expected, atol=1e-4)
+
+
+def test_batch_equals_single_images(rng):
+    net = tiny_net(rng)
+    x = rng.standard_normal((3, 3, 8, 8))
+    batch = gradcam(net, x)
+    for i in range(3):
+        np.testing.assert_allclose(gradcam(net, x[i]), batch[i], atol=1e-7)
+
+
+def test_thread_invariant(rng):
+    cyconv.manual_seed(5)
+    net = models.small(3, 32, widths=(8, 8, 16, 16)).eval()
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with num_threads(1):
+        one = gradcam(net, x, details=True)
+    with num_threads(2):
+        two = gradcam(net, x, details=True)
+    assert np.array_equal(one.heatmap, two.heatmap)
+    assert np.array_equal(one.gradients, two.gradients)
+
+
+def test_no_side_effects(rng):
+    """Gradients, weights, BN statistics, dropout streams and the mode are left as they were."""
+    cyconv.manual_seed(6)
+    net = models.small(3, 32, widths=(8, 8, 16, 16))        # train mode, with Dropout
+    for p in net.parameters():
+        p.grad[...] = rng.standard_normal(p.grad.shape)
+    before = {k: v.copy() for k, v in net.state_dict().items()}
+    grads = [p.grad.copy() for p in net.parameters()]
+    dropout = next(layer for layer in net if isinstance(layer, nn.Dropout))
+    calls = dropout.calls
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with cyconv.no_grad():                                   # works inside no_grad too
+        first = gradcam(net, x)
+        assert not cyconv.is_grad_enabled()
+    assert net.training and dropout.calls == calls
+    for p, g in zip(net.parameters(), grads):
+        assert np.array_equal(p.grad, g)
+    for k, v in net.state_dict().items():
+        assert np.array_equal(v, before[k]), k
+    net.eval()
+    logits = net(x).copy()                                   # the model still runs as before
+    np.testing.assert_array_equal(gradcam(net, x), first)
+    np.testing.assert_array_equal(net(x), logits)
+
+
+def test_default_layer():
+    cyconv.manual_seed(0)
+    small = models.small(3, 32)
+    assert default_layer(small) == 14 and type(small[14]).__name__ == "ReLU"
+    ref_net = models.reference(3, 64)
+    assert default_layer(ref_net) == 8                        # ReLU after the last conv
+    fused = nn.Sequential(nn.Conv2d(3, 4, 3, fuse_relu=True), nn.Flatten(), nn.Linear(4 * 36, 2))
+    assert default_layer(fused) == 0
+    bare = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 2))
+    assert default_layer(bare) == 0
+
+
+def test_errors(rng):
+    net = tiny_net(rng)
+    x = rng.standard_normal((1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"layer 6 \(Flatten\) is not a convolutional layer"):
+        gradcam(net, x, layer=6)
+    with pytest.raises(ValueError, match=r"Linear.*not a convolutional layer.*0\.\.5"):
+        gradcam(net, x, layer=-1)
+    with pytest.raises(IndexError, match="out of range.*8 top-level layers"):
+        gradcam(net, x, layer=8)
+    with pytest.raises(ValueError, match="not a layer of this model"):
+        gradcam(net, x, layer=nn.ReLU())
+    with pytest.raises(ValueError, match="no Conv2d"):
+        gradcam(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), x)
+    assert np.array_equal(gradcam(net, x, layer=net[3]), gradcam(net, x, layer=3))
+
+
+def test_localises_a_bright_square():
+    """A network whose class-1 score counts bright pixels: the map sits on the bright square."""
+    conv = nn.Conv2d(3, 2, 1, dtype=F64)
+    conv.weight.data[...] = [[[[1.0]], [[1.0]], [[1.0]]], [[[-1.0]], [[-1.0]], [[-1.0]]]]
+    conv.bias.data[...] = [-1.5, 1.5]
+    lin = nn.Linear(2, 2, dtype=F64)
+    lin.weight.data[...] = np.eye(2)
+    lin.bias.data[...] = 0
+    net = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin)
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[5:15, 40:55] = 255
+    heat = gradcam(net, image, class_index=0)
+    assert heat.shape == (40, 60)
+    assert heat[5:15, 40:55].min() > 0.99 and heat[20:, :30].max() == 0
+
+
+def test_photo_input_uses_model_metadata(rng):
+    net = tiny_net(rng)
+    net.image_size, net.mean, net.std = (8, 8), np.float32([0.4, 0.5, 0.6]), np.float32([0.2, 0.25, 0.3])
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    result = gradcam(net, photo, details=True)
+    assert result.heatmap.shape == (20, 30)
+    x = cyconv.data.normalize(cyconv.data.resize(photo, 8)[None], net.mean, net.std)
+    raw = gradcam(net, x.astype(F64), details=True).raw
+    np.testing.assert_allclose(result.raw, raw, rtol=1e-6, atol=1e-9)
+    two = gradcam(net, [photo, photo[:10]])
+    assert isinstance(two, list) and two[0].shape == (20, 30) and two[1].shape == (10, 30)
+
+
+def test_overlay():
+    image = np.full((30, 50, 3), 100, np.uint8)
+    heat = np.zeros((5, 5), np.float32)
+    heat[2, 2] = 1
+    out = overlay(image, heat, alpha=0.5)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert out[15, 25, 0] > out[15, 25, 2]          # hot centre: red in RGB
+    assert out[0, 0, 2] > out[0, 0, 0]              # cold corner: blue
+    labelled = overlay(image, heat, text="dog 97%")
+    assert not np.array_equal(labelled[:12, :40], out[:12, :40])
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(image.astype(np.float32), heat)
+
+
+def test_features_match_layer_outputs(rng):
+    net = tiny_net(rng)
+    net.train()
+    x = rng.standard_normal((2, 3, 8, 8))
+    acts = features(net, x, layers=[1, 5, -1])
+    assert sorted(acts) == [1, 5, 7] and net.training
+    net.eval()
+    np.testing.assert_allclose(acts[1], net[:2](x))
+    np.testing.assert_allclose(acts[5], net[:6](x))
+    np.testing.assert_allclose(acts[7], net(x))
+    logits, only = features(net, x, layers=net[3], output=True)
+    assert list(only) == [3]
+    np.testing.assert_allclose(logits, net(x))
+    kept = acts[1].copy()
+    features(net, -x, layers=[1, 5])                   # copies: not overwritten by a later run
+    net(-x)
+    np.testing.assert_array_equal(acts[1], kept)
+    assert len(features(net, x)) == len(net)
+    with pytest.raises(IndexError, match="out of range"):
+        features(net, x, layers=[9])
+
+
+def test_feature_grid():
+    maps = np.arange(5 * 4 * 6, dtype=np.float32).reshape(5, 4, 6)
+    maps[4] = 3                                      # constant channel: drawn black, no NaN
+    grid = feature_grid(maps, cell=12, pad=1)
+    assert grid.dtype == np.uint8 and grid.shape == (2 * 9 + 1, 3 * 13 + 1, 3)
+    assert feature_grid(maps, columns=5, max_channels=2).shape[1] < grid.shape[1] * 10
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        feature_grid(maps[0])

@@ -1,0 +1,165 @@
+"""Using a saved model: examples/predict.py, grad_cam.py, feature_maps.py and evaluate.py
+run as programs on a tiny checkpoint."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import cyconv
+from cyconv import checkpoint, models
+from cyconv.data import ImageFolder, read_image, save_split
+from cyconv.gradcam import overlay
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+CLASSES = ["cat", "dog", "owl"]
+SIZE = 24
+
+
+def run(script, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def call(capsys, script, *args):
+    """Run an example's main() in this process (faster than a subprocess):
+    (exit code, stdout, stderr)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}",
+                                                      EXAMPLES / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        capsys.readouterr()
+        try:
+            code = module.main([str(a) for a in args])
+        except SystemExit as exit:
+            code = exit.code
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_png(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny checkpoint with metadata, its run's split.json, a data folder and loose photos."""
+    tmp = tmp_path_factory.mktemp("use")
+    rng = np.random.default_rng(0)
+    data = tmp / "data"
+    for c, name in enumerate(CLASSES):
+        for i in range(5):
+            image = rng.integers(0, 80, (30 + i, 36, 3), dtype=np.uint8)
+            image[..., c] += 150                        # each class has its own colour
+            write_png(data / name / f"{name}_{i}.png", image)
+    cyconv.manual_seed(0)
+    model = models.small(3, SIZE, widths=(4, 4, 8, 8))
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    ckpt = run_dir / "best.safetensors"
+    checkpoint.save(ckpt, model, classes=CLASSES, mean=[0.3, 0.3, 0.3], std=[0.3, 0.3, 0.3],
+                    image_size=(SIZE, SIZE))
+    folder = ImageFolder(data, CLASSES, SIZE)
+    idx = np.arange(len(folder.samples))
+    save_split(run_dir / "split.json", folder, idx[idx % 5 >= 2], idx[idx % 5 == 1],
+               idx[idx % 5 == 0])
+    photos = tmp / "photos"
+    write_png(photos / "a.png", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    write_png(photos / "b.jpg", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (photos / "notes.txt").write_text("not an image")
+    return dict(tmp=tmp, ckpt=ckpt, data=data, photos=photos, model=cyconv.load(ckpt))
+
+
+def test_predict(setup, capsys):
+    photos, ckpt = setup["photos"], setup["ckpt"]
+    single = setup["data"] / "dog" / "dog_0.png"
+    r = run("predict.py", ckpt, single, photos, photos / "missing.png", "--top", "2",
+            "--batch-size", "2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(single), str(photos / "a.png"),
+                                                       str(photos / "b.jpg")]
+    assert "broken.jpg" in r.stderr and "missing.png" in r.stderr and "notes.txt" not in r.stderr
+    # the printed probabilities are the model's softmax, with the stored normalisation
+    logits = cyconv.predict(setup["model"], [read_image(single)])[0]
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    best = np.argsort(-p)[:2]
+    assert lines[0] == f"{single}: " + ", ".join(f"{CLASSES[i]} {100 * p[i]:.1f}%" for i in best)
+    code, out, err = call(capsys, "predict.py", ckpt, photos / "a.png")
+    assert code == 0 and out.count("%") == 3 and not err
+
+
+def test_missing_or_broken_checkpoint(setup, capsys):
+    r = run("predict.py", setup["tmp"] / "nope.safetensors", setup["photos"] / "a.png")
+    assert r.returncode == 2 and "nope.safetensors does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+    broken = setup["tmp"] / "broken.safetensors"
+    broken.write_bytes(setup["ckpt"].read_bytes()[:100])
+    code, _, err = call(capsys, "grad_cam.py", broken, setup["photos"] / "a.png",
+                        "--out", setup["tmp"] / "x.png")
+    assert code == 2 and "cannot load checkpoint" in err and "truncated" in err
+
+
+def test_grad_cam(setup, capsys):
+    out = setup["tmp"] / "cams" / "cam.png"
+    photo = setup["photos"] / "a.png"
+    r = run("grad_cam.py", setup["ckpt"], photo, "--out", out, "--min-size", "0")
+    assert r.returncode == 0, r.stderr
+    picture = read_image(out)
+    assert picture.shape == (40, 50, 3)
+    assert any(f"{name} " in r.stdout for name in CLASSES) and "%" in r.stdout
+    # the written picture is the overlay of cyconv.gradcam's map (plus the label at the top)
+    heat = cyconv.gradcam(setup["model"], read_image(photo))
+    expected = overlay(read_image(photo), heat, alpha=0.45)
+    assert np.abs(picture[30:].astype(int) - expected[30:]).max() <= 1
+    code, stdout, _ = call(capsys, "grad_cam.py", setup["ckpt"], photo, "--out", out,
+                           "--class", "owl", "--side-by-side", "--min-size", "100")
+    assert code == 0 and "owl" in stdout
+    assert read_image(out).shape == (80, 100 + 4 + 100, 3)    # enlarged x2, photo | overlay
+    code, _, err = call(capsys, "grad_cam.py", setup["ckpt"], photo, "--out", out,
+                        "--layer", "17")
+    assert code == 2 and "layer 17 (Flatten) is not a convolutional layer" in err
+
+
+def test_feature_maps(setup):
+    out = setup["tmp"] / "maps.png"
+    r = run("feature_maps.py", setup["ckpt"], setup["photos"] / "a.png", "--out", out,
+            "--layer", "4", "--cell", "32")
+    assert r.returncode == 0, r.stderr
+    assert "layer 4 Conv2d: 4 channels of 12x12" in r.stdout
+    picture = read_image(out)
+    assert picture.shape[0] > 2 * 32 and picture.shape[1] >= 3 * 32
+
+
+def test_evaluate(setup, capsys):
+    out = setup["tmp"] / "cm" / "confusion_matrix.png"
+    r = run("evaluate.py", setup["ckpt"], "--data", setup["data"], "--out", out,
+            "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "test part" in r.stdout and "3 images" in r.stdout
+    folder = ImageFolder(setup["data"], CLASSES, SIZE)
+    test = [i for i in range(len(folder)) if i % 5 == 0]
+    logits = cyconv.predict(setup["model"], np.stack([folder[i][0] for i in test]))
+    accuracy = np.mean(logits.argmax(1) == [folder[i][1] for i in test])
+    assert f"accuracy: {accuracy:.4f}" in r.stdout
+    for name in CLASSES + ["precision", "recall", "true \\ predicted"]:
+        assert name in r.stdout
+    assert read_image(out).ndim == 3
+    code, stdout, _ = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["data"],
+                           "--all", "--out", out, "--workers", "0")
+    assert code == 0 and "15 images" in stdout
+    code, _, err = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["tmp"] / "nowhere")
+    assert code == 2 and "does not exist" in err
