@@ -14,14 +14,18 @@ def float_dtype(dtype):
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt not in FLOAT_DTYPES:
+    # (dt is None when np.dtype failed; `None in FLOAT_DTYPES` is True: dtype('float64') == None)
+    if dt is None or dt not in FLOAT_DTYPES:
         raise TypeError(f"expected dtype float32 or float64, got {dtype!r}")
     return dt
 
 
 def positive_pair(name, value, minimum=1):
     """An int or a pair of ints, each >= minimum, as a tuple (h, w)."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    try:
+        pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    except TypeError:  # not iterable: a float, None, ...
+        pair = ()
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                                  and v >= minimum for v in pair):
         raise ValueError(f"expected {name} to be an int >= {minimum} or a pair of them, "
@@ -36,6 +40,28 @@ def positive_int(name, value):
     return int(value)
 
 
+def number_in(where, name, value, low, high, none_ok=False):
+    """float(value) when it is a real number in [low, high] (None too when none_ok)."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not low <= value <= high:
+        raise ValueError(f"{where}: expected {name} in [{low}, {high}]"
+                         f"{' or None' if none_ok else ''}, got {value!r}")
+    return float(value)
+
+
+INT_MAX = 2**31 - 1  # the kernels index with C int
+
+
+def fits_int32(where, sizes):
+    """ValueError unless every size ({description: value}) fits the kernels' 32-bit ints."""
+    for name, size in sizes.items():
+        if size > INT_MAX:
+            raise ValueError(f"{where}: expected {name} <= {INT_MAX} (the kernels' 32-bit "
+                             f"indices), got {size}")
+
+
 def shape_text(shape):
     """(N, 3, H, W) style text of a shape whose entries may be names or ints."""
     return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
@@ -48,7 +74,9 @@ def as_float_array(layer, x):
         raise TypeError(f"{where}: expected a numpy ndarray input, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{where}: expected a float32 or float64 input, got {x.dtype}")
-    return np.ascontiguousarray(x)
+    x = np.asarray(x)  # a plain ndarray (not np.matrix, whose reshape(-1) stays 2-D)
+    # (np.ascontiguousarray would turn a 0-d array into a 1-d one)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
 def as_input(layer, x, expected_shape, dtype=None):

@@ -19,6 +19,7 @@ from cython.parallel cimport prange, threadid
 from libc.string cimport memset
 
 from cyconv._blas cimport gemm
+from cyconv._reduce cimport sum_run
 
 
 cdef void valid_range(int offset, int stride, int size, int out_size,
@@ -71,6 +72,9 @@ cdef void im2col(const floating* image, floating* cols, Geometry g) noexcept nog
                     if g.stride_w == 1:
                         for ow in range(ow_lo, ow_hi):
                             dst[oh * OW + ow] = src[ow]
+                    elif g.stride_w == 2:
+                        for ow in range(ow_lo, ow_hi):
+                            dst[oh * OW + ow] = src[2 * ow]
                     else:
                         for ow in range(ow_lo, ow_hi):
                             dst[oh * OW + ow] = src[ow * g.stride_w]
@@ -107,6 +111,9 @@ cdef void col2im(const floating* cols, floating* image, Geometry g) noexcept nog
                     if g.stride_w == 1:
                         for ow in range(ow_lo, ow_hi):
                             dst[ow] += src[oh * OW + ow]
+                    elif g.stride_w == 2:
+                        for ow in range(ow_lo, ow_hi):
+                            dst[2 * ow] += src[oh * OW + ow]
                     else:
                         for ow in range(ow_lo, ow_hi):
                             dst[ow * g.stride_w] += src[oh * OW + ow]
@@ -166,7 +173,6 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
     cdef bint has_bias = grad_bias.shape[0] > 0
     cdef Py_ssize_t n, sample, slot, oc, k, p
     cdef double bias_sum
-    cdef const floating* dy
     if N == 0:
         return
     with nogil:
@@ -185,7 +191,6 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
             if has_bias:
                 bias_sum = 0
                 for sample in range(N):
-                    dy = &grad_out[sample, oc, 0, 0]
-                    for p in range(P):
-                        bias_sum = bias_sum + dy[p]  # not "+=": that would make it a prange reduction
+                    # not "+=": in a prange that would make it a reduction variable
+                    bias_sum = bias_sum + sum_run(&grad_out[sample, oc, 0, 0], P)
                 grad_bias[oc] += <floating> bias_sum

@@ -15,6 +15,24 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
+from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
+
+
+cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
+                            floating scale, floating shift) noexcept nogil:
+    """out = x * scale + shift (in the array's precision, so it vectorises)."""
+    cdef Py_ssize_t i
+    for i in range(length):
+        out[i] = x[i] * scale + shift
+
+
+cdef inline void combine_run(const floating* dy, const floating* x, floating* out,
+                             Py_ssize_t length, floating a, floating b, floating c) noexcept nogil:
+    """out = a * dy + b * x + c"""
+    cdef Py_ssize_t i
+    for i in range(length):
+        out[i] = a * dy[i] + b * x[i] + c
+
 
 def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, HW)
                                const floating[::1] weight,       # IN    (C,)
@@ -30,19 +48,16 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n, i
     cdef double M = <double> N * HW
-    cdef double total, mean, var, d, invstd, scale, shift
+    cdef double total, mean, var, invstd, scale, shift
     with nogil:
         for c in prange(C, schedule='static', num_threads=num_threads):
             total = 0
             for n in range(N):
-                for i in range(HW):
-                    total = total + x[n, c, i]
+                total = total + sum_run(&x[n, c, 0], HW)
             mean = total / M
             total = 0
-            for n in range(N):
-                for i in range(HW):
-                    d = x[n, c, i] - mean
-                    total = total + d * d
+            for n in range(N):  # two passes: the variance without cancellation
+                total = total + sum_squared_deviation(&x[n, c, 0], HW, mean)
             var = total / M
             invstd = 1.0 / sqrt(var + eps)
             saved_mean[c] = <floating> mean
@@ -54,8 +69,7 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
             scale = weight[c] * invstd
             shift = bias[c] - mean * scale
             for n in range(N):
-                for i in range(HW):
-                    out[n, c, i] = <floating> (x[n, c, i] * scale + shift)
+                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift)
 
 
 def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, HW)
@@ -74,8 +88,7 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
             scale = weight[c] / sqrt(running_var[c] + eps)
             shift = bias[c] - running_mean[c] * scale
             for n in range(N):
-                for i in range(HW):
-                    out[n, c, i] = <floating> (x[n, c, i] * scale + shift)
+                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift)
 
 
 def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, HW)
@@ -96,7 +109,7 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n, i
     cdef double M = <double> N * HW
-    cdef double sum_dy, sum_dy_xhat, xhat, k, mu, istd
+    cdef double sum_dy, sum_dy_xhat, k, b, c0, mu, istd
     with nogil:
         for c in prange(C, schedule='static', num_threads=num_threads):
             mu = mean[c]
@@ -104,19 +117,21 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
             sum_dy = 0
             sum_dy_xhat = 0
             for n in range(N):
-                for i in range(HW):
-                    sum_dy = sum_dy + grad_out[n, c, i]
-                    sum_dy_xhat = sum_dy_xhat + grad_out[n, c, i] * (x[n, c, i] - mu) * istd
+                sum_dy = sum_dy + sum_run(&grad_out[n, c, 0], HW)
+                sum_dy_xhat = sum_dy_xhat + sum_product_centered(&grad_out[n, c, 0], &x[n, c, 0],
+                                                                 HW, mu)
+            sum_dy_xhat = sum_dy_xhat * istd
             grad_weight[c] += <floating> sum_dy_xhat
             grad_bias[c] += <floating> sum_dy
             k = weight[c] * istd
+            # train: dx = k (dy - sum_dy/M - xhat sum_dy_xhat/M), xhat = (x - mu) istd,
+            # expanded to dx = k dy + b x + c0; eval: dx = k dy.
             if batch_stats:
-                for n in range(N):
-                    for i in range(HW):
-                        xhat = (x[n, c, i] - mu) * istd
-                        grad_input[n, c, i] = <floating> (
-                            k * (grad_out[n, c, i] - sum_dy / M - xhat * sum_dy_xhat / M))
+                b = -k * istd * sum_dy_xhat / M
+                c0 = -k * sum_dy / M - b * mu
             else:
-                for n in range(N):
-                    for i in range(HW):
-                        grad_input[n, c, i] = <floating> (k * grad_out[n, c, i])
+                b = 0
+                c0 = 0
+            for n in range(N):
+                combine_run(&grad_out[n, c, 0], &x[n, c, 0], &grad_input[n, c, 0], HW,
+                            <floating> k, <floating> b, <floating> c0)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv import _activation
-from cyconv._checks import as_float_array, as_grad_output
+from cyconv._checks import as_float_array, as_grad_output, number_in
 from cyconv._threads import get_num_threads
 from cyconv.nn.module import Module
 
@@ -33,7 +33,8 @@ class LeakyReLU(Module):
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = number_in("LeakyReLU", "negative_slope", negative_slope,
+                                        -float("inf"), float("inf"))
 
     def forward(self, x):
         x = as_float_array(self, x)

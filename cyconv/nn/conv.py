@@ -2,7 +2,8 @@
 import numpy as np
 
 from cyconv import _conv
-from cyconv._checks import as_grad_output, as_input, float_dtype, positive_int, positive_pair
+from cyconv._checks import (as_grad_output, as_input, fits_int32, float_dtype, positive_int,
+                            positive_pair)
 from cyconv._grad_mode import is_grad_enabled
 from cyconv._random import generator
 from cyconv._threads import get_num_threads
@@ -20,12 +21,17 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation):
     _, channels, height, width = x_shape
     out_h = output_size(height, kernel[0], stride[0], padding[0], dilation[0])
     out_w = output_size(width, kernel[1], stride[1], padding[1], dilation[1])
+    span_h, span_w = (kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1
     if out_h < 1 or out_w < 1:
-        span = ((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1)
         raise ValueError(
             f"{type(layer).__name__}: input of size {height}x{width} (padded: "
             f"{height + 2 * padding[0]}x{width + 2 * padding[1]}) is smaller than the kernel "
-            f"extent {span[0]}x{span[1]}")
+            f"extent {span_h}x{span_w}")
+    fits_int32(type(layer).__name__, {
+        "H + 2*padding + stride + kernel extent": height + 2 * padding[0] + stride[0] + span_h,
+        "W + 2*padding + stride + kernel extent": width + 2 * padding[1] + stride[1] + span_w,
+        "OH*OW": out_h * out_w, "H*W": height * width,
+        "C*kernel_h*kernel_w": channels * kernel[0] * kernel[1]})
     return dict(channels=channels, height=height, width=width,
                 out_height=out_h, out_width=out_w,
                 kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0], stride_w=stride[1],

@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv import _dropout
-from cyconv._checks import as_float_array, as_grad_output
+from cyconv._checks import as_float_array, as_grad_output, number_in
 from cyconv._random import generator
 from cyconv._threads import get_num_threads
 from cyconv.nn.module import Module
@@ -20,9 +20,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.5, seed=None):
         super().__init__()
-        if not 0 <= p <= 1:
-            raise ValueError(f"Dropout: expected a probability p in [0, 1], got {p!r}")
-        self.p = float(p)
+        self.p = number_in("Dropout", "a probability p", p, 0, 1)
         self.seed = int(generator(seed).integers(0, 2**63)) if seed is None else int(seed)
         self.calls = 0
 

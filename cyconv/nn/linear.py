@@ -60,7 +60,7 @@ class Flatten(Module):
         if x.ndim < 1:
             raise ValueError(f"Flatten: expected an array with a batch dimension, got shape {x.shape}")
         self._save_for_backward(x.shape, x.dtype)
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))  # N may be 0
 
     def backward(self, grad_output, input_grad=True):
         x_shape, dtype = self._saved_for_backward()

@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv import _loss
-from cyconv._checks import shape_text
+from cyconv._checks import number_in, shape_text
 from cyconv._threads import get_num_threads
 
 
@@ -15,10 +15,8 @@ class CrossEntropyLoss:
     """
 
     def __init__(self, label_smoothing=0.0):
-        if not 0 <= label_smoothing <= 1:
-            raise ValueError(f"CrossEntropyLoss: expected label_smoothing in [0, 1], "
-                             f"got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = number_in("CrossEntropyLoss", "label_smoothing", label_smoothing,
+                                         0, 1)
         self._saved = None
 
     def __call__(self, logits, labels):

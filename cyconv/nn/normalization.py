@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv import _norm
-from cyconv._checks import as_grad_output, as_input, float_dtype, positive_int
+from cyconv._checks import as_grad_output, as_input, float_dtype, number_in, positive_int
 from cyconv._threads import get_num_threads
 from cyconv.nn.module import Module, Parameter
 
@@ -22,10 +22,9 @@ class BatchNorm2d(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
         super().__init__()
         self.num_features = positive_int("num_features", num_features)
-        if not eps > 0:
+        if not number_in("BatchNorm2d", "eps", eps, 0, float("inf")) > 0:
             raise ValueError(f"BatchNorm2d: expected eps > 0, got {eps!r}")
-        if momentum is not None and not 0 <= momentum <= 1:
-            raise ValueError(f"BatchNorm2d: expected momentum in [0, 1] or None, got {momentum!r}")
+        number_in("BatchNorm2d", "momentum", momentum, 0, 1, none_ok=True)
         self.eps = float(eps)
         self.momentum = momentum
         self.dtype = float_dtype(dtype)

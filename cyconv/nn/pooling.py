@@ -96,7 +96,8 @@ class AdaptiveAvgPool2d(Module):
 
     def __init__(self, output_size=1):
         super().__init__()
-        if output_size not in (1, (1, 1), [1, 1]):
+        if not (isinstance(output_size, (int, np.integer, tuple, list))
+                and output_size in (1, (1, 1), [1, 1])):
             raise ValueError("AdaptiveAvgPool2d: only output_size 1 (global average pooling) "
                              f"is supported, got {output_size!r}")
         self.output_size = (1, 1)
