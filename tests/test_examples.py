@@ -1,0 +1,178 @@
+"""The example scripts end to end: train, save, reload, predict; signals, kill -9, bad --data."""
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import cyconv
+from cyconv import checkpoint
+from cyconv.data import make_shapes, read_image
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "train_animals.py"
+ANIMALS = ROOT.parent / "shared" / "datasets" / "animals"
+SIZE = 32
+
+
+def env():
+    # one kernel thread: the runs are tiny, and results do not depend on the thread count
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env(),
+                            capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    """make_shapes images written as PNG files under <root>/<class>/."""
+    root = tmp_path_factory.mktemp("shapes")
+    images, labels, classes = make_shapes(90, SIZE, seed=11)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / classes[label]
+        folder.mkdir(exist_ok=True)
+        cv2.imwrite(str(folder / f"img_{i:03d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def check_predictions(data_root, out, image_size):
+    """cyconv.load(best) gives the predictions that the script saved for the test split."""
+    report = json.loads((out / "test_metrics.json").read_text())
+    model = cyconv.load(out / "best.safetensors")
+    assert model.classes == report["classes"]
+    images = [read_image(data_root / p["file"], image_size) for p in report["predictions"]]
+    predicted = cyconv.predict(model, np.stack(images)).argmax(axis=1)
+    assert predicted.tolist() == [p["predicted"] for p in report["predictions"]]
+    labels = [p["label"] for p in report["predictions"]]
+    assert report["accuracy"] == pytest.approx(np.mean(predicted == labels))
+    return report
+
+
+def test_train_save_reload_same_predictions(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    result = run("--data", shapes_folder, "--epochs", 3, "--image-size", SIZE, "--batch-size", 16,
+                 "--out", out, "--no-progress")
+    report = check_predictions(shapes_folder, out, SIZE)
+    assert f"test accuracy: {report['accuracy']:.4f}" in result.stdout
+    assert "true \\ predicted" in result.stdout            # the confusion matrix
+    for name in ("best.safetensors", "last.safetensors", "history.jsonl", "history.csv",
+                 "curves.png", "confusion_matrix.png", "test_confusion_matrix.png", "split.json"):
+        assert (out / name).is_file(), name
+    assert len((out / "history.jsonl").read_text().splitlines()) == 3
+    # a second run into the same folder is refused; --resume of a finished run is a no-op
+    again = run("--data", shapes_folder, "--out", out, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    run("--data", shapes_folder, "--out", out, "--resume", "--no-progress")
+
+
+@pytest.mark.skipif(not ANIMALS.is_dir(), reason="no ../shared/datasets/animals")
+def test_animals_few_dozen_images(tmp_path):
+    out = tmp_path / "animals"
+    run("--data", ANIMALS, "--classes", "dog,panda,bird", "--limit", 12, "--epochs", 1,
+        "--image-size", 48, "--batch-size", 8, "--out", out, "--no-progress")
+    report = check_predictions(ANIMALS, out, 48)
+    assert report["classes"] == ["dog", "panda", "bird"]
+
+
+def test_missing_or_empty_data_is_explained(tmp_path):
+    for args in ([], ["--data", tmp_path / "nowhere"], ["--data", tmp_path]):
+        result = run(*args, "--out", tmp_path / "out", check=False)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "<class>" in result.stderr and "sub-folder" in result.stderr
+    (tmp_path / "dog").mkdir()
+    result = run("--data", tmp_path, "--out", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "no images" in result.stderr
+
+
+def strip_seconds(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in path.read_text().splitlines()]
+
+
+def test_sigint_saves_and_resume_matches_uninterrupted_run(shapes_folder, tmp_path):
+    args = ["--data", shapes_folder, "--epochs", 10, "--image-size", SIZE, "--batch-size", 8,
+            "--no-progress"]
+    run(*args, "--out", tmp_path / "straight")
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/10"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr
+    assert "Interrupted by SIGINT" in stderr and "--resume" in stderr
+    assert checkpoint.read(out / "last.safetensors").metadata["training_state"]["epoch"] < 10
+    run(*args, "--out", out, "--resume")
+    a = checkpoint.read(tmp_path / "straight" / "last.safetensors").tensors
+    b = checkpoint.read(out / "last.safetensors").tensors
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].tobytes() == b[key].tobytes(), key
+    assert strip_seconds(tmp_path / "straight" / "history.jsonl") == \
+        strip_seconds(out / "history.jsonl")
+
+
+def test_sigterm_saves_a_resumable_checkpoint(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(shapes_folder),
+                             "--epochs", "50", "--image-size", str(SIZE), "--out", str(out),
+                             "--no-progress"], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/"):
+            proc.terminate()
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Interrupted by SIGTERM" in stderr
+    assert cyconv.load(out / "last.safetensors") is not None
+
+
+def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    rng = random.Random(0)
+    checked = 0
+    for attempt in range(4):
+        resume = ["--resume"] if (out / "last.safetensors").exists() else []
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(shapes_folder),
+                                 "--epochs", "200", "--image-size", str(SIZE), "--batch-size", "8",
+                                 "--save-every", "1", "--out", str(out), "--no-progress",
+                                 *resume], env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.5, 3.0))
+        proc.kill()
+        proc.wait()
+        for path in out.glob("*.safetensors"):
+            checkpoint.read(path)
+            cyconv.load(path)
+            checked += 1
+    assert checked >= 4
+    assert (out / "last.safetensors").exists()
+
+
+def test_quickstart_runs(tmp_path, capsys, threads):
+    threads(1)
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    accuracy = quickstart.main(["--out", str(tmp_path), "--images", "1500", "--epochs", "8",
+                                "--no-progress"])
+    assert "test accuracy" in capsys.readouterr().out
+    assert accuracy >= 0.95
+    assert cyconv.load(tmp_path / "best.safetensors").classes == ["circle", "square", "triangle"]
