@@ -14,5 +14,7 @@ cdef struct Geometry:
 cdef void valid_range(int offset, int stride, int size, int out_size,
                       int* first, int* last) noexcept nogil
 
-cdef void im2col(const floating* image, floating* cols, Geometry g) noexcept nogil
-cdef void col2im(const floating* cols, floating* image, Geometry g) noexcept nogil
+cdef void im2col(const floating* image, floating* cols, Geometry g,
+                 int oh0, int oh1) noexcept nogil
+cdef void col2im(const floating* cols, floating* image, Geometry g,
+                 int oh0, int oh1) noexcept nogil

@@ -3,16 +3,18 @@
 Layouts (row-major, C-contiguous):
     x            (N, C, H, W)        input batch
     weight       (OC, K)             the (OC, C, kh, kw) weight viewed flat, K = C*kh*kw
-    cols         (S, K, P)           im2col workspace, P = OH*OW; S = N when the
-                                     columns are kept for backward, else one slot per thread
-    out          (N, OC, OH, OW)
+    out          (N, OC, OH, OW)     P = OH*OW output pixels per channel
+    cols         (threads, K*T)      one im2col tile per thread, T = rows_per_tile*OW
 
-The batch is split across threads (prange over n): every thread builds the
-columns of its own images and multiplies them by the weight with a
-single-threaded BLAS call, so no two threads write the same output element and
-results do not depend on the thread count.  Backward never inserts zeros for
-strides: col2im scatters each column entry back onto the input pixel it was
-read from.
+The batch is split across threads (prange over n).  Each image is processed in
+tiles of whole output rows, small enough (see rows_per_tile in nn/conv.py) that
+a tile's columns stay in the core's cache between im2col and the matrix
+product; the columns are never stored for the whole batch: backward rebuilds
+them tile by tile.  Every thread multiplies with single-threaded BLAS calls, no
+two threads write the same output element, and the tiles are fixed by the
+shapes alone, so results do not depend on the thread count.  Backward never
+inserts zeros for strides: col2im scatters each column entry back onto the
+input pixel it was read from.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
@@ -42,16 +44,18 @@ cdef void valid_range(int offset, int stride, int size, int out_size,
     last[0] = hi
 
 
-cdef void im2col(const floating* image, floating* cols, Geometry g) noexcept nogil:
-    """cols (K, P) <- the receptive field of every output pixel of one image (C, H, W).
+cdef void im2col(const floating* image, floating* cols, Geometry g,
+                 int oh0, int oh1) noexcept nogil:
+    """cols (K, T) <- the receptive fields of output rows [oh0, oh1) of one image (C, H, W).
 
-    Row (c, ki, kj) of cols holds, for each output pixel (oh, ow), the input
-    pixel (oh*sh - ph + ki*dh, ow*sw - pw + kj*dw), or 0 where that is padding.
+    T = (oh1 - oh0) * OW.  Row (c, ki, kj) of cols holds, for each output pixel
+    (oh, ow), the input pixel (oh*sh - ph + ki*dh, ow*sw - pw + kj*dw), or 0
+    where that falls in the padding.
     """
     cdef int c, ki, kj, oh, ow, ih, off_h, off_w
     cdef int oh_lo, oh_hi, ow_lo, ow_hi
     cdef int OW = g.out_width
-    cdef Py_ssize_t P = <Py_ssize_t> g.out_height * OW
+    cdef Py_ssize_t T = <Py_ssize_t> (oh1 - oh0) * OW
     cdef floating* dst
     cdef const floating* src
     for c in range(g.channels):
@@ -61,42 +65,42 @@ cdef void im2col(const floating* image, floating* cols, Geometry g) noexcept nog
             for kj in range(g.kernel_w):
                 off_w = kj * g.dilation_w - g.pad_w
                 valid_range(off_w, g.stride_w, g.width, OW, &ow_lo, &ow_hi)
-                dst = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * P
-                if oh_lo > 0:
-                    memset(dst, 0, oh_lo * OW * sizeof(floating))
-                for oh in range(oh_lo, oh_hi):
+                for oh in range(oh0, oh1):
+                    dst = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * T + (oh - oh0) * OW
+                    if oh < oh_lo or oh >= oh_hi:  # this kernel row reads padding
+                        memset(dst, 0, OW * sizeof(floating))
+                        continue
                     ih = oh * g.stride_h + off_h
                     src = image + (<Py_ssize_t> c * g.height + ih) * g.width + off_w
                     for ow in range(ow_lo):
-                        dst[oh * OW + ow] = 0
+                        dst[ow] = 0
+                    # constant strides let the compiler vectorise the common cases
                     if g.stride_w == 1:
                         for ow in range(ow_lo, ow_hi):
-                            dst[oh * OW + ow] = src[ow]
+                            dst[ow] = src[ow]
                     elif g.stride_w == 2:
                         for ow in range(ow_lo, ow_hi):
-                            dst[oh * OW + ow] = src[2 * ow]
+                            dst[ow] = src[2 * ow]
                     else:
                         for ow in range(ow_lo, ow_hi):
-                            dst[oh * OW + ow] = src[ow * g.stride_w]
+                            dst[ow] = src[ow * g.stride_w]
                     for ow in range(ow_hi, OW):
-                        dst[oh * OW + ow] = 0
-                if oh_hi < g.out_height:
-                    memset(dst + oh_hi * OW, 0, (g.out_height - oh_hi) * OW * sizeof(floating))
+                        dst[ow] = 0
 
 
-cdef void col2im(const floating* cols, floating* image, Geometry g) noexcept nogil:
-    """image (C, H, W) <- the column gradients (K, P) scattered back, summed.
+cdef void col2im(const floating* cols, floating* image, Geometry g,
+                 int oh0, int oh1) noexcept nogil:
+    """image (C, H, W) += the column gradients (K, T) of output rows [oh0, oh1), scattered back.
 
-    The transpose of im2col: every entry goes back to the input pixel it was
-    read from (padding positions are dropped).  image is overwritten.
+    The transpose of im2col: every entry is added to the input pixel it was
+    read from; entries that were padding are dropped.
     """
     cdef int c, ki, kj, oh, ow, ih, off_h, off_w
     cdef int oh_lo, oh_hi, ow_lo, ow_hi
     cdef int OW = g.out_width
-    cdef Py_ssize_t P = <Py_ssize_t> g.out_height * OW
+    cdef Py_ssize_t T = <Py_ssize_t> (oh1 - oh0) * OW
     cdef const floating* src
     cdef floating* dst
-    memset(image, 0, <Py_ssize_t> g.channels * g.height * g.width * sizeof(floating))
     for c in range(g.channels):
         for ki in range(g.kernel_h):
             off_h = ki * g.dilation_h - g.pad_h
@@ -104,43 +108,47 @@ cdef void col2im(const floating* cols, floating* image, Geometry g) noexcept nog
             for kj in range(g.kernel_w):
                 off_w = kj * g.dilation_w - g.pad_w
                 valid_range(off_w, g.stride_w, g.width, OW, &ow_lo, &ow_hi)
-                src = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * P
-                for oh in range(oh_lo, oh_hi):
+                for oh in range(max(oh0, oh_lo), min(oh1, oh_hi)):
+                    src = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * T + (oh - oh0) * OW
                     ih = oh * g.stride_h + off_h
                     dst = image + (<Py_ssize_t> c * g.height + ih) * g.width + off_w
                     if g.stride_w == 1:
                         for ow in range(ow_lo, ow_hi):
-                            dst[ow] += src[oh * OW + ow]
+                            dst[ow] += src[ow]
                     elif g.stride_w == 2:
                         for ow in range(ow_lo, ow_hi):
-                            dst[2 * ow] += src[oh * OW + ow]
+                            dst[2 * ow] += src[ow]
                     else:
                         for ow in range(ow_lo, ow_hi):
-                            dst[ow * g.stride_w] += src[oh * OW + ow]
+                            dst[ow * g.stride_w] += src[ow]
 
 
 def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                    const floating[:, ::1] weight,      # IN  (OC, K)
                    const floating[::1] bias,           # IN  (OC,), or empty for no bias
-                   floating[:, :, ::1] cols,           # OUT (N, K, P) kept for backward, or (threads, K, P)
+                   floating[:, ::1] cols,              # WORK (threads, K * rows_per_tile * OW)
                    floating[:, :, :, ::1] out,         # OUT (N, OC, OH, OW)
-                   Geometry g, bint cols_per_sample, bint fuse_relu, int num_threads):
+                   Geometry g, int rows_per_tile, bint fuse_relu, int num_threads):
     """out = weight @ im2col(x) + bias (then max(., 0) when fuse_relu), image by image."""
     cdef Py_ssize_t N = x.shape[0]
     cdef int OC = weight.shape[0], K = weight.shape[1]
-    cdef int P = g.out_height * g.out_width
+    cdef int OW = g.out_width, P = g.out_height * g.out_width
     cdef bint has_bias = bias.shape[0] > 0
-    cdef Py_ssize_t n, slot, oc, p
+    cdef Py_ssize_t n, oc, p
+    cdef int t, oh0, oh1, slot
     cdef floating* y
+    cdef floating* tile
     cdef floating b
-    if N == 0:
-        return
     with nogil:
         for n in prange(N, schedule='static', num_threads=num_threads):
-            slot = n if cols_per_sample else threadid()
-            im2col(&x[n, 0, 0, 0], &cols[slot, 0, 0], g)
-            gemm(False, False, OC, P, K, 1, &weight[0, 0], K, &cols[slot, 0, 0], P,
-                 0, &out[n, 0, 0, 0], P)
+            slot = threadid()
+            tile = &cols[slot, 0]
+            for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
+                oh0 = t * rows_per_tile
+                oh1 = min(oh0 + rows_per_tile, g.out_height)
+                im2col(&x[n, 0, 0, 0], tile, g, oh0, oh1)
+                gemm(False, False, OC, (oh1 - oh0) * OW, K, 1, &weight[0, 0], K,
+                     tile, (oh1 - oh0) * OW, 0, &out[n, 0, oh0, 0], P)
             y = &out[n, 0, 0, 0]
             for oc in range(OC):
                 b = bias[oc] if has_bias else 0
@@ -153,37 +161,66 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
 
 
 def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH, OW)
+                    const floating[:, :, :, ::1] x,          # IN    (N, C, H, W) the forward input
+                    const floating[:, :, :, ::1] out,        # IN    (N, OC, OH, OW) forward output (relu mask)
                     const floating[:, ::1] weight,          # IN    (OC, K)
-                    const floating[:, :, ::1] cols,         # IN    (N, K, P) from the forward pass
                     floating[:, ::1] grad_weight,           # INOUT (OC, K), accumulated
                     floating[::1] grad_bias,                # INOUT (OC,), accumulated; empty for no bias
                     floating[:, :, ::1] grad_weight_parts,  # WORK  (N, OC, K)
-                    floating[:, :, ::1] grad_cols,          # WORK  (threads, K, P); unused without input grad
+                    floating[:, ::1] grad_bias_parts,       # WORK  (N, OC)
+                    floating[:, ::1] cols,                  # WORK  (threads, K * rows_per_tile * OW)
+                    floating[:, ::1] grad_cols,             # WORK  (threads, K * rows_per_tile * OW)
+                    floating[:, ::1] masked_grad,           # WORK  (threads, OC * P) when fuse_relu
                     floating[:, :, :, ::1] grad_input,      # OUT   (N, C, H, W); unused without input grad
-                    Geometry g, bint need_input_grad, int num_threads):
+                    Geometry g, int rows_per_tile, bint fuse_relu, bint need_input_grad,
+                    int num_threads):
     """Accumulate dW += sum_n dY_n @ cols_n^T and db += sum dY; dx = col2im(W^T @ dY_n).
 
-    Per image (prange over n) the weight gradient goes to its own slice of
-    grad_weight_parts, then the slices are summed in image order (prange over
-    output channels): the same additions in the same order for any thread count.
+    With fuse_relu, dY is first masked by the forward output's sign (the
+    gradient of the fused max(., 0)).  Per image (prange over n) the weight
+    and bias gradients go to their own slices of the *_parts workspaces, then
+    the slices are summed in image order (prange over output channels): the
+    same additions in the same order for any thread count.
     """
     cdef Py_ssize_t N = grad_out.shape[0]
     cdef int OC = weight.shape[0], K = weight.shape[1]
-    cdef int P = g.out_height * g.out_width
+    cdef int OW = g.out_width, P = g.out_height * g.out_width
     cdef bint has_bias = grad_bias.shape[0] > 0
-    cdef Py_ssize_t n, sample, slot, oc, k, p
+    cdef Py_ssize_t n, sample, oc, k, p
+    cdef int t, oh0, oh1, slot, T
     cdef double bias_sum
-    if N == 0:
-        return
+    cdef const floating* dy
+    cdef const floating* y
+    cdef floating* masked
+    cdef floating v
     with nogil:
         for n in prange(N, schedule='static', num_threads=num_threads):
-            gemm(False, True, OC, K, P, 1, &grad_out[n, 0, 0, 0], P, &cols[n, 0, 0], P,
-                 0, &grad_weight_parts[n, 0, 0], K)
+            slot = threadid()
+            dy = &grad_out[n, 0, 0, 0]
+            if fuse_relu:
+                masked = &masked_grad[slot, 0]
+                y = &out[n, 0, 0, 0]
+                for p in range(<Py_ssize_t> OC * P):
+                    v = dy[p]  # loaded unconditionally: a select, not a branch
+                    masked[p] = v if y[p] > 0 else 0
+                dy = masked
+            if has_bias:
+                for oc in range(OC):
+                    grad_bias_parts[n, oc] = <floating> sum_run(dy + oc * P, P)
             if need_input_grad:
-                slot = threadid()
-                gemm(True, False, K, P, OC, 1, &weight[0, 0], K, &grad_out[n, 0, 0, 0], P,
-                     0, &grad_cols[slot, 0, 0], P)
-                col2im(&grad_cols[slot, 0, 0], &grad_input[n, 0, 0, 0], g)
+                memset(&grad_input[n, 0, 0, 0], 0,
+                       x.shape[1] * x.shape[2] * x.shape[3] * sizeof(floating))
+            for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
+                oh0 = t * rows_per_tile
+                oh1 = min(oh0 + rows_per_tile, g.out_height)
+                T = (oh1 - oh0) * OW
+                im2col(&x[n, 0, 0, 0], &cols[slot, 0], g, oh0, oh1)
+                gemm(False, True, OC, K, T, 1, dy + oh0 * OW, P, &cols[slot, 0], T,
+                     0 if oh0 == 0 else 1, &grad_weight_parts[n, 0, 0], K)
+                if need_input_grad:
+                    gemm(True, False, K, T, OC, 1, &weight[0, 0], K, dy + oh0 * OW, P,
+                         0, &grad_cols[slot, 0], T)
+                    col2im(&grad_cols[slot, 0], &grad_input[n, 0, 0, 0], g, oh0, oh1)
         for oc in prange(OC, schedule='static', num_threads=num_threads):
             for sample in range(N):
                 for k in range(K):
@@ -192,5 +229,5 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                 bias_sum = 0
                 for sample in range(N):
                     # not "+=": in a prange that would make it a reduction variable
-                    bias_sum = bias_sum + sum_run(&grad_out[sample, oc, 0, 0], P)
+                    bias_sum = bias_sum + grad_bias_parts[sample, oc]
                 grad_bias[oc] += <floating> bias_sum

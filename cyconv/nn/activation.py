@@ -14,14 +14,24 @@ class ReLU(Module):
         x = as_float_array(self, x)
         out = self._output_array(x.shape, x.dtype)
         _activation.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
-        self._save_for_backward(out)
+        self._save_for_backward(out, False)
+        return out
+
+    def _absorb(self, out):
+        """Stand in for a forward that the preceding layer already applied (out >= 0).
+
+        The preceding layer then also masks the gradient, so backward passes it on.
+        """
+        self._save_for_backward(out, True)
         return out
 
     def backward(self, grad_output, input_grad=True):
-        (out,) = self._saved_for_backward()
+        out, absorbed = self._saved_for_backward()
         grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
         if not input_grad:
             return None
+        if absorbed:
+            return grad_output
         grad_input = self._grad_input_array(out.shape, out.dtype)
         _activation.relu_backward(out.reshape(-1), grad_output.reshape(-1),
                                   grad_input.reshape(-1), get_num_threads())

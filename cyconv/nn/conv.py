@@ -4,10 +4,10 @@ import numpy as np
 from cyconv import _conv
 from cyconv._checks import (as_grad_output, as_input, fits_int32, float_dtype, positive_int,
                             positive_pair)
-from cyconv._grad_mode import is_grad_enabled
 from cyconv._random import generator
 from cyconv._threads import get_num_threads
 from cyconv.nn._init import kaiming_uniform
+from cyconv.nn.activation import ReLU
 from cyconv.nn.module import Module, Parameter
 
 
@@ -36,6 +36,10 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation):
                 out_height=out_h, out_width=out_w,
                 kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0], stride_w=stride[1],
                 pad_h=padding[0], pad_w=padding[1], dilation_h=dilation[0], dilation_w=dilation[1])
+
+
+# Bytes of im2col columns per tile: about a quarter of a core's L2 cache.
+TILE_BYTES = 256 * 1024
 
 
 def empty(ndim, dtype):
@@ -80,43 +84,69 @@ class Conv2d(Module):
         return geometry(self, x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def forward(self, x):
+        return self._forward(x, self.fuse_relu)
+
+    def _can_absorb(self, next_layer):
+        """A ReLU right after this conv can run inside its kernels (see Sequential)."""
+        return type(next_layer) is ReLU and not self.fuse_relu
+
+    def _forward(self, x, fuse_relu):
         x = as_input(self, x, ("N", self.in_channels, "H", "W"), self.dtype)
         g = self._geometry(x.shape)
-        n = x.shape[0]
-        k = self.weight.data[0].size
-        p = g["out_height"] * g["out_width"]
-        threads = get_num_threads()
-        keep = is_grad_enabled()
-        # The columns of every image are kept for the weight gradient; in
-        # inference each thread reuses one slot.
-        cols = self._workspace("cols", (n if keep else threads, k, p), self.dtype)
-        out = self._output_array((n, self.out_channels, g["out_height"], g["out_width"]),
+        out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
                                  self.dtype)
+        rows, cols = self._tile_workspace("cols", g)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
-        _conv.conv2d_forward(x, self.weight.data.reshape(self.out_channels, k), bias, cols, out,
-                             g, keep, self.fuse_relu, threads)
-        self._save_for_backward(x.shape, g, cols, out)
+        _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, rows, fuse_relu,
+                             get_num_threads())
+        # backward rebuilds the columns from x; the output is kept only as a ReLU mask
+        self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
         return out
 
     def backward(self, grad_output, input_grad=True):
-        x_shape, g, cols, out = self._saved_for_backward()
-        grad_output = as_grad_output(self, grad_output, out.shape, self.dtype)
-        if self.fuse_relu:
-            grad_output = np.where(out > 0, grad_output, 0).astype(self.dtype)
-        n, k = x_shape[0], self.weight.data[0].size
+        x, g, fuse_relu, out = self._saved_for_backward()
+        n, oc, k = x.shape[0], self.out_channels, self.weight.data[0].size
         p = g["out_height"] * g["out_width"]
+        grad_output = as_grad_output(self, grad_output, (n, oc, g["out_height"], g["out_width"]),
+                                     self.dtype)
         threads = get_num_threads()
-        parts = self._workspace("grad_weight_parts", (n, self.out_channels, k), self.dtype)
+        rows, cols = self._tile_workspace("cols", g)
         if input_grad:
-            grad_cols = self._workspace("grad_cols", (threads, k, p), self.dtype)
-            grad_input = self._grad_input_array(x_shape, self.dtype)
+            _, grad_cols = self._tile_workspace("grad_cols", g)
+            grad_input = self._grad_input_array(x.shape, self.dtype)
         else:
-            grad_cols, grad_input = empty(3, self.dtype), empty(4, self.dtype)
-        grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
-        _conv.conv2d_backward(grad_output, self.weight.data.reshape(self.out_channels, k), cols,
-                              self.weight.grad.reshape(self.out_channels, k), grad_bias,
-                              parts, grad_cols, grad_input, g, input_grad, threads)
+            grad_cols, grad_input = empty(2, self.dtype), empty(4, self.dtype)
+        masked = (self._workspace("masked_grad", (threads, oc * p), self.dtype) if fuse_relu
+                  else empty(2, self.dtype))
+        if self.bias is not None:
+            grad_bias = self.bias.grad
+            bias_parts = self._workspace("grad_bias_parts", (n, oc), self.dtype)
+        else:
+            grad_bias, bias_parts = empty(1, self.dtype), empty(2, self.dtype)
+        _conv.conv2d_backward(grad_output, x, out, self._flat_weight(),
+                              self.weight.grad.reshape(oc, k), grad_bias,
+                              self._workspace("grad_weight_parts", (n, oc, k), self.dtype),
+                              bias_parts, cols, grad_cols, masked, grad_input, g, rows,
+                              fuse_relu, input_grad, threads)
         return grad_input if input_grad else None
+
+    def _flat_weight(self):
+        """The weight as the (out_channels, in_channels*kh*kw) matrix the kernels use."""
+        return self.weight.data.reshape(self.out_channels, -1)
+
+    def _tile_workspace(self, name, g):
+        """(output rows per tile, a (threads, K * rows * OW) workspace) for im2col tiles.
+
+        A tile holds whole output rows, as many as keep its columns within
+        TILE_BYTES, so that they stay in the core's cache between im2col and
+        the matrix product.
+        """
+        k = self.weight.data[0].size
+        row_bytes = k * g["out_width"] * self.dtype.itemsize
+        rows = max(1, min(g["out_height"], TILE_BYTES // row_bytes))
+        workspace = self._workspace(name, (get_num_threads(), k * rows * g["out_width"]),
+                                    self.dtype)
+        return rows, workspace
 
     def extra_repr(self):
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -95,6 +95,12 @@ class Module:
             return self._workspace("grad_input", shape, dtype)
         return np.empty(shape, dtype)
 
+    def _can_absorb(self, next_layer):
+        """True when this layer can also compute next_layer's forward (and its mask in
+        backward) in its own kernels; Sequential then calls _forward(x, True) here
+        and next_layer._absorb(output)."""
+        return False
+
     # -- parameters, modes, state ------------------------------------------------
     def children(self):
         """(name, sub-layer) pairs; a plain layer has none."""
@@ -216,12 +222,25 @@ class Sequential(Module):
         return iter(self.layers)
 
     def forward(self, x):
-        """Every layer in turn.  The arrays between layers are reused from call to
-        call; the returned output is always a fresh array."""
+        """Every layer in turn.
+
+        The arrays between layers are reused from call to call (the returned
+        output is always a fresh array), and a layer followed by one it can
+        absorb (Conv2d then ReLU) runs both in one kernel pass; the layers and
+        their state_dict keys stay as written.
+        """
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            layer._intermediate_output = i < last
-            x = layer(x)
+        i = 0
+        while i <= last:
+            layer = self.layers[i]
+            if i < last and layer._can_absorb(self.layers[i + 1]):
+                layer._intermediate_output = i + 1 < last
+                x = self.layers[i + 1]._absorb(layer._forward(x, True))
+                i += 2
+            else:
+                layer._intermediate_output = i < last
+                x = layer(x)
+                i += 1
         return x
 
     def backward(self, grad_output, input_grad=True):
