@@ -117,4 +117,5 @@ def as_grad_output(layer, grad_output, expected_shape, dtype):
     if grad_output.dtype != dtype:
         raise TypeError(f"{where}.backward: expected a {np.dtype(dtype).name} gradient, "
                         f"got {grad_output.dtype}")
-    return np.ascontiguousarray(grad_output)
+    grad_output = np.asarray(grad_output)  # (ascontiguousarray would make a 0-d array 1-d)
+    return grad_output if grad_output.flags.c_contiguous else np.ascontiguousarray(grad_output)
