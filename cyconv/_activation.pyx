@@ -10,10 +10,10 @@ from cython.parallel cimport prange
 def relu_forward(const floating[::1] x,   # IN  (M,)
                  floating[::1] out,       # OUT (M,)
                  int num_threads):
-    """out = max(x, 0)."""
+    """out = max(x, 0); NaN stays NaN (as in PyTorch), so divergence is not hidden."""
     cdef Py_ssize_t i
     for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        out[i] = x[i] if x[i] > 0 else 0
+        out[i] = 0 if x[i] <= 0 else x[i]
 
 
 def relu_backward(const floating[::1] out,       # IN  (M,) the forward output

@@ -9,7 +9,9 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def float_dtype(dtype):
-    """np.dtype(dtype) if it is float32 or float64, else TypeError."""
+    """np.dtype(dtype) if it is float32 or float64 (None: float32, the default), else TypeError."""
+    if dtype is None:
+        return np.dtype(np.float32)
     try:
         dt = np.dtype(dtype)
     except TypeError:

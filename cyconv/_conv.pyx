@@ -152,9 +152,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
             y = &out[n, 0, 0, 0]
             for oc in range(OC):
                 b = bias[oc] if has_bias else 0
-                if fuse_relu:
+                if fuse_relu:  # max(., 0) that keeps NaN, as ReLU does
                     for p in range(P):
-                        y[oc * P + p] = max(y[oc * P + p] + b, 0)
+                        y[oc * P + p] = 0 if y[oc * P + p] + b <= 0 else y[oc * P + p] + b
                 elif has_bias:
                     for p in range(P):
                         y[oc * P + p] += b

@@ -17,6 +17,7 @@ Typical use::
 """
 import json
 import math
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,11 @@ def read_image(path, image_size=None):
     """
     # IMREAD_COLOR (not IMREAD_UNCHANGED) makes OpenCV apply EXIF orientation,
     # convert gray to BGR and drop alpha; IMREAD_ANYDEPTH keeps 16-bit data.
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as error:  # deleted, moved or unreadable since the folder was scanned
+        raise CorruptImageError(f"cannot read image {path}: {error}") from error
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise CorruptImageError(f"cannot decode image {path}")
     if image.dtype != np.uint8:
@@ -149,6 +154,7 @@ class ImageFolder:
             raise FileNotFoundError(f"no folder for class(es) {missing} in {self.root}; expected layout {LAYOUT}")
 
         self.samples, self.skipped, self._bad = [], [], set()
+        self._bad_lock = threading.Lock()
         empty = []
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (self.root / name).iterdir()
@@ -182,8 +188,11 @@ class ImageFolder:
         try:
             return read_image(path, self.image_size), label
         except CorruptImageError:
-            self._bad.add(index)
-            self._skip(path, "cannot decode")
+            with self._bad_lock:  # loader threads may meet the same bad file at once
+                first_time = index not in self._bad
+                self._bad.add(index)
+            if first_time:
+                self._skip(path, "cannot be read or decoded")
             raise
 
 

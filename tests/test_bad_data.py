@@ -121,10 +121,6 @@ def test_no_decodable_image_at_all_is_a_clear_error(tmp_path):
             list(DataLoader(data, batch_size=2, num_workers=2))
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="cyconv/data.py: DataLoader._load only catches CorruptImageError, so a "
-                          "file deleted (or unreadable) after indexing stops the epoch; remove "
-                          "this marker when fixed")
 def test_file_removed_after_indexing_does_not_stop_the_epoch(tmp_path):
     good_images(tmp_path, {"a": 3, "b": 3})
     data = ImageFolder(tmp_path, image_size=4)
