@@ -19,11 +19,30 @@ from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
 
 
 cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
-                            floating scale, floating shift) noexcept nogil:
-    """out = x * scale + shift (in the array's precision, so it vectorises)."""
+                            floating scale, floating shift, bint relu) noexcept nogil:
+    """out = x * scale + shift, then max(., 0) (NaN kept) when relu.
+
+    In the array's precision, so that it vectorises.
+    """
     cdef Py_ssize_t i
+    cdef floating y
+    if relu:
+        for i in range(length):
+            y = x[i] * scale + shift
+            out[i] = 0 if y <= 0 else y
+    else:
+        for i in range(length):
+            out[i] = x[i] * scale + shift
+
+
+cdef inline void relu_mask_run(const floating* grad, const floating* out, floating* masked,
+                               Py_ssize_t length) noexcept nogil:
+    """masked = grad where out > 0, else 0 (the gradient of a fused ReLU)."""
+    cdef Py_ssize_t i
+    cdef floating g
     for i in range(length):
-        out[i] = x[i] * scale + shift
+        g = grad[i]
+        masked[i] = g if out[i] > 0 else 0
 
 
 cdef inline void combine_run(const floating* dy, const floating* x, floating* out,
@@ -43,8 +62,9 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
                                floating[::1] saved_invstd,       # OUT   (C,) 1 / sqrt(var + eps)
                                floating[:, :, ::1] out,          # OUT   (N, C, HW)
                                double eps, double momentum, bint update_running,
-                               int num_threads):
-    """Normalise with the batch statistics; update the running ones."""
+                               bint fuse_relu, int num_threads):
+    """Normalise with the batch statistics (then max(., 0) when fuse_relu); update the
+    running ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n, i
     cdef double M = <double> N * HW
@@ -69,7 +89,8 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
             scale = weight[c] * invstd
             shift = bias[c] - mean * scale
             for n in range(N):
-                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift)
+                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
+                           fuse_relu)
 
 
 def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, HW)
@@ -78,8 +99,9 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
                               const floating[::1] running_mean,   # IN  (C,)
                               const floating[::1] running_var,    # IN  (C,)
                               floating[:, :, ::1] out,            # OUT (N, C, HW)
-                              double eps, int num_threads):
-    """Normalise with the running statistics (an affine map per channel)."""
+                              double eps, bint fuse_relu, int num_threads):
+    """Normalise with the running statistics (an affine map per channel; then
+    max(., 0) when fuse_relu)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n, i
     cdef double scale, shift
@@ -88,7 +110,8 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
             scale = weight[c] / sqrt(running_var[c] + eps)
             shift = bias[c] - running_mean[c] * scale
             for n in range(N):
-                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift)
+                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
+                           fuse_relu)
 
 
 def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, HW)
@@ -98,18 +121,22 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
                           const floating[::1] weight,           # IN    (C,)
                           floating[::1] grad_weight,            # INOUT (C,), accumulated
                           floating[::1] grad_bias,              # INOUT (C,), accumulated
+                          const floating[:, :, ::1] out,        # IN    (N, C, HW) forward output, when fuse_relu
                           floating[:, :, ::1] grad_input,       # OUT   (N, C, HW)
-                          bint batch_stats, int num_threads):
+                          bint batch_stats, bint fuse_relu, int num_threads):
     """Gradients of y = (x - mean) * invstd * weight + bias.
 
     batch_stats (train mode): mean and invstd depend on x, so
         dx = weight * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M);
     otherwise (eval mode) they are constants and dx = weight * invstd * dy.
+    fuse_relu: the forward also applied max(., 0), so dy is first masked by
+    out > 0 (into grad_input, which then serves as dy in place).
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n, i
     cdef double M = <double> N * HW
     cdef double sum_dy, sum_dy_xhat, k, b, c0, mu, istd
+    cdef const floating* dy
     with nogil:
         for c in prange(C, schedule='static', num_threads=num_threads):
             mu = mean[c]
@@ -117,9 +144,13 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
             sum_dy = 0
             sum_dy_xhat = 0
             for n in range(N):
-                sum_dy = sum_dy + sum_run(&grad_out[n, c, 0], HW)
-                sum_dy_xhat = sum_dy_xhat + sum_product_centered(&grad_out[n, c, 0], &x[n, c, 0],
-                                                                 HW, mu)
+                if fuse_relu:
+                    relu_mask_run(&grad_out[n, c, 0], &out[n, c, 0], &grad_input[n, c, 0], HW)
+                    dy = &grad_input[n, c, 0]
+                else:
+                    dy = &grad_out[n, c, 0]
+                sum_dy = sum_dy + sum_run(dy, HW)
+                sum_dy_xhat = sum_dy_xhat + sum_product_centered(dy, &x[n, c, 0], HW, mu)
             sum_dy_xhat = sum_dy_xhat * istd
             grad_weight[c] += <floating> sum_dy_xhat
             grad_bias[c] += <floating> sum_dy
@@ -133,5 +164,6 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
                 b = 0
                 c0 = 0
             for n in range(N):
-                combine_run(&grad_out[n, c, 0], &x[n, c, 0], &grad_input[n, c, 0], HW,
+                dy = &grad_input[n, c, 0] if fuse_relu else &grad_out[n, c, 0]
+                combine_run(dy, &x[n, c, 0], &grad_input[n, c, 0], HW,
                             <floating> k, <floating> b, <floating> c0)

@@ -4,6 +4,8 @@ import numpy as np
 from cyconv import _norm
 from cyconv._checks import as_grad_output, as_input, float_dtype, number_in, positive_int
 from cyconv._threads import get_num_threads
+from cyconv.nn.activation import ReLU
+from cyconv.nn.conv import empty
 from cyconv.nn.module import Module, Parameter
 
 
@@ -41,6 +43,13 @@ class BatchNorm2d(Module):
         self._buffers["num_batches_tracked"] = self.num_batches_tracked
 
     def forward(self, x):
+        return self._forward(x, False)
+
+    def _can_absorb(self, next_layer):
+        """A ReLU right after this layer can run inside its kernels (see Sequential)."""
+        return type(next_layer) is ReLU
+
+    def _forward(self, x, fuse_relu):
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
@@ -58,25 +67,29 @@ class BatchNorm2d(Module):
             _norm.batch_norm2d_forward_train(flat, self.weight.data, self.bias.data,
                                              self.running_mean, self.running_var, mean, invstd,
                                              out.reshape(n, c, h * w), self.eps, momentum, True,
-                                             threads)
+                                             fuse_relu, threads)
         else:
             _norm.batch_norm2d_forward_eval(flat, self.weight.data, self.bias.data,
                                             self.running_mean, self.running_var,
-                                            out.reshape(n, c, h * w), self.eps, threads)
+                                            out.reshape(n, c, h * w), self.eps, fuse_relu,
+                                            threads)
             mean = self.running_mean.copy()
             invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
                       ).astype(self.dtype)
-        self._save_for_backward(x.shape, flat, mean, invstd, self.training)
+        self._save_for_backward(x.shape, flat, mean, invstd, self.training,
+                                out.reshape(n, c, h * w) if fuse_relu else None)
         return out
 
     def backward(self, grad_output, input_grad=True):
-        x_shape, flat, mean, invstd, batch_stats = self._saved_for_backward()
+        x_shape, flat, mean, invstd, batch_stats, relu_out = self._saved_for_backward()
         n, c, hw = flat.shape
         grad_output = as_grad_output(self, grad_output, x_shape, self.dtype)
         grad_input = self._grad_input_array(grad_output.shape, self.dtype)
         _norm.batch_norm2d_backward(grad_output.reshape(n, c, hw), flat, mean, invstd,
                                     self.weight.data, self.weight.grad, self.bias.grad,
-                                    grad_input.reshape(n, c, hw), batch_stats, get_num_threads())
+                                    relu_out if relu_out is not None else empty(3, self.dtype),
+                                    grad_input.reshape(n, c, hw), batch_stats,
+                                    relu_out is not None, get_num_threads())
         return grad_input if input_grad else None
 
     def extra_repr(self):
