@@ -166,7 +166,7 @@ def reference(num_classes, image_size=224):
         nn.Flatten(), nn.Linear(128 * h * w, num_classes))
 
 
-def small(num_classes, image_size=96, widths=(16, 32, 64, 128), dropout=0.2):
+def small(num_classes, image_size=128, widths=(24, 48, 96, 192), dropout=0.2):
     """Padded 3x3 Conv + BN + ReLU + MaxPool stages, global average pooling, Dropout, Linear.
 
     Images of 128 px or more first go through a 3x3 stride-2 stem (Conv + BN + ReLU).

@@ -403,6 +403,11 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"{path}: field 'training_state.dropout' names layers "
                     f"{sorted(state['dropout'])}, the model has {sorted(dropouts)}")
+            if state["steps_per_epoch"] != self.steps_per_epoch:
+                raise checkpoint.CheckpointError(
+                    f"{path}: field 'training_state.steps_per_epoch' is "
+                    f"{state['steps_per_epoch']}, this run has {self.steps_per_epoch} "
+                    "(another data set or batch size?)")
             # the model's load checks every tensor before changing anything
             checkpoint._check_against(path, self.model, ckpt.model_tensors)
             try:
@@ -416,11 +421,6 @@ class Trainer:
                     int(state["dropout"][name]["calls"])
             if state.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
                 self.train_loader.load_state_dict(state["loader"])
-            if state["steps_per_epoch"] != self.steps_per_epoch:
-                raise checkpoint.CheckpointError(
-                    f"{path}: field 'training_state.steps_per_epoch' is "
-                    f"{state['steps_per_epoch']}, this run has {self.steps_per_epoch} "
-                    "(another data set or batch size?)")
             _random._generator.bit_generator.state = state["rng"]
             self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
             self.global_step = int(state["global_step"])

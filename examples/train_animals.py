@@ -41,10 +41,10 @@ from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, evaluate,  # no
 
 # The default recipe (see the module docstring); --model reference changes the defaults
 # marked below.
-DEFAULTS = dict(model="small", epochs=30, batch_size=32, lr=0.05, image_size=96,
+DEFAULTS = dict(model="small", epochs=30, batch_size=32, lr=0.05, image_size=128,
                 weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
-                label_smoothing=0.0, seed=0)
-REFERENCE_DEFAULTS = dict(image_size=128, lr=0.02)
+                label_smoothing=0.1, seed=0)
+REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=50)
 # settings that a resumed run takes from its checkpoint (the others may change)
 RESUMED = ("classes", "model", "epochs", "batch_size", "lr", "image_size", "weight_decay",
            "momentum", "warmup", "schedule", "step_size", "label_smoothing", "seed", "limit",
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--classes", help="comma-separated class names (default: every sub-folder)")
     p.add_argument("--model", choices=sorted(models.ARCHITECTURES),
                    help=f"architecture (default {DEFAULTS['model']})")
-    p.add_argument("--epochs", type=int, help=f"default {DEFAULTS['epochs']}")
+    p.add_argument("--epochs", type=int, help=f"default {DEFAULTS['epochs']} "
+                   f"({REFERENCE_DEFAULTS['epochs']} for --model reference)")
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; "
                    f"{REFERENCE_DEFAULTS['lr']} for --model reference)")
@@ -69,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, help=f"warm-up epochs (default {DEFAULTS['warmup']})")
     p.add_argument("--schedule", choices=LRSchedule.KINDS, help="default cosine")
     p.add_argument("--step-size", type=int, default=10, help="epochs per x0.1 of --schedule step")
-    p.add_argument("--label-smoothing", type=float, help="default 0")
+    p.add_argument("--label-smoothing", type=float,
+                   help=f"default {DEFAULTS['label_smoothing']}")
     p.add_argument("--seed", type=int, help="seed of the split, weights, order and augmentation")
     p.add_argument("--limit", type=int, help="use at most this many images per class (quick runs)")
     p.add_argument("--out", default="runs/animals", help="output folder (default runs/animals)")
@@ -134,6 +136,24 @@ def open_data(args, config):
     return data
 
 
+class Decoded:
+    """The data set with every decoded image kept after its first use (decoded once, shared
+    by the mean/std pass and the loaders)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.classes, self.image_size = dataset, dataset.classes, dataset.image_size
+        self.cache = {}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.cache.get(index)
+        if item is None:
+            item = self.cache[index] = self.dataset[index]
+        return item
+
+
 def choose_split(data, config, out, resume):
     split_path = out / "split.json"
     if resume and split_path.is_file():
@@ -166,17 +186,19 @@ def main(argv=None):
           f"valid {len(valid_idx)}, test {len(test_idx)} images of "
           f"{config['image_size']}x{config['image_size']}")
 
+    decoded = Decoded(data)
     if "mean" not in config:
-        mean, std = compute_mean_std(data, train_idx, num_workers=args.workers)
+        mean, std = compute_mean_std(decoded, train_idx, num_workers=args.workers)
         config["mean"], config["std"] = mean.tolist(), std.tolist()
     mean, std = np.float32(config["mean"]), np.float32(config["std"])
     seed = config["seed"]
     augment = Augment(hflip=0.5, crop=0.5, rotate=0.3, color=0.5, crop_scale=(0.75, 1.0),
                       max_angle=15.0)
-    train_loader = DataLoader(Subset(data, train_idx), config["batch_size"], shuffle=True,
+    train_loader = DataLoader(Subset(decoded, train_idx), config["batch_size"], shuffle=True,
                               augment=augment, seed=seed, drop_last=len(train_idx) >
-                              config["batch_size"], mean=mean, std=std, num_workers=args.workers)
-    eval_loaders = [DataLoader(Subset(data, idx), 64, mean=mean, std=std,
+                              config["batch_size"], mean=mean, std=std, num_workers=args.workers,
+                              cache=False)
+    eval_loaders = [DataLoader(Subset(decoded, idx), 64, mean=mean, std=std, cache=False,
                                num_workers=args.workers) for idx in (valid_idx, test_idx)]
 
     cyconv.manual_seed(seed)

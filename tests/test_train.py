@@ -15,6 +15,12 @@ from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, confusion_matri
 SIZE = 16
 
 
+@pytest.fixture(autouse=True)
+def one_thread(threads):
+    """Tiny runs: one kernel thread is fastest (and robust on a busy machine)."""
+    threads(1)
+
+
 @pytest.fixture(scope="module")
 def shapes():
     images, labels, classes = make_shapes(192, SIZE, seed=3)
