@@ -272,16 +272,23 @@ def overlay(image, heatmap, alpha=0.45, text=None, colormap=cv2.COLORMAP_JET):
     return blended
 
 
-def put_label(image, text, scale=None):
-    """Write ``text`` in white on a dark band at the top left of ``image`` (in place)."""
+def put_label(image, text, scale=None, bottom=False):
+    """Write ``text`` in white on a dark band at the top left (or bottom left) of
+    ``image``, in place."""
     h, w = image.shape[:2]
     scale = scale or max(0.45, min(h, w) / 400)
     thickness = max(1, round(scale * 2))
     font = cv2.FONT_HERSHEY_SIMPLEX
     (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
     margin = max(3, round(6 * scale))
-    band = image[:th + base + 2 * margin, :min(w, tw + 2 * margin)]
+    while tw + 2 * margin > w and scale > 0.2:        # shrink to fit the width
+        scale *= max(0.5, min(0.97, (w - 2 * margin) / tw))
+        thickness = max(1, round(scale * 2))
+        (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
+    band_h = th + base + 2 * margin
+    top = h - band_h if bottom else 0
+    band = image[max(0, top):top + band_h, :min(w, tw + 2 * margin)]
     band[...] = (band * 0.35).astype(np.uint8)
-    cv2.putText(image, text, (margin, margin + th), font, scale, (255, 255, 255), thickness,
-                cv2.LINE_AA)
+    cv2.putText(image, text, (margin, top + margin + th), font, scale, (255, 255, 255),
+                thickness, cv2.LINE_AA)
     return image

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cyconv  # noqa: E402
 from cyconv.data import CorruptImageError, read_image  # noqa: E402
-from cyconv.gradcam import default_layer, gradcam, overlay  # noqa: E402
+from cyconv.gradcam import default_layer, gradcam, overlay, put_label  # noqa: E402
 
 from predict import fail, load_model  # noqa: E402
 
@@ -42,11 +42,29 @@ def parse_args(argv=None):
     p.add_argument("--min-size", type=int, default=448,
                    help="enlarge smaller photos to this longer side (default 448; 0: never)")
     p.add_argument("--side-by-side", action="store_true", help="the photo, then the overlay")
+    p.add_argument("--caption", help="text for the bottom of the picture; 'auto': the model "
+                   "(architecture, input size, epoch, valid accuracy) from the checkpoint")
     p.add_argument("--threads", type=int, help="kernel threads (default: every core)")
     return p.parse_args(argv)
 
 
-def picture(model, image, layer, class_index, alpha, min_size, side_by_side):
+def model_caption(model, path):
+    """'cyconv small, 96x96 input, epoch 30, valid accuracy 0.953 (best.safetensors)'."""
+    meta = model.metadata
+    config = meta.get("config")
+    name = config.get("model") if isinstance(config, dict) else None
+    parts = [f"cyconv {name}" if name else f"cyconv, {len(model)} layers"]
+    if model.image_size:
+        parts.append(f"{model.image_size[0]}x{model.image_size[1]} input")
+    if meta.get("epoch") is not None:
+        parts.append(f"epoch {meta['epoch']}")
+    metrics = meta.get("metrics")
+    if isinstance(metrics, dict) and metrics.get("accuracy") is not None:
+        parts.append(f"valid accuracy {metrics['accuracy']:.3f}")
+    return ", ".join(parts) + f" ({Path(path).name})"
+
+
+def picture(model, image, layer, class_index, alpha, min_size, side_by_side, caption=None):
     """The Grad-CAM picture of one RGB photo and the GradCAMResult."""
     result = gradcam(model, image, layer=layer, class_index=class_index, details=True)
     h, w = image.shape[:2]
@@ -64,6 +82,8 @@ def picture(model, image, layer, class_index, alpha, min_size, side_by_side):
         other = model.classes[predicted] if model.classes else f"class {predicted}"
         text += f" (predicted {other})"
     out = overlay(image, heat, alpha=alpha, text=text)
+    if caption:
+        put_label(out, caption, scale=max(0.35, min(out.shape[:2]) / 900), bottom=True)
     if side_by_side:
         gap = np.full((out.shape[0], max(4, out.shape[1] // 80), 3), 255, np.uint8)
         out = np.concatenate([image, gap, out], axis=1)
@@ -81,6 +101,7 @@ def main(argv=None):
     if class_index is not None and class_index.lstrip("-").isdigit():
         class_index = int(class_index)
     layer = default_layer(model) if args.layer is None else args.layer
+    caption = model_caption(model, args.checkpoint) if args.caption == "auto" else args.caption
     out = Path(args.out)
     several = len(args.images) > 1
     if several:
@@ -95,7 +116,7 @@ def main(argv=None):
             continue
         try:
             pic, result = picture(model, image, layer, class_index, args.alpha, args.min_size,
-                                  args.side_by_side)
+                                  args.side_by_side, caption)
         except (ValueError, IndexError) as error:
             fail(str(error))
         target = out / f"gradcam_{path.stem}.png" if several else out

@@ -260,3 +260,34 @@ def test_feature_grid():
     assert feature_grid(maps, columns=5, max_channels=2).shape[1] < grid.shape[1] * 10
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         feature_grid(maps[0])
+
+
+def torch_gradcam(torch, net, x, layer):
+    """Grad-CAM of the PyTorch twin of ``net`` (same weights), with autograd."""
+    twin = models.to_torch(net).double().eval()
+    twin.load_state_dict({k: torch.from_numpy(np.asarray(v, F64)) for k, v in net.state_dict().items()})
+    kept = {}
+    twin[layer].register_forward_hook(lambda m, i, o: kept.update(A=o))
+    logits = twin(torch.from_numpy(np.asarray(x, F64)))
+    A = kept["A"]
+    (dA,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), A)
+    cam = torch.relu((dA.mean(dim=(2, 3), keepdim=True) * A).sum(1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear",
+                                          align_corners=False)[:, 0]
+    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    return cam.detach().numpy()
+
+
+def test_matches_pytorch_autograd(rng):
+    torch = pytest.importorskip("torch")
+    cyconv.manual_seed(3)
+    net = models.small(3, 40, widths=(4, 6, 8, 8), dropout=0.2).eval()
+    for layer in net:
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean[...] = rng.uniform(-0.2, 0.2, layer.num_features)
+            layer.running_var[...] = rng.uniform(0.5, 2, layer.num_features)
+    x = rng.standard_normal((2, 3, 40, 40)).astype(np.float32)
+    for layer in (None, 7, 4):
+        ours = gradcam(net, x, layer=layer)
+        theirs = torch_gradcam(torch, net, x, default_layer(net) if layer is None else layer)
+        np.testing.assert_allclose(ours, theirs, atol=2e-4)

@@ -126,7 +126,8 @@ def test_grad_cam(setup, capsys):
     expected = overlay(read_image(photo), heat, alpha=0.45)
     assert np.abs(picture[30:].astype(int) - expected[30:]).max() <= 1
     code, stdout, _ = call(capsys, "grad_cam.py", setup["ckpt"], photo, "--out", out,
-                           "--class", "owl", "--side-by-side", "--min-size", "100")
+                           "--class", "owl", "--side-by-side", "--min-size", "100",
+                           "--caption", "auto")
     assert code == 0 and "owl" in stdout
     assert read_image(out).shape == (80, 100 + 4 + 100, 3)    # enlarged x2, photo | overlay
     code, _, err = call(capsys, "grad_cam.py", setup["ckpt"], photo, "--out", out,
