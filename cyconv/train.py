@@ -189,6 +189,7 @@ def _png_bytes(figure):
 def plot_curves(history, path):
     """curves.png: train/valid loss (left) and accuracy (right) per epoch."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(10, 4))
     epochs = [row["epoch"] for row in history]
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "acc")):
@@ -197,6 +198,7 @@ def plot_curves(history, path):
             if any(v is not None for v in values):
                 ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -469,7 +471,8 @@ class Trainer:
             loader.set_epoch(self.epoch)
         skip = self.step_in_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {self.epoch + 1}/"
-                   f"{self.epochs}", disable=True if not self.progress else None, leave=True,
+                   f"{self.epochs}", disable=True if not self.progress else None,
+                   leave=not self.verbose,
                    dynamic_ncols=True)
         sums = self._sums
         start = time.perf_counter()
@@ -501,9 +504,10 @@ class Trainer:
                 images_timed += len(y)
                 elapsed = time.perf_counter() - timer
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
-                                acc=f"{sums['correct'] / sums['seen']:.3f}",
-                                img_s=f"{images_timed / max(elapsed, 1e-9):.0f}", refresh=False)
+                bar.set_postfix({"loss": f"{sums['loss'] / sums['seen']:.4f}",
+                                 "acc": f"{sums['correct'] / sums['seen']:.3f}",
+                                 "img/s": f"{images_timed / max(elapsed, 1e-9):.0f}"},
+                                refresh=False)
                 if self._signal is not None:
                     break
                 if self.save_every and self.global_step % self.save_every == 0 \
