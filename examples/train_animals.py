@@ -181,7 +181,10 @@ def main(argv=None):
     if args.threads:
         cyconv.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, valid_idx, test_idx = choose_split(data, config, out, args.resume)
+    try:
+        train_idx, valid_idx, test_idx = choose_split(data, config, out, args.resume)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"the run's split {out / 'split.json'} does not match --data {args.data}: {error}")
     print(f"{len(data.classes)} classes {data.classes}; train {len(train_idx)}, "
           f"valid {len(valid_idx)}, test {len(test_idx)} images of "
           f"{config['image_size']}x{config['image_size']}")
