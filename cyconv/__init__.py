@@ -16,3 +16,4 @@ from cyconv import models, train
 from cyconv.checkpoint import load, predict, save
 from cyconv.feature_maps import feature_grid, features
 from cyconv.gradcam import gradcam
+__all__ += ["models", "train", "load", "save", "predict"]
