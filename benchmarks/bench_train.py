@@ -23,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cyconv  # noqa: E402
-from cyconv import nn, optim  # noqa: E402
-
+# PyTorch is imported first so that its OpenMP runtime starts with its own
+# defaults: importing cyconv sets OMP_WAIT_POLICY=PASSIVE for cyconv's runtime.
 try:
     import torch
 except ImportError:  # the benchmark runs without PyTorch, reporting cyconv alone
     torch = None
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cyconv  # noqa: E402
+from cyconv import nn, optim  # noqa: E402
 
 IMAGE = (3, 224, 224)
 CLASSES = 3

@@ -1,7 +1,9 @@
 """Elementwise activation kernels over flat (contiguous) arrays.
 
-Each element is independent, so prange over elements with a static schedule
-gives the same result for any thread count.
+Each element is independent, so prange over elements gives the same result for
+any thread count and schedule.  The schedule is 'guided' (threads take
+shrinking chunks from a shared counter): a thread that loses its core to
+another process does not hold the others up.
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -12,7 +14,7 @@ def relu_forward(const floating[::1] x,   # IN  (M,)
                  int num_threads):
     """out = max(x, 0); NaN stays NaN (as in PyTorch), so divergence is not hidden."""
     cdef Py_ssize_t i
-    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(x.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         out[i] = 0 if x[i] <= 0 else x[i]
 
 
@@ -23,7 +25,7 @@ def relu_backward(const floating[::1] out,       # IN  (M,) the forward output
     """grad_input = grad_out where the output was positive, else 0."""
     cdef Py_ssize_t i
     cdef floating g
-    for i in prange(out.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(out.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         g = grad_out[i]  # loaded unconditionally, so the select needs no branch
         grad_input[i] = g if out[i] > 0 else 0
 
@@ -34,7 +36,7 @@ def leaky_relu_forward(const floating[::1] x,   # IN  (M,)
     """out = x where x > 0, else negative_slope * x."""
     cdef Py_ssize_t i
     cdef floating slope = <floating> negative_slope
-    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(x.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         out[i] = x[i] if x[i] > 0 else slope * x[i]
 
 
@@ -46,6 +48,6 @@ def leaky_relu_backward(const floating[::1] x,         # IN  (M,) the forward in
     cdef Py_ssize_t i
     cdef floating slope = <floating> negative_slope
     cdef floating g
-    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(x.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         g = grad_out[i]
         grad_input[i] = g if x[i] > 0 else slope * g

@@ -12,7 +12,9 @@ a tile's columns stay in the core's cache between im2col and the matrix
 product; the columns are never stored for the whole batch: backward rebuilds
 them tile by tile.  Every thread multiplies with single-threaded BLAS calls, no
 two threads write the same output element, and the tiles are fixed by the
-shapes alone, so results do not depend on the thread count.  Backward never
+shapes alone, so results do not depend on the thread count.  Images are dealt
+out one at a time (schedule 'dynamic'), so a thread that loses its core to
+another process does not hold the others up.  Backward never
 inserts zeros for strides: col2im scatters each column entry back onto the
 input pixel it was read from.
 """
@@ -140,7 +142,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     cdef floating* tile
     cdef floating b
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
             tile = &cols[slot, 0]
             for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
@@ -194,7 +196,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
     cdef floating* masked
     cdef floating v
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
             dy = &grad_out[n, 0, 0, 0]
             if fuse_relu:
@@ -221,7 +223,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     gemm(True, False, K, T, OC, 1, &weight[0, 0], K, dy + oh0 * OW, P,
                          0, &grad_cols[slot, 0], T)
                     col2im(&grad_cols[slot, 0], &grad_input[n, 0, 0, 0], g, oh0, oh1)
-        for oc in prange(OC, schedule='static', num_threads=num_threads):
+        for oc in prange(OC, schedule='dynamic', num_threads=num_threads):
             for sample in range(N):
                 for k in range(K):
                     grad_weight[oc, k] += grad_weight_parts[sample, oc, k]

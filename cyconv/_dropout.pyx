@@ -30,7 +30,7 @@ def dropout_forward(const floating[::1] x,   # IN  (M,)
     """out = x * mask / (1 - p), with each element kept with probability 1 - p."""
     cdef Py_ssize_t i
     cdef floating scale = <floating> (1.0 / (1.0 - p))
-    for i in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(x.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         mask[i] = uniform(seed, i) >= p
         out[i] = x[i] * (scale * mask[i])
 
@@ -42,5 +42,5 @@ def dropout_backward(const floating[::1] grad_out,   # IN  (M,)
     """grad_input = grad_out * mask / (1 - p)."""
     cdef Py_ssize_t i
     cdef floating scale = <floating> (1.0 / (1.0 - p))
-    for i in prange(grad_out.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(grad_out.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         grad_input[i] = grad_out[i] * (scale * mask[i])   # no branch on the random mask

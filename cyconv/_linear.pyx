@@ -25,7 +25,7 @@ def linear_forward(const floating[:, ::1] x,        # IN  (N, F)
     cdef int block, o0, width, n, o
     if N == 0:
         return
-    for block in prange(blocks, nogil=True, schedule='static', num_threads=num_threads):
+    for block in prange(blocks, nogil=True, schedule='dynamic', num_threads=num_threads):
         o0 = block * OUT_BLOCK
         width = min(OUT_BLOCK, O - o0)
         gemm(False, True, N, width, F, 1, &x[0, 0], F, &weight[o0, 0], F, 0, &out[0, o0], O)
@@ -50,7 +50,7 @@ def linear_backward(const floating[:, ::1] grad_out,   # IN    (N, O)
     cdef double total
     if N == 0:
         return
-    for block in prange(out_blocks, nogil=True, schedule='static', num_threads=num_threads):
+    for block in prange(out_blocks, nogil=True, schedule='dynamic', num_threads=num_threads):
         o0 = block * OUT_BLOCK
         width = min(OUT_BLOCK, O - o0)
         gemm(True, False, width, F, N, 1, &grad_out[0, o0], O, &x[0, 0], F,
@@ -62,7 +62,7 @@ def linear_backward(const floating[:, ::1] grad_out,   # IN    (N, O)
                     total = total + grad_out[n, o]
                 grad_bias[o] += <floating> total
     if need_input_grad:
-        for block in prange(in_blocks, nogil=True, schedule='static', num_threads=num_threads):
+        for block in prange(in_blocks, nogil=True, schedule='dynamic', num_threads=num_threads):
             f0 = block * IN_BLOCK
             width = min(IN_BLOCK, F - f0)
             gemm(False, False, N, width, O, 1, &grad_out[0, 0], O, &weight[0, f0], F,

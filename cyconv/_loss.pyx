@@ -22,7 +22,7 @@ def softmax_cross_entropy_forward(const floating[:, ::1] logits,   # IN  (N, C)
     cdef double top, total, weighted, log_sum_exp, e
     cdef double mean = 0
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='dynamic', num_threads=num_threads):
             top = logits[n, 0]
             for j in range(1, C):
                 if logits[n, j] > top:
@@ -53,7 +53,7 @@ def softmax_cross_entropy_backward(const floating[:, ::1] probs,   # IN  (N, C)
     cdef Py_ssize_t n, j
     cdef double off_target = label_smoothing / C
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='dynamic', num_threads=num_threads):
             for j in range(C):
                 grad_logits[n, j] = <floating> ((probs[n, j] - off_target) / N)
             grad_logits[n, labels[n]] = <floating> (

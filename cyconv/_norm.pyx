@@ -70,7 +70,7 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
     cdef double M = <double> N * HW
     cdef double total, mean, var, invstd, scale, shift
     with nogil:
-        for c in prange(C, schedule='static', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
             total = 0
             for n in range(N):
                 total = total + sum_run(&x[n, c, 0], HW)
@@ -106,7 +106,7 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
     cdef Py_ssize_t c, n, i
     cdef double scale, shift
     with nogil:
-        for c in prange(C, schedule='static', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
             scale = weight[c] / sqrt(running_var[c] + eps)
             shift = bias[c] - running_mean[c] * scale
             for n in range(N):
@@ -138,7 +138,7 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
     cdef double sum_dy, sum_dy_xhat, k, b, c0, mu, istd
     cdef const floating* dy
     with nogil:
-        for c in prange(C, schedule='static', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
             mu = mean[c]
             istd = invstd[c]
             sum_dy = 0

@@ -1,6 +1,6 @@
 """Optimizer update rules over flat parameter arrays, elementwise (PyTorch's semantics).
 
-Every element is updated independently (prange, static schedule), so results
+Every element is updated independently (prange, 'guided' schedule), so results
 do not depend on the thread count.
 """
 from cython cimport floating
@@ -18,7 +18,7 @@ def sgd_step(floating[::1] param,             # INOUT (M,)
     cdef Py_ssize_t i
     cdef floating d
     cdef bint use_momentum = momentum != 0
-    for i in prange(param.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(param.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         d = grad[i]
         if weight_decay != 0:
             d = d + <floating> weight_decay * param[i]
@@ -52,7 +52,7 @@ def adam_step(floating[::1] param,          # INOUT (M,)
     cdef double bias_correction2_sqrt = sqrt(1 - beta2 ** step)
     cdef floating step_size = <floating> (lr / bias_correction1)
     cdef floating decay = <floating> (1 - lr * weight_decay)
-    for i in prange(param.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+    for i in prange(param.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         g = grad[i]
         if decoupled_weight_decay:
             param[i] = param[i] * decay

@@ -68,7 +68,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef floating* dst
     cdef floating best, v
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             src = &x[n, c, 0, 0]
@@ -115,7 +115,7 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
     cdef const floating* dy
     cdef const int* where
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             dst = &grad_input[n, c, 0, 0]
@@ -138,7 +138,7 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef floating* dst
     cdef double total
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             src = &x[n, c, 0, 0]
@@ -169,7 +169,7 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
     cdef const floating* dy
     cdef floating share
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             dst = &grad_input[n, c, 0, 0]
@@ -196,7 +196,7 @@ def global_avg_pool2d_forward(const floating[:, :, ::1] x,  # IN  (N, C, H*W)
     cdef Py_ssize_t plane, n, c, i
     cdef double total
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             total = 0
@@ -213,7 +213,7 @@ def global_avg_pool2d_backward(const floating[:, ::1] grad_out,  # IN  (N, C)
     cdef Py_ssize_t plane, n, c, i
     cdef floating share
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             share = grad_out[n, c] / HW
