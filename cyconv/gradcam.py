@@ -142,7 +142,8 @@ def _class_indices(class_index, logits, classes):
     n, num_classes = logits.shape
     if class_index is None:
         return np.argmax(logits, axis=1).astype(np.int64)
-    values = class_index if isinstance(class_index, (list, tuple, np.ndarray)) else [class_index] * n
+    many = isinstance(class_index, (list, tuple, np.ndarray))
+    values = class_index if many else [class_index] * n
     if len(values) != n:
         raise ValueError(f"gradcam: {len(values)} class indices for {n} images")
     out = []

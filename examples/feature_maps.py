@@ -17,7 +17,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cyconv  # noqa: E402
 from cyconv.data import CorruptImageError, read_image, resize  # noqa: E402
 from cyconv.feature_maps import feature_grid, features  # noqa: E402
 from cyconv.gradcam import put_label  # noqa: E402
@@ -92,7 +91,8 @@ def main(argv=None):
     picture = np.concatenate([title, grid])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+    if not cv2.imwrite(str(out), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
+                       [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         fail(f"cannot write {out} (use a .png name)")
     print(f"{text} -> {out}")
     return 0

@@ -82,11 +82,14 @@ def picture(model, image, layer, class_index, alpha, min_size, side_by_side, cap
         other = model.classes[predicted] if model.classes else f"class {predicted}"
         text += f" (predicted {other})"
     out = overlay(image, heat, alpha=alpha, text=text)
-    if caption:
-        put_label(out, caption, scale=max(0.35, min(out.shape[:2]) / 900), bottom=True)
     if side_by_side:
         gap = np.full((out.shape[0], max(4, out.shape[1] // 80), 3), 255, np.uint8)
         out = np.concatenate([image, gap, out], axis=1)
+    if caption:   # a strip under the picture
+        scale = max(0.4, min(0.7, out.shape[1] / 1100))
+        strip = np.full((round(34 * scale) + 8, out.shape[1], 3), 70, np.uint8)
+        put_label(strip, caption, scale=scale)
+        out = np.concatenate([out, strip])
     return out, result
 
 
@@ -121,7 +124,8 @@ def main(argv=None):
             fail(str(error))
         target = out / f"gradcam_{path.stem}.png" if several else out
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(target), cv2.cvtColor(pic, cv2.COLOR_RGB2BGR)):
+        if not cv2.imwrite(str(target), cv2.cvtColor(pic, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 9]):
             fail(f"cannot write {target} (use a .png or .jpg name)")
         name = result.class_names[0] if result.class_names else int(result.class_index[0])
         print(f"{path}: {name} {100 * result.probability[0]:.1f}% (Grad-CAM at layer "

@@ -16,7 +16,8 @@ def tiny_net(rng, dtype=F64):
     """Conv-ReLU-MaxPool-Conv-BN-ReLU-Flatten-Linear for 3x8x8 images, 3 classes, random eval BN."""
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, dtype=dtype, seed=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 5, 3, padding=1, bias=False, dtype=dtype, seed=2), nn.BatchNorm2d(5, dtype=dtype),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False, dtype=dtype, seed=2),
+        nn.BatchNorm2d(5, dtype=dtype),
         nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3, dtype=dtype, seed=3))
     bn = net[4]
     bn.weight.data[...] = rng.uniform(0.5, 1.5, 5)
@@ -205,7 +206,8 @@ def test_localises_a_bright_square():
 
 def test_photo_input_uses_model_metadata(rng):
     net = tiny_net(rng)
-    net.image_size, net.mean, net.std = (8, 8), np.float32([0.4, 0.5, 0.6]), np.float32([0.2, 0.25, 0.3])
+    net.image_size = (8, 8)
+    net.mean, net.std = np.float32([0.4, 0.5, 0.6]), np.float32([0.2, 0.25, 0.3])
     photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     result = gradcam(net, photo, details=True)
     assert result.heatmap.shape == (20, 30)
@@ -265,7 +267,8 @@ def test_feature_grid():
 def torch_gradcam(torch, net, x, layer):
     """Grad-CAM of the PyTorch twin of ``net`` (same weights), with autograd."""
     twin = models.to_torch(net).double().eval()
-    twin.load_state_dict({k: torch.from_numpy(np.asarray(v, F64)) for k, v in net.state_dict().items()})
+    twin.load_state_dict({k: torch.from_numpy(np.asarray(v, F64))
+                          for k, v in net.state_dict().items()})
     kept = {}
     twin[layer].register_forward_hook(lambda m, i, o: kept.update(A=o))
     logits = twin(torch.from_numpy(np.asarray(x, F64)))
