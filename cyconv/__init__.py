@@ -26,3 +26,4 @@ from cyconv.checkpoint import load, predict, save
 from cyconv.feature_maps import feature_grid, features
 from cyconv.gradcam import gradcam
 __all__ += ["models", "train", "load", "save", "predict"]
+__all__ += ["gradcam", "features", "feature_grid"]
