@@ -15,15 +15,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from cyconv._grad_mode import is_grad_enabled, no_grad  # noqa: E402
 from cyconv._random import manual_seed  # noqa: E402
 from cyconv._threads import get_num_threads, set_num_threads  # noqa: E402
-from cyconv import nn, optim
+from cyconv import models, nn, optim, train  # noqa: E402
+from cyconv.checkpoint import load, predict, save  # noqa: E402
+from cyconv.feature_maps import feature_grid, features  # noqa: E402
+from cyconv.gradcam import gradcam  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "optim", "no_grad", "is_grad_enabled", "manual_seed",
-           "get_num_threads", "set_num_threads"]
-from cyconv import models, train
-from cyconv.checkpoint import load, predict, save
-from cyconv.feature_maps import feature_grid, features
-from cyconv.gradcam import gradcam
-__all__ += ["models", "train", "load", "save", "predict"]
-__all__ += ["gradcam", "features", "feature_grid"]
+__all__ = ["nn", "optim", "models", "train", "no_grad", "is_grad_enabled", "manual_seed",
+           "get_num_threads", "set_num_threads", "load", "save", "predict", "gradcam",
+           "features", "feature_grid"]
