@@ -9,6 +9,15 @@ do not depend on the thread count.  Windows follow PyTorch: out size
 from cython.parallel cimport prange
 from libc.string cimport memset
 
+from cyconv._reduce cimport sum_run
+
+
+cdef inline void window(int o, int stride, int pad, int kernel, int size,
+                        int* first, int* last) noexcept nogil:
+    """Input positions [first, last) of output position o's window, padding cut off."""
+    first[0] = max(o * stride - pad, 0)
+    last[0] = min(o * stride - pad + kernel, size)
+
 
 cdef inline int first_nan(const floating* plane, int W, int h0, int h1, int w0, int w1) noexcept nogil:
     """Flat index of the first NaN of the window rows [h0, h1) x columns [w0, w1)."""
@@ -77,11 +86,9 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                 max_pool_2x2_plane(src, dst, &argmax[n, c, 0, 0] if store_argmax else NULL, g)
                 continue
             for oh in range(OH):
-                h0 = max(oh * g.stride_h - g.pad_h, 0)
-                h1 = min(oh * g.stride_h - g.pad_h + g.kernel_h, H)
+                window(oh, g.stride_h, g.pad_h, g.kernel_h, H, &h0, &h1)
                 for ow in range(OW):
-                    w0 = max(ow * g.stride_w - g.pad_w, 0)
-                    w1 = min(ow * g.stride_w - g.pad_w + g.kernel_w, W)
+                    window(ow, g.stride_w, g.pad_w, g.kernel_w, W, &w0, &w1)
                     best_index = h0 * W + w0
                     best = src[best_index]
                     has_nan = 0
@@ -144,11 +151,9 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             src = &x[n, c, 0, 0]
             dst = &out[n, c, 0, 0]
             for oh in range(OH):
-                h0 = max(oh * g.stride_h - g.pad_h, 0)
-                h1 = min(oh * g.stride_h - g.pad_h + g.kernel_h, H)
+                window(oh, g.stride_h, g.pad_h, g.kernel_h, H, &h0, &h1)
                 for ow in range(OW):
-                    w0 = max(ow * g.stride_w - g.pad_w, 0)
-                    w1 = min(ow * g.stride_w - g.pad_w + g.kernel_w, W)
+                    window(ow, g.stride_w, g.pad_w, g.kernel_w, W, &w0, &w1)
                     total = 0
                     for ih in range(h0, h1):
                         for iw in range(w0, w1):
@@ -176,11 +181,9 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
             dy = &grad_out[n, c, 0, 0]
             memset(dst, 0, <Py_ssize_t> H * W * sizeof(floating))
             for oh in range(OH):
-                h0 = max(oh * g.stride_h - g.pad_h, 0)
-                h1 = min(oh * g.stride_h - g.pad_h + g.kernel_h, H)
+                window(oh, g.stride_h, g.pad_h, g.kernel_h, H, &h0, &h1)
                 for ow in range(OW):
-                    w0 = max(ow * g.stride_w - g.pad_w, 0)
-                    w1 = min(ow * g.stride_w - g.pad_w + g.kernel_w, W)
+                    window(ow, g.stride_w, g.pad_w, g.kernel_w, W, &w0, &w1)
                     count = g.kernel_h * g.kernel_w if count_include_pad else (h1 - h0) * (w1 - w0)
                     share = dy[oh * OW + ow] / count
                     for ih in range(h0, h1):
@@ -193,16 +196,12 @@ def global_avg_pool2d_forward(const floating[:, :, ::1] x,  # IN  (N, C, H*W)
                               int num_threads):
     """out[n, c] = the mean of plane (n, c)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t plane, n, c, i
-    cdef double total
+    cdef Py_ssize_t plane, n, c
     with nogil:
         for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
-            total = 0
-            for i in range(HW):
-                total = total + x[n, c, i]
-            out[n, c] = <floating> (total / HW)
+            out[n, c] = <floating> (sum_run(&x[n, c, 0], HW) / HW)
 
 
 def global_avg_pool2d_backward(const floating[:, ::1] grad_out,  # IN  (N, C)
