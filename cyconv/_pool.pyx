@@ -12,11 +12,16 @@ from libc.string cimport memset
 from cyconv._reduce cimport sum_run
 
 
-cdef inline void window(int o, int stride, int pad, int kernel, int size,
-                        int* first, int* last) noexcept nogil:
-    """Input positions [first, last) of output position o's window, padding cut off."""
-    first[0] = max(o * stride - pad, 0)
-    last[0] = min(o * stride - pad + kernel, size)
+# Output position o's window covers input positions [window_start, window_end),
+# padding cut off.  (Two functions returning values, not one writing through
+# pointers: inside a prange, a variable assigned only through a pointer would
+# not be made private to each thread.)
+cdef inline int window_start(int o, int stride, int pad) noexcept nogil:
+    return max(o * stride - pad, 0)
+
+
+cdef inline int window_end(int o, int stride, int pad, int kernel, int size) noexcept nogil:
+    return min(o * stride - pad + kernel, size)
 
 
 cdef inline int first_nan(const floating* plane, int W, int h0, int h1, int w0, int w1) noexcept nogil:
@@ -86,9 +91,11 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                 max_pool_2x2_plane(src, dst, &argmax[n, c, 0, 0] if store_argmax else NULL, g)
                 continue
             for oh in range(OH):
-                window(oh, g.stride_h, g.pad_h, g.kernel_h, H, &h0, &h1)
+                h0 = window_start(oh, g.stride_h, g.pad_h)
+                h1 = window_end(oh, g.stride_h, g.pad_h, g.kernel_h, H)
                 for ow in range(OW):
-                    window(ow, g.stride_w, g.pad_w, g.kernel_w, W, &w0, &w1)
+                    w0 = window_start(ow, g.stride_w, g.pad_w)
+                    w1 = window_end(ow, g.stride_w, g.pad_w, g.kernel_w, W)
                     best_index = h0 * W + w0
                     best = src[best_index]
                     has_nan = 0
@@ -151,9 +158,11 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             src = &x[n, c, 0, 0]
             dst = &out[n, c, 0, 0]
             for oh in range(OH):
-                window(oh, g.stride_h, g.pad_h, g.kernel_h, H, &h0, &h1)
+                h0 = window_start(oh, g.stride_h, g.pad_h)
+                h1 = window_end(oh, g.stride_h, g.pad_h, g.kernel_h, H)
                 for ow in range(OW):
-                    window(ow, g.stride_w, g.pad_w, g.kernel_w, W, &w0, &w1)
+                    w0 = window_start(ow, g.stride_w, g.pad_w)
+                    w1 = window_end(ow, g.stride_w, g.pad_w, g.kernel_w, W)
                     total = 0
                     for ih in range(h0, h1):
                         for iw in range(w0, w1):
@@ -181,9 +190,11 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
             dy = &grad_out[n, c, 0, 0]
             memset(dst, 0, <Py_ssize_t> H * W * sizeof(floating))
             for oh in range(OH):
-                window(oh, g.stride_h, g.pad_h, g.kernel_h, H, &h0, &h1)
+                h0 = window_start(oh, g.stride_h, g.pad_h)
+                h1 = window_end(oh, g.stride_h, g.pad_h, g.kernel_h, H)
                 for ow in range(OW):
-                    window(ow, g.stride_w, g.pad_w, g.kernel_w, W, &w0, &w1)
+                    w0 = window_start(ow, g.stride_w, g.pad_w)
+                    w1 = window_end(ow, g.stride_w, g.pad_w, g.kernel_w, W)
                     count = g.kernel_h * g.kernel_w if count_include_pad else (h1 - h0) * (w1 - w0)
                     share = dy[oh * OW + ow] / count
                     for ih in range(h0, h1):
