@@ -91,6 +91,8 @@ def fail(message, code=2):
 def settings(args, out):
     """The run's settings: the command line over the defaults, or the checkpoint's on --resume."""
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if isinstance(given.get("classes"), str):
+        given["classes"] = [c.strip() for c in given["classes"].split(",") if c.strip()]
     if args.resume:
         last = out / "last.safetensors"
         if not last.is_file():
@@ -111,8 +113,6 @@ def settings(args, out):
     if given.get("model") == "reference":
         config.update(REFERENCE_DEFAULTS)
     config.update({k: v for k, v in given.items() if k in RESUMED or k in DEFAULTS})
-    if isinstance(config.get("classes"), str):
-        config["classes"] = [c.strip() for c in config["classes"].split(",") if c.strip()]
     return config
 
 
