@@ -145,7 +145,7 @@ def _timed(task):
     return time.perf_counter() - start
 
 
-def run_table(args):
+def run_table(args, peaks):
     rng = np.random.default_rng(0)
     cyconv.manual_seed(0)
     model = reference_model()
@@ -169,16 +169,17 @@ def run_table(args):
             for name, ts in times.items():
                 row[name] = [batch / t for t in (statistics.median(ts), max(ts), min(ts))]
             rows.append(row)
-            print(format_row(row), flush=True)
+            print(format_row(row, peaks[threads]), flush=True)
     return rows
 
 
-def format_row(row):
+def format_row(row, peak):
+    """One table line; peak: the GEMM GFLOP/s measured with the same thread count."""
     cy_med, cy_lo, cy_hi = row["cyconv"]
     text = (f"{row['kind']:5s} b{row['batch']:<3d} {row['threads']} thr | cyconv "
             f"{cy_med:7.1f} img/s [{cy_lo:6.1f}-{cy_hi:6.1f}]")
     flops = flops_per_image(row["kind"] == "train") * cy_med / 1e9
-    text += f" {flops:6.1f} GFLOP/s"
+    text += f" {flops:5.1f} GFLOP/s ({flops / peak:4.0%} of GEMM peak)"
     if "torch" in row:
         t_med, t_lo, t_hi = row["torch"]
         text += f" | torch {t_med:7.1f} [{t_lo:6.1f}-{t_hi:6.1f}] | ratio {cy_med / t_med:5.2f}x"
@@ -266,11 +267,13 @@ def main():
     if args.memory:
         run_memory(args)
         return
+    peaks = {}
     for threads in args.threads:
-        print(f"numpy float32 GEMM peak, {threads} thread(s): {gemm_peak(threads):.0f} GFLOP/s")
+        peaks[threads] = gemm_peak(threads)
+        print(f"numpy float32 GEMM peak, {threads} thread(s): {peaks[threads]:.0f} GFLOP/s")
     print(f"train step: {flops_per_image(True) / 1e6:.0f} MFLOP/image; "
           f"inference {flops_per_image(False) / 1e6:.0f} MFLOP/image")
-    run_table(args)
+    run_table(args, peaks)
 
 
 if __name__ == "__main__":
