@@ -41,7 +41,7 @@ from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, evaluate,  # no
 
 # The default recipe (see the module docstring); --model reference changes the defaults
 # marked below.
-DEFAULTS = dict(model="small", epochs=35, batch_size=32, lr=0.05, image_size=128,
+DEFAULTS = dict(model="small", epochs=70, batch_size=32, lr=0.05, image_size=128,
                 weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
                 label_smoothing=0.1, seed=0)
 REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=50)
