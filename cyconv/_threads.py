@@ -56,3 +56,14 @@ def set_num_threads(n):
     _num_threads = n if openmp_enabled() else 1
     for lib in _OTHER_BLAS:
         lib.set_num_threads(n)
+
+
+# Below this many elements of work a kernel runs on the calling thread alone:
+# waking a sleeping thread (tens to hundreds of microseconds on a virtual
+# machine) costs more than the second thread saves.  Results are the same.
+MIN_PARALLEL_WORK = 1 << 15
+
+
+def threads_for(work):
+    """The threads for a kernel call over `work` elements: 1 for small work."""
+    return 1 if work < MIN_PARALLEL_WORK else _num_threads

@@ -7,7 +7,7 @@ semantics.  ``lr`` is a plain attribute that schedules may change between steps.
 import numpy as np
 
 from cyconv import _optim
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 from cyconv.nn.module import Parameter
 
 
@@ -94,8 +94,8 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def step(self):
-        threads = get_num_threads()
         for i, p in enumerate(self.params):
+            threads = threads_for(p.data.size)
             first_step = "momentum_buffer" not in self.state[i]
             buffer = (self._buffer(i, "momentum_buffer") if self.momentum
                       else np.empty(0, p.data.dtype))
@@ -123,9 +123,9 @@ class Adam(Optimizer):
         self.weight_decay = float(weight_decay)
 
     def step(self):
-        threads = get_num_threads()
         self.step_count += 1
         for i, p in enumerate(self.params):
+            threads = threads_for(p.data.size)
             _optim.adam_step(p.data.reshape(-1), p.grad.reshape(-1),
                              self._buffer(i, "exp_avg").reshape(-1),
                              self._buffer(i, "exp_avg_sq").reshape(-1),

@@ -131,3 +131,11 @@ def random_projection_loss(layer, x, R):
     def f(_):
         return float((np.asarray(layer(x), dtype=np.float64) * R).sum())
     return f
+
+
+@pytest.fixture(autouse=True)
+def parallel_even_for_small_work(monkeypatch):
+    """Test shapes are tiny; without this, kernels would run them on one thread only
+    (cyconv._threads.threads_for) and the parallel paths would go untested."""
+    import cyconv._threads
+    monkeypatch.setattr(cyconv._threads, "MIN_PARALLEL_WORK", 0)

@@ -3,7 +3,7 @@ import numpy as np
 
 from cyconv import _activation
 from cyconv._checks import as_float_array, as_grad_output, number_in
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 from cyconv.nn.module import Module
 
 
@@ -13,7 +13,7 @@ class ReLU(Module):
     def forward(self, x):
         x = as_float_array(self, x)
         out = self._output_array(x.shape, x.dtype)
-        _activation.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
+        _activation.relu_forward(x.reshape(-1), out.reshape(-1), threads_for(x.size))
         self._save_for_backward(out, False)
         return out
 
@@ -34,7 +34,7 @@ class ReLU(Module):
             return grad_output
         grad_input = self._grad_input_array(out.shape, out.dtype)
         _activation.relu_backward(out.reshape(-1), grad_output.reshape(-1),
-                                  grad_input.reshape(-1), get_num_threads())
+                                  grad_input.reshape(-1), threads_for(out.size))
         return grad_input
 
 
@@ -50,7 +50,7 @@ class LeakyReLU(Module):
         x = as_float_array(self, x)
         out = self._output_array(x.shape, x.dtype)
         _activation.leaky_relu_forward(x.reshape(-1), out.reshape(-1), self.negative_slope,
-                                       get_num_threads())
+                                       threads_for(x.size))
         self._save_for_backward(x)
         return out
 
@@ -62,7 +62,7 @@ class LeakyReLU(Module):
         grad_input = self._grad_input_array(x.shape, x.dtype)
         _activation.leaky_relu_backward(x.reshape(-1), grad_output.reshape(-1),
                                         grad_input.reshape(-1), self.negative_slope,
-                                        get_num_threads())
+                                        threads_for(x.size))
         return grad_input
 
     def extra_repr(self):

@@ -4,7 +4,7 @@ import numpy as np
 from cyconv import _dropout
 from cyconv._checks import as_float_array, as_grad_output, number_in
 from cyconv._random import generator
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 from cyconv.nn.module import Module
 
 
@@ -40,7 +40,7 @@ class Dropout(Module):
             mask[...] = 0
         else:
             _dropout.dropout_forward(x.reshape(-1), out.reshape(-1), mask.reshape(-1), self.p,
-                                     self._call_seed(), get_num_threads())
+                                     self._call_seed(), threads_for(x.size))
         self.calls += 1
         self._save_for_backward(mask, x.shape, x.dtype)
         return out
@@ -57,7 +57,8 @@ class Dropout(Module):
             grad_input[...] = 0
         else:
             _dropout.dropout_backward(grad_output.reshape(-1), mask.reshape(-1),
-                                      grad_input.reshape(-1), self.p, get_num_threads())
+                                      grad_input.reshape(-1), self.p,
+                                      threads_for(grad_input.size))
         return grad_input
 
     def extra_repr(self):

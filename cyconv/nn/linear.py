@@ -4,7 +4,7 @@ import numpy as np
 from cyconv import _linear
 from cyconv._checks import as_float_array, as_grad_output, as_input, float_dtype, positive_int
 from cyconv._random import generator
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 from cyconv.nn._init import kaiming_uniform
 from cyconv.nn.conv import empty
 from cyconv.nn.module import Module, Parameter
@@ -33,7 +33,8 @@ class Linear(Module):
         x = as_input(self, x, ("N", self.in_features), self.dtype)
         out = self._output_array((x.shape[0], self.out_features), self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
-        _linear.linear_forward(x, self.weight.data, bias, out, get_num_threads())
+        _linear.linear_forward(x, self.weight.data, bias, out,
+                               threads_for(x.shape[0] * self.weight.data.size))
         self._save_for_backward(x)
         return out
 
@@ -44,7 +45,8 @@ class Linear(Module):
         grad_input = self._grad_input_array(x.shape, x.dtype) if input_grad else empty(2, self.dtype)
         grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
         _linear.linear_backward(grad_output, x, self.weight.data, self.weight.grad, grad_bias,
-                                grad_input, input_grad, get_num_threads())
+                                grad_input, input_grad,
+                                threads_for(x.shape[0] * self.weight.data.size))
         return grad_input if input_grad else None
 
     def extra_repr(self):

@@ -3,7 +3,7 @@ import numpy as np
 
 from cyconv import _loss
 from cyconv._checks import number_in, shape_text
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 
 
 class CrossEntropyLoss:
@@ -28,7 +28,7 @@ class CrossEntropyLoss:
         probs = np.empty_like(logits)
         losses = np.empty(n, np.float64)
         loss = _loss.softmax_cross_entropy_forward(logits, labels, probs, losses,
-                                                   self.label_smoothing, get_num_threads())
+                                                   self.label_smoothing, threads_for(logits.size))
         self._saved = (probs, labels)
         return float(loss)
 
@@ -39,7 +39,7 @@ class CrossEntropyLoss:
         probs, labels = self._saved
         grad = np.empty_like(probs)
         _loss.softmax_cross_entropy_backward(probs, labels, grad, self.label_smoothing,
-                                             get_num_threads())
+                                             threads_for(probs.size))
         return grad
 
     @staticmethod

@@ -3,7 +3,7 @@ import numpy as np
 
 from cyconv import _norm
 from cyconv._checks import as_grad_output, as_input, float_dtype, number_in, positive_int
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 from cyconv.nn.activation import ReLU
 from cyconv.nn.conv import empty
 from cyconv.nn.module import Module, Parameter
@@ -54,7 +54,7 @@ class BatchNorm2d(Module):
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
         out = self._output_array(x.shape, x.dtype)
-        threads = get_num_threads()
+        threads = threads_for(x.size)
         if self.training:
             if n * h * w < 2:
                 raise ValueError("BatchNorm2d: expected more than 1 value per channel when "
@@ -89,7 +89,7 @@ class BatchNorm2d(Module):
                                     self.weight.data, self.weight.grad, self.bias.grad,
                                     relu_out if relu_out is not None else empty(3, self.dtype),
                                     grad_input.reshape(n, c, hw), batch_stats,
-                                    relu_out is not None, get_num_threads())
+                                    relu_out is not None, threads_for(flat.size))
         return grad_input if input_grad else None
 
     def extra_repr(self):

@@ -4,7 +4,7 @@ import numpy as np
 from cyconv import _pool
 from cyconv._checks import as_grad_output, as_input, positive_pair
 from cyconv._grad_mode import is_grad_enabled
-from cyconv._threads import get_num_threads
+from cyconv._threads import threads_for
 from cyconv.nn.conv import empty, geometry
 from cyconv.nn.module import Module
 
@@ -44,7 +44,7 @@ class MaxPool2d(_Pool2d):
         x, g, out = self._prepare(x)
         argmax = (self._workspace("argmax", out.shape, np.int32) if is_grad_enabled()
                   else empty(4, np.int32))
-        _pool.max_pool2d_forward(x, out, argmax, g, get_num_threads())
+        _pool.max_pool2d_forward(x, out, argmax, g, threads_for(x.size))
         self._save_for_backward(x.shape, x.dtype, argmax)
         return out
 
@@ -54,7 +54,8 @@ class MaxPool2d(_Pool2d):
         if not input_grad:
             return None
         grad_input = self._grad_input_array(x_shape, dtype)
-        _pool.max_pool2d_backward(grad_output, argmax, grad_input, get_num_threads())
+        _pool.max_pool2d_backward(grad_output, argmax, grad_input,
+                                  threads_for(grad_input.size))
         return grad_input
 
 
@@ -70,7 +71,7 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x):
         x, g, out = self._prepare(x)
-        _pool.avg_pool2d_forward(x, out, g, self.count_include_pad, get_num_threads())
+        _pool.avg_pool2d_forward(x, out, g, self.count_include_pad, threads_for(x.size))
         self._save_for_backward(x.shape, x.dtype, g, out.shape)
         return out
 
@@ -81,7 +82,7 @@ class AvgPool2d(_Pool2d):
             return None
         grad_input = self._grad_input_array(x_shape, dtype)
         _pool.avg_pool2d_backward(grad_output, grad_input, g, self.count_include_pad,
-                                  get_num_threads())
+                                  threads_for(grad_input.size))
         return grad_input
 
     def extra_repr(self):
@@ -107,7 +108,7 @@ class AdaptiveAvgPool2d(Module):
         n, c, h, w = x.shape
         out = self._output_array((n, c, 1, 1), x.dtype)
         _pool.global_avg_pool2d_forward(x.reshape(n, c, h * w), out.reshape(n, c),
-                                        get_num_threads())
+                                        threads_for(x.size))
         self._save_for_backward(x.shape, x.dtype)
         return out
 
@@ -119,7 +120,8 @@ class AdaptiveAvgPool2d(Module):
             return None
         grad_input = self._grad_input_array(x_shape, dtype)
         _pool.global_avg_pool2d_backward(grad_output.reshape(n, c),
-                                         grad_input.reshape(n, c, h * w), get_num_threads())
+                                         grad_input.reshape(n, c, h * w),
+                                         threads_for(grad_input.size))
         return grad_input
 
     def extra_repr(self):
