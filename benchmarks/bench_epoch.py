@@ -38,7 +38,7 @@ def main():
     p.add_argument("--data", default=str(default_data))
     p.add_argument("--classes", default="dog,panda,bird")
     p.add_argument("--model", default="small", choices=sorted(models.ARCHITECTURES))
-    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
