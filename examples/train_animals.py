@@ -242,6 +242,9 @@ def main(argv=None):
     print(f"test accuracy: {result['accuracy']:.4f} ({len(test_idx)} images)")
     print("test confusion matrix:")
     print(format_confusion(result["confusion"], data.classes))
+    if data.skipped:  # found while scanning, or unreadable later (each warned once)
+        print(f"skipped {len(data.skipped)} unreadable image file(s) of {len(data.samples)}",
+              file=sys.stderr)
     print(f"outputs in {out}{os.sep}")
     return result
 
