@@ -243,8 +243,7 @@ def main(argv=None):
     print("test confusion matrix:")
     print(format_confusion(result["confusion"], data.classes))
     if data.skipped:  # found while scanning, or unreadable later (each warned once)
-        print(f"skipped {len(data.skipped)} unreadable image file(s) of {len(data.samples)}",
-              file=sys.stderr)
+        print(f"skipped {len(data.skipped)} unreadable image file(s) in all", file=sys.stderr)
     print(f"outputs in {out}{os.sep}")
     return result
 
