@@ -43,12 +43,18 @@ from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, evaluate,  # no
 # marked below.
 DEFAULTS = dict(model="small", epochs=70, batch_size=32, lr=0.05, image_size=128,
                 weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
-                label_smoothing=0.1, seed=0)
-REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=50)
+                label_smoothing=0.1, seed=0,
+                augment=dict(hflip=0.5, crop=0.5, crop_scale=[0.75, 1.0], rotate=0.3,
+                             max_angle=15.0, color=0.5))
+# The reference network has no normalisation or dropout and overfits sooner: every
+# training image gets a random resized crop of 0.7-1.0 of the side, as the reference did.
+REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=50,
+                          augment=dict(hflip=0.5, crop=1.0, crop_scale=[0.7, 1.0], rotate=0.5,
+                                       max_angle=15.0, color=0.5))
 # settings that a resumed run takes from its checkpoint (the others may change)
-RESUMED = ("classes", "model", "epochs", "batch_size", "lr", "image_size", "weight_decay",
-           "momentum", "warmup", "schedule", "step_size", "label_smoothing", "seed", "limit",
-           "mean", "std")
+RESUMED = ("classes", "model", "augment", "epochs", "batch_size", "lr", "image_size",
+           "weight_decay", "momentum", "warmup", "schedule", "step_size", "label_smoothing",
+           "seed", "limit", "mean", "std")
 
 
 def parse_args(argv=None):
@@ -101,7 +107,7 @@ def settings(args, out):
             saved = checkpoint.read(last).metadata["config"]
         except (checkpoint.CheckpointError, KeyError) as error:
             fail(f"--resume: cannot read the run's settings from {last}: {error}")
-        config = dict(saved)
+        config = dict(DEFAULTS, **saved)  # a setting newer than the run keeps its default
         for key in RESUMED:
             if key in given and key != "epochs" and given[key] != saved.get(key):
                 print(f"note: --resume keeps the run's {key}={saved.get(key)!r} "
@@ -195,8 +201,8 @@ def main(argv=None):
         config["mean"], config["std"] = mean.tolist(), std.tolist()
     mean, std = np.float32(config["mean"]), np.float32(config["std"])
     seed = config["seed"]
-    augment = Augment(hflip=0.5, crop=0.5, rotate=0.3, color=0.5, crop_scale=(0.75, 1.0),
-                      max_angle=15.0)
+    augment = Augment(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in config["augment"].items()})
     train_loader = DataLoader(Subset(decoded, train_idx), config["batch_size"], shuffle=True,
                               augment=augment, seed=seed, drop_last=len(train_idx) >
                               config["batch_size"], mean=mean, std=std, num_workers=args.workers,
