@@ -44,11 +44,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = load_model(args.checkpoint)
-    if args.threads:
-        cyconv.set_num_threads(args.threads)
-    if model.image_size is None:
-        fail(f"checkpoint {args.checkpoint} stores no image size")
+    model = load_model(args.checkpoint, args.threads, require_image_size=True)
     root = Path(args.data)
     if not root.is_dir():
         fail(f"--data {root} does not exist or is not a folder; expected {LAYOUT}")

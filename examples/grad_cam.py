@@ -95,11 +95,7 @@ def picture(model, image, layer, class_index, alpha, min_size, side_by_side, cap
 
 def main(argv=None):
     args = parse_args(argv)
-    model = load_model(args.checkpoint)
-    if args.threads:
-        cyconv.set_num_threads(args.threads)
-    if model.image_size is None:
-        fail(f"checkpoint {args.checkpoint} stores no image size")
+    model = load_model(args.checkpoint, args.threads, require_image_size=True)
     class_index = args.class_name
     if class_index is not None and class_index.lstrip("-").isdigit():
         class_index = int(class_index)

@@ -42,14 +42,20 @@ def fail(message, code=2):
     sys.exit(code)
 
 
-def load_model(path):
-    """cyconv.load(path), or exit with a clear message."""
+def load_model(path, threads=None, require_image_size=False):
+    """cyconv.load(path) (kernels on `threads` threads when given), or exit with a clear
+    message; require_image_size: the checkpoint must say what size its images were."""
     try:
-        return cyconv.load(path)
+        model = cyconv.load(path)
     except FileNotFoundError:
         fail(f"checkpoint {path} does not exist")
     except (CheckpointError, OSError) as error:
         fail(f"cannot load checkpoint {path}: {error}")
+    if threads:
+        cyconv.set_num_threads(threads)
+    if require_image_size and model.image_size is None:
+        fail(f"checkpoint {path} stores no image size")
+    return model
 
 
 def expand(paths, recursive=False):
@@ -90,9 +96,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.top < 1 or args.batch_size < 1:
         fail("--top and --batch-size must be at least 1")
-    model = load_model(args.checkpoint)
-    if args.threads:
-        cyconv.set_num_threads(args.threads)
+    model = load_model(args.checkpoint, args.threads)
     size = (args.image_size,) * 2 if args.image_size else model.image_size
     if size is None:
         fail(f"checkpoint {args.checkpoint} stores no image size: give --image-size")
