@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cyconv  # noqa: E402
 from cyconv.data import LAYOUT, DataLoader, ImageFolder, Subset, load_split  # noqa: E402
 from cyconv.train import evaluate, format_confusion, plot_confusion  # noqa: E402
 

@@ -20,7 +20,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cyconv  # noqa: E402
 from cyconv.data import CorruptImageError, read_image  # noqa: E402
 from cyconv.gradcam import default_layer, gradcam, overlay, put_label  # noqa: E402
 
