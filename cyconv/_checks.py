@@ -88,13 +88,10 @@ def as_input(layer, x, expected_shape, dtype=None):
     ("N", 3, "H", "W").  dtype: the layer's dtype, or None for float32/float64.
     """
     where = type(layer).__name__
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{where}: expected a numpy ndarray input, got {type(x).__name__}")
-    if dtype is not None and x.dtype != dtype:
+    if dtype is not None and isinstance(x, np.ndarray) and x.dtype != dtype:
         raise TypeError(f"{where}: expected a {np.dtype(dtype).name} input "
                         f"(the layer's dtype), got {x.dtype}")
-    if dtype is None and x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where}: expected a float32 or float64 input, got {x.dtype}")
+    x = as_float_array(layer, x)
     if x.ndim != len(expected_shape):
         raise ValueError(f"{where}: expected {len(expected_shape)}-D input of shape "
                          f"{shape_text(expected_shape)}, got {x.ndim}-D {shape_text(x.shape)}")
@@ -103,7 +100,7 @@ def as_input(layer, x, expected_shape, dtype=None):
                          f"got {shape_text(x.shape)}")
     if 0 in x.shape[1:]:
         raise ValueError(f"{where}: expected non-empty dimensions, got shape {shape_text(x.shape)}")
-    return np.ascontiguousarray(x)
+    return x
 
 
 def as_grad_output(layer, grad_output, expected_shape, dtype):

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cyconv import _random, checkpoint, optim
+from cyconv import _random, checkpoint
 from cyconv._grad_mode import no_grad
 from cyconv.models import architecture, architecture_difference
 from cyconv.nn import CrossEntropyLoss, Dropout, Sequential

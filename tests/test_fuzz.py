@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import reference as ref
 from conftest import TOL, assert_close, num_threads
 
-import cyconv
 from cyconv import nn, optim
 
 INT_MAX = 2**31 - 1

@@ -1,5 +1,4 @@
 """Activations: ReLU and LeakyReLU (elementwise kernels over the flattened array)."""
-import numpy as np
 
 from cyconv import _activation
 from cyconv._checks import as_float_array, as_grad_output, number_in

@@ -231,16 +231,20 @@ class Sequential(Module):
         """
         last = len(self.layers) - 1
         i = 0
-        while i <= last:
-            layer = self.layers[i]
-            if i < last and layer._can_absorb(self.layers[i + 1]):
-                layer._intermediate_output = i + 1 < last
-                x = self.layers[i + 1]._absorb(layer._forward(x, True))
-                i += 2
-            else:
-                layer._intermediate_output = i < last
-                x = layer(x)
-                i += 1
+        try:
+            while i <= last:
+                layer = self.layers[i]
+                if i < last and layer._can_absorb(self.layers[i + 1]):
+                    layer._intermediate_output = i + 1 < last
+                    x = self.layers[i + 1]._absorb(layer._forward(x, True))
+                    i += 2
+                else:
+                    layer._intermediate_output = i < last
+                    x = layer(x)
+                    i += 1
+        finally:  # a layer called on its own afterwards returns fresh arrays again
+            for layer in self.layers:
+                layer._intermediate_output = False
         return x
 
     def backward(self, grad_output, input_grad=True):
@@ -251,10 +255,13 @@ class Sequential(Module):
         """
         if not self.layers:
             return grad_output
-        for i in range(len(self.layers) - 1, 0, -1):
-            self.layers[i]._intermediate_grad = True
-            grad_output = self.layers[i].backward(grad_output)
-        self.layers[0]._intermediate_grad = False
+        try:
+            for i in range(len(self.layers) - 1, 0, -1):
+                self.layers[i]._intermediate_grad = True
+                grad_output = self.layers[i].backward(grad_output)
+        finally:  # a layer called on its own afterwards returns fresh arrays again
+            for layer in self.layers:
+                layer._intermediate_grad = False
         return self.layers[0].backward(grad_output, input_grad=input_grad)
 
     def __repr__(self):
