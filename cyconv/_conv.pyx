@@ -25,6 +25,28 @@ from libc.string cimport memcpy, memset
 from cyconv._blas cimport gemm
 from cyconv._reduce cimport sum_run
 
+cdef extern from "_row_loops.h" nogil:
+    void gather_stride2_float(float* dst, const float* src, Py_ssize_t n)
+    void gather_stride2_double(double* dst, const double* src, Py_ssize_t n)
+    void scatter_add_stride2_float(float* dst, const float* src, Py_ssize_t n)
+    void scatter_add_stride2_double(double* dst, const double* src, Py_ssize_t n)
+
+
+cdef inline void gather_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    """dst[i] = src[2*i] for i < n (vectorised C; see _row_loops.h)."""
+    if floating is float:
+        gather_stride2_float(dst, src, n)
+    else:
+        gather_stride2_double(dst, src, n)
+
+
+cdef inline void scatter_add_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    """dst[2*i] += src[i] for i < n (vectorised C; see _row_loops.h)."""
+    if floating is float:
+        scatter_add_stride2_float(dst, src, n)
+    else:
+        scatter_add_stride2_double(dst, src, n)
+
 
 cdef void valid_range(int offset, int stride, int size, int out_size,
                       int* first, int* last) noexcept nogil:
@@ -80,8 +102,7 @@ cdef void im2col(const floating* image, floating* cols, Geometry g,
                     if g.stride_w == 1:
                         memcpy(dst + ow_lo, src + ow_lo, (ow_hi - ow_lo) * sizeof(floating))
                     elif g.stride_w == 2:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow] = src[2 * ow]
+                        gather_stride2(dst + ow_lo, src + 2 * ow_lo, ow_hi - ow_lo)
                     else:
                         for ow in range(ow_lo, ow_hi):
                             dst[ow] = src[ow * g.stride_w]
@@ -117,8 +138,7 @@ cdef void col2im(const floating* cols, floating* image, Geometry g,
                         for ow in range(ow_lo, ow_hi):
                             dst[ow] += src[ow]
                     elif g.stride_w == 2:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[2 * ow] += src[ow]
+                        scatter_add_stride2(dst + 2 * ow_lo, src + ow_lo, ow_hi - ow_lo)
                     else:
                         for ow in range(ow_lo, ow_hi):
                             dst[ow * g.stride_w] += src[ow]

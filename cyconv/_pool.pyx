@@ -34,36 +34,67 @@ cdef inline int first_nan(const floating* plane, int W, int h0, int h1, int w0, 
     return h0 * W + w0
 
 
+cdef extern from "_row_loops.h" nogil:
+    int max_pool_2x2_row_float(const float* top, const float* bottom, float* out, int* where,
+                               Py_ssize_t n, int first, int W)
+    int max_pool_2x2_row_double(const double* top, const double* bottom, double* out,
+                                int* where, Py_ssize_t n, int first, int W)
+
+
+cdef void max_pool_2x2_row(const floating* src, floating* dst, int* argmax,
+                           Geometry g, int oh) noexcept nogil:
+    """Output row oh of a 2x2 window without padding: each output reads its 4 inputs once.
+
+    argmax may be NULL (inference).  The first maximum wins, a NaN wins over
+    numbers (the first NaN).
+    """
+    cdef int ow, top, best_index, W = g.width
+    cdef floating a, b, c, d, best
+    for ow in range(g.out_width):
+        top = oh * g.stride_h * W + ow * g.stride_w
+        a = src[top]
+        b = src[top + 1]
+        c = src[top + W]
+        d = src[top + W + 1]
+        best, best_index = a, top
+        best_index = (top + 1) if b > best else best_index
+        best = b if b > best else best
+        best_index = (top + W) if c > best else best_index
+        best = c if c > best else best
+        best_index = (top + W + 1) if d > best else best_index
+        best = d if d > best else best
+        if (a != a) | (b != b) | (c != c) | (d != d):
+            best_index = first_nan(src, W, oh * g.stride_h, oh * g.stride_h + 2,
+                                   ow * g.stride_w, ow * g.stride_w + 2)
+            best = src[best_index]
+        dst[oh * g.out_width + ow] = best
+        if argmax != NULL:
+            argmax[oh * g.out_width + ow] = best_index
+
+
 cdef void max_pool_2x2_plane(const floating* src, floating* dst, int* argmax,
                              Geometry g) noexcept nogil:
-    """The common 2x2 window without padding, unrolled: each output reads its 4 inputs once.
+    """A whole plane of the 2x2 window without padding (argmax may be NULL).
 
-    argmax may be NULL (inference).  Same rules as the general loop: the first
-    maximum wins, a NaN wins over numbers.
+    With stride 2 (the usual case) each row goes first through the vectorised
+    C loop of _row_loops.h, which has no NaN rule; a row that held a NaN is
+    redone by max_pool_2x2_row.
     """
-    cdef int oh, ow, top, best_index, W = g.width
-    cdef floating a, b, c, d, best
+    cdef int oh, first, has_nan, W = g.width, OW = g.out_width
     for oh in range(g.out_height):
-        for ow in range(g.out_width):
-            top = oh * g.stride_h * W + ow * g.stride_w
-            a = src[top]
-            b = src[top + 1]
-            c = src[top + W]
-            d = src[top + W + 1]
-            best, best_index = a, top
-            best_index = (top + 1) if b > best else best_index
-            best = b if b > best else best
-            best_index = (top + W) if c > best else best_index
-            best = c if c > best else best
-            best_index = (top + W + 1) if d > best else best_index
-            best = d if d > best else best
-            if (a != a) | (b != b) | (c != c) | (d != d):
-                best_index = first_nan(src, W, oh * g.stride_h, oh * g.stride_h + 2,
-                                       ow * g.stride_w, ow * g.stride_w + 2)
-                best = src[best_index]
-            dst[oh * g.out_width + ow] = best
-            if argmax != NULL:
-                argmax[oh * g.out_width + ow] = best_index
+        has_nan = 1
+        if g.stride_h == 2 and g.stride_w == 2:
+            first = 2 * oh * W
+            if floating is float:
+                has_nan = max_pool_2x2_row_float(src + first, src + first + W, dst + oh * OW,
+                                                 argmax + oh * OW if argmax != NULL else NULL,
+                                                 OW, first, W)
+            else:
+                has_nan = max_pool_2x2_row_double(src + first, src + first + W, dst + oh * OW,
+                                                  argmax + oh * OW if argmax != NULL else NULL,
+                                                  OW, first, W)
+        if has_nan:
+            max_pool_2x2_row(src, dst, argmax, g, oh)
 
 
 def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)

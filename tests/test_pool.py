@@ -116,6 +116,22 @@ def test_maxpool_ties_within_window(dtype):
                                              [0, 0, 0, 0]])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (2, 1), (3, 2)])
+def test_maxpool_nan_wins_its_window(kernel, stride, dtype, rng):
+    # the first NaN of a window wins, as in PyTorch; odd sizes so that the
+    # vectorised 2x2/2 rows and the per-window loop both meet NaNs and ties
+    x = rng.integers(-2, 3, (2, 3, 9, 11)).astype(dtype)
+    x[rng.random(x.shape) < 0.05] = np.nan
+    layer = nn.MaxPool2d(kernel, stride)
+    y = layer(x)
+    ref, _ = R.max_pool2d_forward(x, kernel, stride)
+    np.testing.assert_array_equal(y, ref.astype(dtype))  # NaNs in the same places
+    assert np.isnan(y).any() and not np.isnan(y).all()
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert_close(layer.backward(dy), R.max_pool2d_backward(x, dy, kernel, stride), dtype)
+
+
 def test_maxpool_negative_inputs_with_padding(rng):
     # padding is -inf, not 0: an all-negative input must never pool to 0
     x = -(distinct(rng, (1, 2, 5, 5)) ** 2) - 1.0
