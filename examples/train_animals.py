@@ -20,6 +20,7 @@ Ctrl-C (or SIGTERM) saves a resumable checkpoint; run the same command with
 that gave the best result; --model reference trains the reference network.
 """
 import argparse
+import inspect
 import json
 import os
 import shlex
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--step-size", type=int, default=10, help="epochs per x0.1 of --schedule step")
     p.add_argument("--label-smoothing", type=float,
                    help=f"default {DEFAULTS['label_smoothing']}")
+    p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
+                   help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
+                   "(keys: the arguments of cyconv.data.Augment)")
     p.add_argument("--seed", type=int, help="seed of the split, weights, order and augmentation")
     p.add_argument("--limit", type=int, help="use at most this many images per class (quick runs)")
     p.add_argument("--out", default="runs/animals", help="output folder (default runs/animals)")
@@ -87,6 +91,27 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="also save last.safetensors every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def augment_settings(text):
+    """'defocus=0.3,crop_scale=0.6:1.0' -> {'defocus': 0.3, 'crop_scale': [0.6, 1.0]}."""
+    known = inspect.signature(Augment).parameters
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise argparse.ArgumentTypeError(
+                f"unknown augmentation setting {key!r}; known: {', '.join(known)}")
+        is_range = isinstance(known[key].default, tuple)
+        try:
+            numbers = [float(v) for v in value.split(":")]
+            if len(numbers) != (2 if is_range else 1):
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{key}: expected {'low:high' if is_range else 'a number'}, got {value!r}") from None
+        settings[key] = numbers if is_range else numbers[0]
+    return settings
 
 
 def fail(message, code=2):
@@ -118,7 +143,9 @@ def settings(args, out):
     config = dict(DEFAULTS)
     if given.get("model") == "reference":
         config.update(REFERENCE_DEFAULTS)
-    config.update({k: v for k, v in given.items() if k in RESUMED or k in DEFAULTS})
+    config.update({k: v for k, v in given.items()
+                   if k != "augment" and (k in RESUMED or k in DEFAULTS)})
+    config["augment"] = dict(config["augment"], **given.get("augment", {}))
     return config
 
 

@@ -206,7 +206,8 @@ def test_save_and_load_split(tmp_path):
 def test_augment_is_seeded():
     image = make_shapes(1, image_size=(24, 32), seed=3)[0][0]
     original = image.copy()
-    augment = Augment(hflip=0.5, vflip=0.5, crop=1.0, rotate=1.0, color=1.0)
+    augment = Augment(hflip=0.5, vflip=0.5, crop=1.0, rotate=1.0, color=1.0, defocus=1.0,
+                      erase=1.0)
     first = augment(image, np.random.default_rng(7))
     assert first.shape == image.shape and first.dtype == np.uint8
     assert np.array_equal(first, augment(image, np.random.default_rng(7)))
@@ -221,6 +222,38 @@ def test_flips_with_probability_one_are_exact():
     assert np.array_equal(Augment(hflip=1.0, **plain)(image, rng), image[:, ::-1])
     assert np.array_equal(Augment(hflip=0.0, vflip=1.0, **plain)(image, rng), image[::-1])
     assert np.array_equal(Augment(hflip=0.0, **plain)(image, rng), image)
+
+
+def test_defocus_keeps_the_middle_and_blurs_the_corners():
+    checkerboard = np.indices((64, 80)).sum(axis=0) % 2 * 255
+    image = np.repeat(checkerboard[..., None], 3, axis=2).astype(np.uint8)
+    plain = dict(hflip=0.0, crop=0.0, rotate=0.0, color=0.0)
+    for seed in range(10):
+        out = Augment(defocus=1.0, **plain)(image, np.random.default_rng(seed)).astype(int)
+        # the sharp ellipse always holds the very middle: unchanged there
+        assert np.array_equal(out[31:33, 39:41], image[31:33, 39:41])
+        # the corners are mostly the blurred image, whose checkerboard is nearly flat grey
+        for corner in (out[:2, :2], out[:2, -2:], out[-2:, :2], out[-2:, -2:]):
+            assert np.abs(corner - 127.5).max() < 0.5 * 127.5
+
+
+def test_erase_fills_one_rectangle_with_noise():
+    image = np.full((40, 50, 3), 128, np.uint8)
+    plain = dict(hflip=0.0, crop=0.0, rotate=0.0, color=0.0)
+    for seed in range(20):
+        changed = np.any(Augment(erase=1.0, **plain)(image, np.random.default_rng(seed)) != image,
+                         axis=2)
+        rows, cols = np.nonzero(changed)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert 0.02 * 0.9 <= box / image[..., 0].size <= 0.25 * 1.1  # 2-25% of the area
+        assert changed.sum() > 0.95 * box  # noise fills the box (a few values may equal 128)
+
+
+def test_augment_rejects_bad_settings():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Augment(erase=1.5)
+    with pytest.raises(ValueError, match="defocus_sigma"):
+        Augment(defocus_sigma=(0.05, 0.01))
 
 
 def test_normalize_values():
