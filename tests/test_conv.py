@@ -8,7 +8,8 @@ from conftest import (DTYPES, FD_TOL, assert_close, finite_difference,
                       random_projection_loss)
 
 import cyconv
-from cyconv import nn
+from cyconv import _conv, nn
+from cyconv.nn import conv as conv_module
 
 
 def _case(N, C, O, H, W, k, s=1, p=0, d=1, bias=True):
@@ -85,13 +86,22 @@ def ref_backward(c, layer, x, dy):
                              c["d"], bias=c["bias"])
 
 
+@pytest.fixture(params=["direct", "im2col"])
+def forward_path(request, monkeypatch):
+    """Runs a test with each forward kernel: the direct one for every layer with
+    K = C*kh*kw <= _conv.MAX_DIRECT_TAPS, or im2col + GEMM for all."""
+    limit = _conv.MAX_DIRECT_TAPS if request.param == "direct" else 0
+    monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", limit)
+    return request.param
+
+
 def _input(c, rng, dtype):
     return rng.standard_normal((c["N"], c["C"], c["H"], c["W"])).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", CASES, ids=_id)
-def test_forward_matches_reference(c, dtype, rng):
+def test_forward_matches_reference(c, dtype, rng, forward_path):
     layer = make_layer(c, dtype)
     x = _input(c, rng, dtype)
     x0 = x.copy()
@@ -295,16 +305,29 @@ def test_manual_seed_reproducible():
     assert not np.array_equal(a.parameters()[0].data, a2.parameters()[0].data)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_and_im2col_forward_agree_on_a_first_layer(dtype, rng, monkeypatch):
+    """The reference network's first layer (K = 27, stride 2, 224x224 input), both kernels."""
+    layer = nn.Conv2d(3, 16, 3, stride=2, dtype=dtype, seed=0, fuse_relu=True)
+    x = rng.standard_normal((3, 3, 224, 224)).astype(dtype)
+    direct = layer(x).copy()
+    monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", 0)
+    assert_close(layer(x), direct, dtype)
+    assert (direct == 0).mean() > 0.3  # the fused ReLU did cut
+
+
 MEDIUM_CASES = [
     _case(2, 16, 24, 12, 12, k=3, p=1),
     _case(3, 8, 5, 10, 11, k=5, s=2, p=2),
     _case(1, 32, 8, 7, 9, k=(1, 3), s=(2, 1), p=(0, 1), d=(1, 2), bias=False),
+    _case(2, 3, 6, 13, 17, k=3, s=2, p=1),  # a first layer: few taps (direct kernel)
+    _case(1, 2, 5, 11, 9, k=(3, 4), s=(3, 2), p=(1, 2), d=(2, 1)),  # odd everything, few taps
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", MEDIUM_CASES, ids=_id)
-def test_medium_sizes_match_reference(c, dtype, rng):
+def test_medium_sizes_match_reference(c, dtype, rng, forward_path):
     """Larger channel counts (longer GEMM reductions) than the random cases."""
     layer = make_layer(c, dtype)
     x = _input(c, rng, dtype)
@@ -321,7 +344,7 @@ def test_medium_sizes_match_reference(c, dtype, rng):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_no_grad_forward_equals_grad_forward(dtype, n_threads, threads, rng):
+def test_no_grad_forward_equals_grad_forward(dtype, n_threads, threads, rng, forward_path):
     threads(n_threads)
     c = _case(5, 3, 4, 9, 8, k=3, s=2, p=1)
     layer = make_layer(c, dtype)
@@ -355,7 +378,7 @@ def test_input_grad_false_still_accumulates_param_grads(dtype, rng):
 
 
 @pytest.mark.parametrize("c", [EDGE_CASES[4], EDGE_CASES[10], CASES[0]], ids=_id)
-def test_fused_relu_option(c, rng):
+def test_fused_relu_option(c, rng, forward_path):
     """Conv2d(..., fuse_relu=True) (an extension beyond the PyTorch API) must
     equal Conv2d followed by ReLU, forward and backward."""
     try:

@@ -41,6 +41,13 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation):
 # Bytes of im2col columns per tile: about a quarter of a core's L2 cache.
 TILE_BYTES = 256 * 1024
 
+# Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
+# for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
+# which copies more than it multiplies for them.  Measured on the reference
+# network's first layer (K = 27): see benchmarks/README.rst.
+DIRECT_MAX_TAPS = 32 if _conv.DIRECT_IS_VECTORIZED else 0
+assert DIRECT_MAX_TAPS <= _conv.MAX_DIRECT_TAPS
+
 
 def empty(ndim, dtype):
     """A 0-sized array that stands for an unused kernel argument."""
@@ -95,10 +102,18 @@ class Conv2d(Module):
         g = self._geometry(x.shape)
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
                                  self.dtype)
-        rows, cols = self._tile_workspace("cols", g)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
-        _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, rows, fuse_relu,
-                             get_num_threads())
+        threads = get_num_threads()
+        if self.weight.data[0].size <= DIRECT_MAX_TAPS:
+            row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
+                            * _conv.direct_row_length(g))
+            prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
+            _conv.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out, g,
+                                        fuse_relu, threads)
+        else:
+            rows, cols = self._tile_workspace("cols", g)
+            _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, rows, fuse_relu,
+                                 threads)
         # backward rebuilds the columns from x; the output is kept only as a ReLU mask
         self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
         return out

@@ -1,0 +1,117 @@
+/* Direct convolution of one output row, for layers with few taps.
+ *
+ * A layer whose K = C*kh*kw is small (the first layer of an RGB network:
+ * K = 27) spends more of im2col + GEMM copying columns than multiplying.  Here
+ * the caller prepares the input rows one output row reads (padding as zeros,
+ * strided rows split into phases) so that tap k = (c, ki, kj) is one contiguous
+ * run, rows + tap_offset[k], holding one input value per output column; then
+ *
+ *     out[oc * P + ow] = act(bias[oc] + sum_k weight[oc * K + k] * rows[tap_offset[k] + ow])
+ *
+ * for oc < OC, ow < OW, with act = max(., 0) keeping NaN when relu, else the
+ * identity.  DIRECT_CHANNELS output channels x DIRECT_COLUMNS columns are
+ * accumulated in registers at a time; a run is read up to DIRECT_COLUMNS - 1
+ * elements past OW, so the caller pads each row by DIRECT_COLUMNS.
+ *
+ * The kernel is compiled for baseline x86-64 and, where GCC can dispatch at
+ * load time (target_clones), also for x86-64-v3 (AVX2 + FMA) and v4
+ * (AVX-512): this is multiply-add work, and the default build's SSE2 has
+ * neither wide vectors nor fused multiply-add.
+ */
+#ifndef CYCONV_DIRECT_CONV_H
+#define CYCONV_DIRECT_CONV_H
+#include <stddef.h>
+#include <string.h>
+
+#define DIRECT_CHANNELS 8
+#define DIRECT_COLUMNS 16
+#define DIRECT_MAX_TAPS 64
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define CYCONV_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
+                                                         "arch=x86-64-v4")))
+#else
+#define CYCONV_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define DIRECT_VECTORIZED 1
+/* GCC and clang: one DIRECT_COLUMNS-wide vector per accumulator (generic vector
+ * extensions: the compiler maps it onto xmm, ymm or zmm registers for each
+ * clone).  Plain loops over a local array were not kept in registers. */
+#define CYCONV_DIRECT_CONV(T, MASK)                                                          \
+    typedef T vec_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T)),                \
+                                     aligned(sizeof(T))));                                   \
+    typedef MASK mask_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T))));          \
+    static inline __attribute__((always_inline)) void direct_store_##T(                      \
+        T *out, vec_##T *value, int columns, int relu)                                       \
+    {                                                                                        \
+        if (relu) /* max(., 0) keeping NaN: clear the lanes that are <= 0 */                 \
+            *value = (vec_##T)((mask_##T)*value & ~(mask_##T)(*value <= 0));                 \
+        if (columns == DIRECT_COLUMNS)                                                       \
+            *(vec_##T *)out = *value;                                                        \
+        else                                                                                 \
+            memcpy(out, value, columns * sizeof(T));                                         \
+    }                                                                                        \
+    /* channels (a constant after inlining) output channels from oc, columns from ow0 */    \
+    static inline __attribute__((always_inline)) void direct_block_##T(                      \
+        const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int K,   \
+        int OW, int relu, T *out, ptrdiff_t P, int oc, int ow0, const int channels)          \
+    {                                                                                        \
+        vec_##T acc[DIRECT_CHANNELS];                                                        \
+        int columns = OW - ow0 < DIRECT_COLUMNS ? OW - ow0 : DIRECT_COLUMNS;                 \
+        for (int j = 0; j < channels; j++)                                                   \
+            acc[j] = (bias ? bias[oc + j] : 0) + (vec_##T){0};                               \
+        for (int k = 0; k < K; k++) {                                                        \
+            vec_##T run = *(const vec_##T *)(rows + tap_offset[k] + ow0);                    \
+            for (int j = 0; j < channels; j++)                                               \
+                acc[j] += weight[(ptrdiff_t)(oc + j) * K + k] * run;                         \
+        }                                                                                    \
+        for (int j = 0; j < channels; j++)                                                   \
+            direct_store_##T(out + (oc + j) * P + ow0, &acc[j], columns, relu);              \
+    }
+#else
+#define DIRECT_VECTORIZED 0
+/* Other compilers: the same blocks as plain loops (slower than im2col + GEMM:
+ * nn/conv.py then uses the direct kernel only when a test asks for it). */
+#define CYCONV_DIRECT_CONV(T, MASK)                                                          \
+    static void direct_block_##T(const T *weight, const T *bias, const T *rows,              \
+                                 const ptrdiff_t *tap_offset, int K, int OW, int relu,       \
+                                 T *out, ptrdiff_t P, int oc, int ow0, const int channels)   \
+    {                                                                                        \
+        int columns = OW - ow0 < DIRECT_COLUMNS ? OW - ow0 : DIRECT_COLUMNS;                 \
+        for (int j = 0; j < channels; j++)                                                   \
+            for (int i = 0; i < columns; i++) {                                              \
+                T acc = bias ? bias[oc + j] : 0;                                             \
+                for (int k = 0; k < K; k++)                                                  \
+                    acc += weight[(ptrdiff_t)(oc + j) * K + k] * rows[tap_offset[k] + ow0 + i]; \
+                out[(oc + j) * P + ow0 + i] = (relu && acc <= 0) ? 0 : acc;                  \
+            }                                                                                \
+    }
+#endif
+
+/* out rows of all OC channels for one output row (see the top of this file) */
+#define CYCONV_DIRECT_ROW(T)                                                                 \
+    CYCONV_MULTIVERSION                                                                      \
+    static void conv_row_direct_##T(const T *weight, const T *bias, const T *rows,           \
+                                    const ptrdiff_t *tap_offset, int OC, int K, int OW,      \
+                                    int relu, T *out, ptrdiff_t P)                           \
+    {                                                                                        \
+        for (int ow0 = 0; ow0 < OW; ow0 += DIRECT_COLUMNS) {                                 \
+            int oc = 0;                                                                      \
+            for (; oc + DIRECT_CHANNELS <= OC; oc += DIRECT_CHANNELS)                        \
+                direct_block_##T(weight, bias, rows, tap_offset, K, OW, relu, out, P, oc,    \
+                                 ow0, DIRECT_CHANNELS);                                      \
+            for (; oc < OC; oc++)                                                            \
+                direct_block_##T(weight, bias, rows, tap_offset, K, OW, relu, out, P, oc,    \
+                                 ow0, 1);                                                    \
+        }                                                                                    \
+    }
+
+CYCONV_DIRECT_CONV(float, int)
+CYCONV_DIRECT_CONV(double, long long)
+CYCONV_DIRECT_ROW(float)
+CYCONV_DIRECT_ROW(double)
+
+#endif
