@@ -318,7 +318,8 @@ class Augment:
     replaced by a Gaussian blur of it, sigma ``defocus_sigma`` times the
     shorter side, as a shallow depth of field would render it), random erasing
     (``erase``: a rectangle of 2-25% of the area, aspect 1:3 to 3:1, filled
-    with uniform noise; Zhong et al. 2017).
+    with uniform noise; Zhong et al. 2017).  ``background`` works on a batch:
+    see :meth:`swap_backgrounds` (the DataLoader calls it).
 
     Defocus is there because a shortcut is otherwise cheap: the bird photos
     (CUB) are close-ups with blurred backgrounds, the dog and panda photos
@@ -332,11 +333,13 @@ class Augment:
     """
 
     def __init__(self, hflip=0.5, vflip=0.0, crop=0.5, rotate=0.5, color=0.5, defocus=0.0,
-                 erase=0.0, crop_scale=(0.7, 1.0), max_angle=15.0, brightness=0.2,
-                 contrast=0.2, defocus_sigma=(0.01, 0.03)):
+                 erase=0.0, background=0.0, crop_scale=(0.7, 1.0), max_angle=15.0,
+                 brightness=0.2, contrast=0.2, defocus_sigma=(0.01, 0.03)):
         self.probabilities = np.array([crop, rotate, hflip, vflip, color, defocus, erase],
                                       dtype=float)
-        if self.probabilities.min() < 0 or self.probabilities.max() > 1:
+        self.background = float(background)
+        if min(self.probabilities.min(), self.background) < 0 or \
+                max(self.probabilities.max(), self.background) > 1:
             raise ValueError("augmentation probabilities must lie in [0, 1]")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
@@ -377,15 +380,28 @@ class Augment:
     def _defocus(self, image, rng):
         """Blur the image outside a feathered ellipse around a point near its centre."""
         h, w = image.shape[:2]
-        side = min(h, w)
-        blurred = cv2.GaussianBlur(image, (0, 0), rng.uniform(*self.defocus_sigma) * side)
-        # the sharp ellipse: centre within +-10% of the middle, half-axes 20-40% of the sides
-        cy, cx = h * rng.uniform(0.4, 0.6), w * rng.uniform(0.4, 0.6)
-        ry, rx = h * rng.uniform(0.2, 0.4), w * rng.uniform(0.2, 0.4)
-        yy, xx = np.ogrid[:h, :w]
-        distance = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
-        sharp = np.clip(3 - 2 * distance, 0.0, 1.0)[..., None]  # 1 inside, 0 beyond 1.5x
-        return np.rint(sharp * image + (1 - sharp) * blurred).astype(np.uint8)
+        blurred = cv2.GaussianBlur(image, (0, 0), rng.uniform(*self.defocus_sigma) * min(h, w))
+        return _blend(image, blurred, _middle_ellipse(h, w, (0.2, 0.4), rng))
+
+    def swap_backgrounds(self, images, labels, rng):
+        """Batch step: each image, with probability ``background``, keeps a feathered
+        ellipse around its middle (half-axes 30-45% of the sides) and takes the rest
+        from another image of the batch with a different label.
+
+        The photos here centre their animal, so the ellipse mostly holds the
+        animal and the rest mostly background: a background then tells nothing
+        about the label.  ``images``: list of (H, W, 3) uint8 (replaced in
+        place); ``labels``: their labels.
+        """
+        labels = np.asarray(labels)
+        sources = list(images)  # partners are taken from the images before any swap
+        for i in np.nonzero(rng.random(len(images)) < self.background)[0]:
+            others = np.nonzero(labels != labels[i])[0]
+            if len(others) == 0:
+                continue
+            partner = sources[rng.choice(others)]
+            h, w = images[i].shape[:2]
+            images[i] = _blend(sources[i], partner, _middle_ellipse(h, w, (0.3, 0.45), rng))
 
     @staticmethod
     def _erase(image, rng):
@@ -400,6 +416,21 @@ class Augment:
         image[y0:y0 + eh, x0:x0 + ew] = rng.integers(0, 256, (eh, ew) + image.shape[2:],
                                                       dtype=np.uint8)
         return image
+
+
+def _middle_ellipse(h, w, half_axes, rng):
+    """(h, w, 1) weights: 1 inside a random ellipse centred within +-10% of the middle
+    (half-axes ``half_axes`` times the sides), fading to 0 at 1.5 times its size."""
+    cy, cx = h * rng.uniform(0.4, 0.6), w * rng.uniform(0.4, 0.6)
+    ry, rx = h * rng.uniform(*half_axes), w * rng.uniform(*half_axes)
+    yy, xx = np.ogrid[:h, :w]
+    distance = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+    return np.clip(3 - 2 * distance, 0.0, 1.0)[..., None]
+
+
+def _blend(inside, outside, weight):
+    """weight * inside + (1 - weight) * outside, as uint8."""
+    return np.rint(weight * inside + (1 - weight) * outside).astype(np.uint8)
 
 
 def normalize(images, mean=None, std=None):
@@ -528,6 +559,10 @@ class DataLoader:
                 image = self.augment(image, np.random.default_rng([self.seed, epoch, int(index)]))
             images.append(image)
             labels.append(label)
+        if self.augment is not None and self.augment.background > 0:
+            # seeded per batch, apart from the per-item seeds (first index + data set size)
+            rng = np.random.default_rng([self.seed, epoch, len(self.dataset) + int(indices[0])])
+            self.augment.swap_backgrounds(images, labels, rng)
         return normalize(np.stack(images), self.mean, self.std), np.array(labels, dtype=np.int64)
 
     def _load(self, index):

@@ -249,9 +249,38 @@ def test_erase_fills_one_rectangle_with_noise():
         assert changed.sum() > 0.95 * box  # noise fills the box (a few values may equal 128)
 
 
+def test_swap_backgrounds_keeps_the_middle_and_takes_another_class():
+    # four flat images, labels 0, 0, 1, 2: a swapped border comes from a different label
+    images = [np.full((30, 40, 3), value, np.uint8) for value in (10, 20, 200, 250)]
+    labels = [0, 0, 1, 2]
+    for seed in range(10):
+        out = list(images)
+        Augment(background=1.0).swap_backgrounds(out, labels, np.random.default_rng(seed))
+        for image, label, original in zip(out, labels, images):
+            assert np.array_equal(image[14:16, 19:21], original[14:16, 19:21])  # the middle
+            corner = int(image[0, 0, 0])
+            others = [int(v[0, 0, 0]) for v, lab in zip(images, labels) if lab != label]
+            assert corner in others  # beyond 1.5x the ellipse: all partner
+    untouched = list(images)
+    Augment(background=0.0).swap_backgrounds(untouched, labels, np.random.default_rng(0))
+    assert all(a is b for a, b in zip(untouched, images))
+
+
+def test_loader_swaps_backgrounds_reproducibly():
+    data = shapes_dataset(12)
+    runs = [[x for x, _ in DataLoader(data, 4, shuffle=True, augment=Augment(background=1.0),
+                                      seed=2, num_workers=workers)] for workers in (0, 2)]
+    plain = [x for x, _ in DataLoader(data, 4, shuffle=True, seed=2, num_workers=0,
+                                      augment=Augment(background=0.0))]
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0], plain))
+
+
 def test_augment_rejects_bad_settings():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Augment(erase=1.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Augment(background=-0.1)
     with pytest.raises(ValueError, match="defocus_sigma"):
         Augment(defocus_sigma=(0.05, 0.01))
 
