@@ -36,8 +36,6 @@ cdef extern from "_row_loops.h" nogil:
     void gather_stride2_double(double* dst, const double* src, Py_ssize_t n)
     void scatter_add_stride2_float(float* dst, const float* src, Py_ssize_t n)
     void scatter_add_stride2_double(double* dst, const double* src, Py_ssize_t n)
-    void relu_mask_row_float(float* dst, const float* grad, const float* out, Py_ssize_t n)
-    void relu_mask_row_double(double* dst, const double* grad, const double* out, Py_ssize_t n)
 
 
 cdef extern from "_direct_conv.h" nogil:
@@ -50,19 +48,11 @@ cdef extern from "_direct_conv.h" nogil:
     void conv_row_direct_double(const double* weight, const double* bias, const double* rows,
                                 const Py_ssize_t* tap_offset, int OC, int K, int OW, int relu,
                                 double* out, Py_ssize_t P)
-    void conv_row_direct_grad_float(const float* dy, Py_ssize_t dy_stride, const float* rows,
-                                    const Py_ssize_t* tap_offset, int OC, int K, int OW,
-                                    float* lanes)
-    void conv_row_direct_grad_double(const double* dy, Py_ssize_t dy_stride, const double* rows,
-                                     const Py_ssize_t* tap_offset, int OC, int K, int OW,
-                                     double* lanes)
 
 # the largest K = C*kh*kw that conv2d_forward_direct accepts, and whether this
 # compiler built its vectorised kernel (else it is slower than im2col + GEMM)
 MAX_DIRECT_TAPS = DIRECT_MAX_TAPS
 DIRECT_IS_VECTORIZED = bool(DIRECT_VECTORIZED)
-# columns per vector of the direct kernels (their per-lane workspaces are this wide)
-DIRECT_LANES = DIRECT_COLUMNS
 
 
 cdef inline void gather_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
@@ -216,18 +206,6 @@ cdef void prepare_rows(const floating* image, floating* rows, Geometry g, int oh
                 memset(dst + hi, 0, (row_len - hi) * sizeof(floating))
 
 
-cdef void direct_tap_offsets(Geometry g, Py_ssize_t row_len, Py_ssize_t* tap_offset) noexcept nogil:
-    """tap_offset[k] = where tap k = (c, ki, kj) starts in the rows prepare_rows writes."""
-    cdef int c, ki, kj, shift
-    for c in range(g.channels):  # k in the weight's (c, ki, kj) order
-        for ki in range(g.kernel_h):
-            for kj in range(g.kernel_w):
-                shift = kj * g.dilation_w
-                tap_offset[(c * g.kernel_h + ki) * g.kernel_w + kj] = (
-                    ((c * g.kernel_h + ki) * g.stride_w + shift % g.stride_w) * row_len
-                    + shift // g.stride_w)
-
-
 def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                           const floating[:, ::1] weight,   # IN  (OC, K), K <= MAX_DIRECT_TAPS
                           const floating[::1] bias,        # IN  (OC,), or empty for no bias
@@ -246,10 +224,16 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef Py_ssize_t P = <Py_ssize_t> OH * OW
     cdef Py_ssize_t row_len = direct_row_length(g)
     cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
-    cdef int n, oh
+    cdef int c, ki, kj, shift, n, oh
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* scratch
-    direct_tap_offsets(g, row_len, tap_offset)
+    for c in range(g.channels):  # tap k = (c, ki, kj) in the weight's order
+        for ki in range(g.kernel_h):
+            for kj in range(g.kernel_w):
+                shift = kj * g.dilation_w
+                tap_offset[(c * g.kernel_h + ki) * g.kernel_w + kj] = (
+                    ((c * g.kernel_h + ki) * g.stride_w + shift % g.stride_w) * row_len
+                    + shift // g.stride_w)
     with nogil:
         for task in prange(N * OH, schedule='dynamic', num_threads=num_threads):
             n = task // OH
@@ -327,8 +311,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
     cdef int OC = weight.shape[0], K = weight.shape[1]
     cdef int OW = g.out_width, P = g.out_height * g.out_width
     cdef bint has_bias = grad_bias.shape[0] > 0
-    cdef Py_ssize_t n, oc, p
+    cdef Py_ssize_t n, sample, oc, k, p
     cdef int t, oh0, oh1, slot, T
+    cdef double bias_sum
     cdef const floating* dy
     cdef const floating* y
     cdef floating* masked
@@ -361,95 +346,13 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     gemm(True, False, K, T, OC, 1, &weight[0, 0], K, dy + oh0 * OW, P,
                          0, &grad_cols[slot, 0], T)
                     col2im(&grad_cols[slot, 0], &grad_input[n, 0, 0, 0], g, oh0, oh1)
-    sum_image_parts(grad_weight_parts, grad_bias_parts, grad_weight, grad_bias, num_threads)
-
-
-cdef void sum_image_parts(const floating[:, :, ::1] grad_weight_parts,  # IN    (N, OC, K)
-                          const floating[:, ::1] grad_bias_parts,       # IN    (N, OC)
-                          floating[:, ::1] grad_weight,                 # INOUT (OC, K)
-                          floating[::1] grad_bias,                      # INOUT (OC,) or empty
-                          int num_threads) noexcept nogil:
-    """grad_weight += the per-image parts, grad_bias likewise, summed in image order."""
-    cdef Py_ssize_t N = grad_weight_parts.shape[0], OC = grad_weight.shape[0]
-    cdef Py_ssize_t K = grad_weight.shape[1], oc, sample, k
-    cdef double bias_sum
-    for oc in prange(OC, schedule='dynamic', num_threads=num_threads):
-        for sample in range(N):
-            for k in range(K):
-                grad_weight[oc, k] += grad_weight_parts[sample, oc, k]
-        if grad_bias.shape[0] > 0:
-            bias_sum = 0
+        for oc in prange(OC, schedule='dynamic', num_threads=num_threads):
             for sample in range(N):
-                # not "+=": in a prange that would make it a reduction variable
-                bias_sum = bias_sum + grad_bias_parts[sample, oc]
-            grad_bias[oc] += <floating> bias_sum
-
-
-def conv2d_backward_direct(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH, OW)
-                           const floating[:, :, :, ::1] x,          # IN    (N, C, H, W) the forward input
-                           const floating[:, :, :, ::1] out,        # IN    (N, OC, OH, OW) forward output (relu mask)
-                           floating[:, ::1] grad_weight,           # INOUT (OC, K), accumulated
-                           floating[::1] grad_bias,                # INOUT (OC,), accumulated; empty for no bias
-                           floating[:, :, ::1] grad_weight_parts,  # WORK  (N, OC, K)
-                           floating[:, ::1] grad_bias_parts,       # WORK  (N, OC)
-                           floating[:, ::1] rows,                  # WORK  (threads, C*kh*stride_w*row_length)
-                           floating[:, ::1] grad_rows,             # WORK  (threads, OC * padded OW)
-                           floating[:, ::1] lanes,                 # WORK  (threads, OC * K * DIRECT_LANES)
-                           Geometry g, bint fuse_relu, int num_threads):
-    """dW += sum_n dY_n (x) x_n and db += sum dY, without im2col and without an input gradient.
-
-    The backward of conv2d_forward_direct for a first layer.  Per image (prange
-    over n): each output row's input rows are prepared as in the forward, its
-    gradient (masked by the forward output's sign with fuse_relu) is copied
-    into a zero-padded row, and the C kernel accumulates the weight gradient
-    per vector lane; the lanes are summed once per image into the image's
-    slice of *_parts, and the slices in image order, as in conv2d_backward.
-    """
-    cdef Py_ssize_t N = grad_out.shape[0], n
-    cdef int OC = grad_weight.shape[0], K = grad_weight.shape[1]
-    cdef int OH = g.out_height, OW = g.out_width, oh, oc, k, i, slot
-    cdef Py_ssize_t padded_width = grad_rows.shape[1] // OC
-    cdef Py_ssize_t row_len = direct_row_length(g)
-    cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
-    cdef bint has_bias = grad_bias.shape[0] > 0
-    cdef floating* grad_row
-    cdef floating* lane
-    cdef const floating* dy
-    cdef double weight_sum
-    direct_tap_offsets(g, row_len, tap_offset)
-    with nogil:
-        for n in prange(N, schedule='dynamic', num_threads=num_threads):
-            slot = threadid()
-            lane = &lanes[slot, 0]
-            memset(lane, 0, <Py_ssize_t> OC * K * DIRECT_COLUMNS * sizeof(floating))
-            grad_row = &grad_rows[slot, 0]
-            memset(grad_row, 0, OC * padded_width * sizeof(floating))  # the zero padding stays
-            if has_bias:
-                for oc in range(OC):
-                    grad_bias_parts[n, oc] = 0
-            for oh in range(OH):
-                prepare_rows(&x[n, 0, 0, 0], &rows[slot, 0], g, oh, row_len)
-                for oc in range(OC):
-                    dy = &grad_out[n, oc, oh, 0]
-                    if not fuse_relu:
-                        memcpy(grad_row + oc * padded_width, dy, OW * sizeof(floating))
-                    elif floating is float:
-                        relu_mask_row_float(grad_row + oc * padded_width, dy, &out[n, oc, oh, 0], OW)
-                    else:
-                        relu_mask_row_double(grad_row + oc * padded_width, dy, &out[n, oc, oh, 0], OW)
-                    if has_bias:
-                        grad_bias_parts[n, oc] = grad_bias_parts[n, oc] + <floating> sum_run(
-                            grad_row + oc * padded_width, OW)
-                if floating is float:
-                    conv_row_direct_grad_float(grad_row, padded_width, &rows[slot, 0], tap_offset,
-                                               OC, K, OW, lane)
-                else:
-                    conv_row_direct_grad_double(grad_row, padded_width, &rows[slot, 0], tap_offset,
-                                                OC, K, OW, lane)
-            for oc in range(OC):
                 for k in range(K):
-                    weight_sum = 0
-                    for i in range(DIRECT_COLUMNS):
-                        weight_sum = weight_sum + lane[(oc * K + k) * DIRECT_COLUMNS + i]
-                    grad_weight_parts[n, oc, k] = <floating> weight_sum
-    sum_image_parts(grad_weight_parts, grad_bias_parts, grad_weight, grad_bias, num_threads)
+                    grad_weight[oc, k] += grad_weight_parts[sample, oc, k]
+            if has_bias:
+                bias_sum = 0
+                for sample in range(N):
+                    # not "+=": in a prange that would make it a reduction variable
+                    bias_sum = bias_sum + grad_bias_parts[sample, oc]
+                grad_bias[oc] += <floating> bias_sum

@@ -23,8 +23,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#define DIRECT_CHANNELS 4
-#define DIRECT_GRAD_TAPS 3
+#define DIRECT_CHANNELS 8
 #define DIRECT_COLUMNS 16
 #define DIRECT_MAX_TAPS 64
 
@@ -71,28 +70,6 @@
         }                                                                                    \
         for (int j = 0; j < channels; j++)                                                   \
             direct_store_##T(out + (oc + j) * P + ow0, &acc[j], columns, relu);              \
-    }                                                                                    \
-    /* channels x taps (constants after inlining) blocks of the weight gradient */         \
-    static inline __attribute__((always_inline)) void direct_grad_block_##T(                 \
-        const T *dy, ptrdiff_t dy_stride, const T *rows, const ptrdiff_t *tap_offset, int K,  \
-        int OW, T *lanes, int oc, int k0, const int channels, const int taps)               \
-    {                                                                                        \
-        vec_##T acc[DIRECT_CHANNELS][DIRECT_GRAD_TAPS];                                      \
-        for (int j = 0; j < channels; j++)                                                   \
-            for (int t = 0; t < taps; t++)                                                   \
-                acc[j][t] = *(vec_##T *)(lanes + ((ptrdiff_t)(oc + j) * K + k0 + t) * DIRECT_COLUMNS); \
-        for (int ow0 = 0; ow0 < OW; ow0 += DIRECT_COLUMNS) {                                 \
-            vec_##T grad[DIRECT_CHANNELS], run[DIRECT_GRAD_TAPS];                            \
-            for (int j = 0; j < channels; j++)                                               \
-                grad[j] = *(const vec_##T *)(dy + (oc + j) * dy_stride + ow0);               \
-            for (int t = 0; t < taps; t++)                                                   \
-                run[t] = *(const vec_##T *)(rows + tap_offset[k0 + t] + ow0);                \
-            for (int j = 0; j < channels; j++)                                               \
-                for (int t = 0; t < taps; t++) acc[j][t] += grad[j] * run[t];                \
-        }                                                                                    \
-        for (int j = 0; j < channels; j++)                                                   \
-            for (int t = 0; t < taps; t++)                                                   \
-                *(vec_##T *)(lanes + ((ptrdiff_t)(oc + j) * K + k0 + t) * DIRECT_COLUMNS) = acc[j][t]; \
     }
 #else
 #define DIRECT_VECTORIZED 0
@@ -111,16 +88,6 @@
                     acc += weight[(ptrdiff_t)(oc + j) * K + k] * rows[tap_offset[k] + ow0 + i]; \
                 out[(oc + j) * P + ow0 + i] = (relu && acc <= 0) ? 0 : acc;                  \
             }                                                                                \
-    }                                                                                        \
-    static void direct_grad_block_##T(const T *dy, ptrdiff_t dy_stride, const T *rows,       \
-                                      const ptrdiff_t *tap_offset, int K, int OW, T *lanes,  \
-                                      int oc, int k0, const int channels, const int taps)    \
-    {                                                                                        \
-        for (int j = 0; j < channels; j++)                                                   \
-            for (int t = 0; t < taps; t++)                                                   \
-                for (int ow = 0; ow < OW; ow++)                                              \
-                    lanes[((ptrdiff_t)(oc + j) * K + k0 + t) * DIRECT_COLUMNS + ow % DIRECT_COLUMNS] += \
-                        dy[(oc + j) * dy_stride + ow] * rows[tap_offset[k0 + t] + ow];       \
     }
 #endif
 
@@ -142,44 +109,9 @@
         }                                                                                    \
     }
 
-/* Weight gradient of one output row, kept per vector lane (the caller sums the
- * lanes once per image):
- *     lanes[(oc * K + k) * DIRECT_COLUMNS + i] += sum over ow = i (mod DIRECT_COLUMNS)
- *                                                 of dy[oc * dy_stride + ow] * rows[tap_offset[k] + ow]
- * dy holds the row's output gradient (already masked by a fused ReLU) for the OC
- * channels, each zero from OW up to the next multiple of DIRECT_COLUMNS: the runs'
- * slack is multiplied by those zeros. */
-#define CYCONV_DIRECT_GRAD_ROW(T)                                                            \
-    CYCONV_MULTIVERSION                                                                      \
-    static void conv_row_direct_grad_##T(const T *dy, ptrdiff_t dy_stride, const T *rows,    \
-                                         const ptrdiff_t *tap_offset, int OC, int K, int OW, \
-                                         T *lanes)                                           \
-    {                                                                                        \
-        int oc = 0;                                                                          \
-        for (; oc < OC; oc += (OC - oc >= DIRECT_CHANNELS ? DIRECT_CHANNELS : 1)) {          \
-            int channels = OC - oc >= DIRECT_CHANNELS ? DIRECT_CHANNELS : 1;                 \
-            for (int k0 = 0; k0 < K; k0 += (K - k0 >= DIRECT_GRAD_TAPS ? DIRECT_GRAD_TAPS : 1)) { \
-                if (K - k0 >= DIRECT_GRAD_TAPS && channels == DIRECT_CHANNELS)               \
-                    direct_grad_block_##T(dy, dy_stride, rows, tap_offset, K, OW, lanes, oc, k0, \
-                                          DIRECT_CHANNELS, DIRECT_GRAD_TAPS);                \
-                else if (K - k0 >= DIRECT_GRAD_TAPS)                                         \
-                    direct_grad_block_##T(dy, dy_stride, rows, tap_offset, K, OW, lanes, oc, k0, \
-                                          1, DIRECT_GRAD_TAPS);                              \
-                else if (channels == DIRECT_CHANNELS)                                        \
-                    direct_grad_block_##T(dy, dy_stride, rows, tap_offset, K, OW, lanes, oc, k0, \
-                                          DIRECT_CHANNELS, 1);                               \
-                else                                                                         \
-                    direct_grad_block_##T(dy, dy_stride, rows, tap_offset, K, OW, lanes, oc, k0, \
-                                          1, 1);                                             \
-            }                                                                                \
-        }                                                                                    \
-    }
-
 CYCONV_DIRECT_CONV(float, int)
 CYCONV_DIRECT_CONV(double, long long)
 CYCONV_DIRECT_ROW(float)
 CYCONV_DIRECT_ROW(double)
-CYCONV_DIRECT_GRAD_ROW(float)
-CYCONV_DIRECT_GRAD_ROW(double)
 
 #endif

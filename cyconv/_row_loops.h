@@ -24,15 +24,6 @@
     {                                                                                    \
         for (ptrdiff_t i = 0; i < n; i++) dst[2 * i] += src[i];                          \
     }                                                                                    \
-    /* A fused ReLU's backward: dst[i] = out[i] > 0 ? grad[i] : 0, i < n (a select) */    \
-    static inline void relu_mask_row_##T(T *__restrict dst, const T *__restrict grad,    \
-                                         const T *__restrict out, ptrdiff_t n)          \
-    {                                                                                    \
-        for (ptrdiff_t i = 0; i < n; i++) {                                              \
-            T g = grad[i]; /* loaded unconditionally, so the select can be a blend */   \
-            dst[i] = out[i] > 0 ? g : 0;                                                 \
-        }                                                                                \
-    }                                                                                    \
     /* One output row of a 2x2 max-pool with stride 2 over input rows top and bottom:   \
      * out[i] = max(top[2i], top[2i+1], bottom[2i], bottom[2i+1]) and, unless where is  \
      * NULL, where[i] = the flat index of the first maximum, first + 2i + (0, 1, W or   \

@@ -374,42 +374,7 @@ def test_input_grad_false_still_accumulates_param_grads(dtype, rng):
     b(x)
     assert b.backward(dy, input_grad=False) is None
     for pa, pb in zip(a.parameters(), b.parameters()):
-        # few taps: b took the direct kernel (other sums, other rounding)
-        assert_close(pb.grad, pa.grad, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c", CASES + MEDIUM_CASES, ids=_id)
-def test_parameter_gradients_without_input_gradient(c, dtype, rng, forward_path):
-    """input_grad=False (a first layer): the direct backward kernel when K is small."""
-    layer = make_layer(c, dtype)
-    x = _input(c, rng, dtype)
-    y = layer(x)
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    assert layer.backward(dy, input_grad=False) is None
-    _, rdw, rdb = ref_backward(c, layer, x, dy)
-    assert_close(layer.parameters()[0].grad, rdw, dtype, err_msg="dW")
-    if c["bias"]:
-        assert_close(layer.parameters()[1].grad, rdb, dtype, err_msg="db")
-    layer(x)  # gradients accumulate over calls
-    layer.backward(dy, input_grad=False)
-    assert_close(layer.parameters()[0].grad, 2 * rdw, dtype, err_msg="dW accumulated")
-
-
-@pytest.mark.parametrize("c", [EDGE_CASES[4], EDGE_CASES[10], MEDIUM_CASES[3], MEDIUM_CASES[4]],
-                         ids=_id)
-def test_fused_relu_parameter_gradients_without_input_gradient(c, rng, forward_path):
-    fused = nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"], dilation=c["d"],
-                      bias=c["bias"], dtype=np.float64, seed=0, fuse_relu=True)
-    plain, relu = make_layer(c, np.float64), nn.ReLU()
-    x = _input(c, rng, np.float64)
-    y = fused(x)
-    dy = rng.standard_normal(y.shape)
-    fused.backward(dy, input_grad=False)
-    np.testing.assert_allclose(y, relu(plain(x)), rtol=1e-12, atol=1e-14)
-    plain.backward(relu.backward(dy))
-    for pf, pp in zip(fused.parameters(), plain.parameters()):
-        np.testing.assert_allclose(pf.grad, pp.grad, rtol=1e-12, atol=1e-13)
+        np.testing.assert_array_equal(pa.grad, pb.grad)
 
 
 @pytest.mark.parametrize("c", [EDGE_CASES[4], EDGE_CASES[10], CASES[0]], ids=_id)

@@ -41,10 +41,9 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation):
 # Bytes of im2col columns per tile: about a quarter of a core's L2 cache.
 TILE_BYTES = 256 * 1024
 
-# Layers with at most this many taps K = C_in*kh*kw (e.g. 27 for a 3x3 kernel
-# on RGB) run the direct kernels instead of im2col + GEMM, which copy more
-# than they multiply for them: always in forward, and in backward when no
-# input gradient is asked for (a first layer).  Measured on the reference
+# Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
+# for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
+# which copies more than it multiplies for them.  Measured on the reference
 # network's first layer (K = 27): see benchmarks/README.rst.
 DIRECT_MAX_TAPS = 32 if _conv.DIRECT_IS_VECTORIZED else 0
 assert DIRECT_MAX_TAPS <= _conv.MAX_DIRECT_TAPS
@@ -105,9 +104,12 @@ class Conv2d(Module):
                                  self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
         threads = get_num_threads()
-        if self._direct():
-            _conv.conv2d_forward_direct(x, self._flat_weight(), bias, self._direct_rows(g), out,
-                                        g, fuse_relu, threads)
+        if self.weight.data[0].size <= DIRECT_MAX_TAPS:
+            row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
+                            * _conv.direct_row_length(g))
+            prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
+            _conv.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out, g,
+                                        fuse_relu, threads)
         else:
             rows, cols = self._tile_workspace("cols", g)
             _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, rows, fuse_relu,
@@ -123,22 +125,6 @@ class Conv2d(Module):
         grad_output = as_grad_output(self, grad_output, (n, oc, g["out_height"], g["out_width"]),
                                      self.dtype)
         threads = get_num_threads()
-        if self.bias is not None:
-            grad_bias = self.bias.grad
-            bias_parts = self._workspace("grad_bias_parts", (n, oc), self.dtype)
-        else:
-            grad_bias, bias_parts = empty(1, self.dtype), empty(2, self.dtype)
-        weight_parts = self._workspace("grad_weight_parts", (n, oc, k), self.dtype)
-        if self._direct() and not input_grad:  # a first layer: weight gradient only
-            lanes = _conv.DIRECT_LANES
-            padded_width = -(-g["out_width"] // lanes) * lanes
-            _conv.conv2d_backward_direct(
-                grad_output, x, out, self.weight.grad.reshape(oc, k), grad_bias, weight_parts,
-                bias_parts, self._direct_rows(g),
-                self._workspace("direct_grad_rows", (threads, oc * padded_width), self.dtype),
-                self._workspace("direct_lanes", (threads, oc * k * lanes), self.dtype),
-                g, fuse_relu, threads)
-            return None
         rows, cols = self._tile_workspace("cols", g)
         if input_grad:
             _, grad_cols = self._tile_workspace("grad_cols", g)
@@ -147,21 +133,17 @@ class Conv2d(Module):
             grad_cols, grad_input = empty(2, self.dtype), empty(4, self.dtype)
         masked = (self._workspace("masked_grad", (threads, oc * p), self.dtype) if fuse_relu
                   else empty(2, self.dtype))
+        if self.bias is not None:
+            grad_bias = self.bias.grad
+            bias_parts = self._workspace("grad_bias_parts", (n, oc), self.dtype)
+        else:
+            grad_bias, bias_parts = empty(1, self.dtype), empty(2, self.dtype)
         _conv.conv2d_backward(grad_output, x, out, self._flat_weight(),
-                              self.weight.grad.reshape(oc, k), grad_bias, weight_parts,
+                              self.weight.grad.reshape(oc, k), grad_bias,
+                              self._workspace("grad_weight_parts", (n, oc, k), self.dtype),
                               bias_parts, cols, grad_cols, masked, grad_input, g, rows,
                               fuse_relu, input_grad, threads)
         return grad_input if input_grad else None
-
-    def _direct(self):
-        """True when this layer's taps are few enough for the direct kernels."""
-        return self.weight.data[0].size <= DIRECT_MAX_TAPS
-
-    def _direct_rows(self, g):
-        """(threads, C*kh*stride_w*row_length) workspace for the direct kernels' input rows."""
-        row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
-                        * _conv.direct_row_length(g))
-        return self._workspace("direct_rows", (get_num_threads(), row_elements), self.dtype)
 
     def _flat_weight(self):
         """The weight as the (out_channels, in_channels*kh*kw) matrix the kernels use."""
