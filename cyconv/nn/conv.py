@@ -44,7 +44,7 @@ TILE_BYTES = 256 * 1024
 # Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
 # for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
 # which copies more than it multiplies for them.  Measured on the reference
-# network's first layer (K = 27): see benchmarks/README.rst.
+# network's first layer (K = 27): 4.4 -> 3.1 ms at batch 16 (README.rst, Speed).
 DIRECT_MAX_TAPS = 32 if _conv.DIRECT_IS_VECTORIZED else 0
 assert DIRECT_MAX_TAPS <= _conv.MAX_DIRECT_TAPS
 
