@@ -47,6 +47,9 @@ TILE_BYTES = 256 * 1024
 # network's first layer (K = 27): 4.4 -> 3.1 ms at batch 16 (README.rst, Speed).
 DIRECT_MAX_TAPS = 32 if _conv.DIRECT_IS_VECTORIZED else 0
 assert DIRECT_MAX_TAPS <= _conv.MAX_DIRECT_TAPS
+# The direct kernel keeps one copy of each input row per stride phase: only
+# for small horizontal strides.
+DIRECT_MAX_STRIDE = 4
 
 
 def empty(ndim, dtype):
@@ -104,7 +107,7 @@ class Conv2d(Module):
                                  self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
         threads = get_num_threads()
-        if self.weight.data[0].size <= DIRECT_MAX_TAPS:
+        if self.weight.data[0].size <= DIRECT_MAX_TAPS and self.stride[1] <= DIRECT_MAX_STRIDE:
             row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
                             * _conv.direct_row_length(g))
             prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
