@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cyconv.data import (Augment, ArrayDataset, DataLoader, ImageFolder, Subset, compute_mean_std,
-                         load_split, make_shapes, normalize, read_image, save_split, split_indices)
+                         load_split, make_shapes, normalize, read_image, save_split,
+                         segment_foreground, split_indices)
 
 DATASETS = Path(os.environ.get("CYCONV_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
@@ -249,20 +250,63 @@ def test_erase_fills_one_rectangle_with_noise():
         assert changed.sum() > 0.95 * box  # noise fills the box (a few values may equal 128)
 
 
-def test_swap_backgrounds_keeps_the_middle_and_takes_another_class():
-    # four flat images, labels 0, 0, 1, 2: a swapped border comes from a different label
-    images = [np.full((30, 40, 3), value, np.uint8) for value in (10, 20, 200, 250)]
+def disc_photo(seed, size=96):
+    """A bright disc (the 'animal') off the centre of a textured dark background, and its
+    true mask."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(20, 90, (size, size, 3), dtype=np.uint8)
+    image = cv2.GaussianBlur(image, (0, 0), 2)
+    truth = np.zeros((size, size), np.uint8)
+    cv2.circle(truth, (int(size * 0.55), int(size * 0.45)), size // 4, 1, -1)
+    image[truth == 1] = (230, 200, 40)
+    return image, truth.astype(bool)
+
+
+def test_segment_foreground_finds_the_object_and_paints_it_out():
+    for seed in range(3):
+        image, truth = disc_photo(seed)
+        mask, plate = segment_foreground(image)
+        assert mask.dtype == np.uint8 and mask.shape == truth.shape
+        found = mask >= 128
+        assert (found & truth).sum() / (found | truth).sum() > 0.9  # intersection over union
+        assert plate.shape == image.shape and plate.dtype == np.uint8
+        # the object is gone from the plate: its pixels now look like the dark background
+        assert plate[truth].mean() < 100 < image[truth].mean()
+        far = cv2.dilate((mask > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+        assert far.mean() > 0.5 and np.array_equal(plate[far], image[far])  # scenery kept
+        cv2.randu(np.zeros(10), 0, 1)  # deterministic, also after other OpenCV random use
+        again = segment_foreground(image)
+        assert np.array_equal(again[0], mask) and np.array_equal(again[1], plate)
+
+
+def test_segment_foreground_falls_back_to_a_centred_ellipse():
+    for image in (np.full((40, 60, 3), 128, np.uint8), np.zeros((5, 3, 3), np.uint8)):
+        mask, plate = segment_foreground(image)
+        h, w = image.shape[:2]
+        assert mask.shape == (h, w) and mask[h // 2, w // 2] == 255
+        assert mask[0, 0] == 0 or min(h, w) < 8
+        assert plate.shape == image.shape
+
+
+def test_swap_backgrounds_puts_each_foreground_on_another_class_plate():
+    # flat images 10, 20, 200, 250 with labels 0, 0, 1, 2; foreground: the left half;
+    # plates: the image value + 1, so that a swapped background names its source
+    images = [np.full((6, 8, 3), value, np.uint8) for value in (10, 20, 200, 250)]
     labels = [0, 0, 1, 2]
+    mask = np.zeros((6, 8), np.uint8)
+    mask[:, :4] = 255
+    segments = [(mask, image + 1) for image in images]
     for seed in range(10):
         out = list(images)
-        Augment(background=1.0).swap_backgrounds(out, labels, np.random.default_rng(seed))
+        Augment(background=1.0).swap_backgrounds(out, labels, segments.__getitem__,
+                                                 np.random.default_rng(seed))
         for image, label, original in zip(out, labels, images):
-            assert np.array_equal(image[14:16, 19:21], original[14:16, 19:21])  # the middle
-            corner = int(image[0, 0, 0])
-            others = [int(v[0, 0, 0]) for v, lab in zip(images, labels) if lab != label]
-            assert corner in others  # beyond 1.5x the ellipse: all partner
+            assert np.array_equal(image[:, :4], original[:, :4])  # the foreground stays
+            plates = [int(v[0, 0, 0]) + 1 for v, lab in zip(images, labels) if lab != label]
+            assert np.all(image[:, 4:] == image[0, 4]) and int(image[0, 4, 0]) in plates
     untouched = list(images)
-    Augment(background=0.0).swap_backgrounds(untouched, labels, np.random.default_rng(0))
+    Augment(background=0.0).swap_backgrounds(untouched, labels, segments.__getitem__,
+                                             np.random.default_rng(0))
     assert all(a is b for a, b in zip(untouched, images))
 
 
