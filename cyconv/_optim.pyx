@@ -62,3 +62,13 @@ def adam_step(floating[::1] param,          # INOUT (M,)
         exp_avg_sq[i] = <floating> beta2 * exp_avg_sq[i] + <floating> (1 - beta2) * g * g
         param[i] = param[i] - step_size * exp_avg[i] / (
             <floating> (sqrt(exp_avg_sq[i]) / bias_correction2_sqrt) + <floating> eps)
+
+
+def moving_average_step(floating[::1] average,    # INOUT (M,)
+                        const floating[::1] value,  # IN    (M,)
+                        double decay, int num_threads):
+    """average = decay * average + (1 - decay) * value."""
+    cdef Py_ssize_t i
+    cdef floating keep = <floating> decay, take = <floating> (1 - decay)
+    for i in prange(average.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
+        average[i] = keep * average[i] + take * value[i]

@@ -21,8 +21,8 @@ anything else      the ``metadata`` given to :func:`save`, JSON-encoded
 
 A resumable training checkpoint (``last.safetensors``, written by
 :class:`cyconv.train.Trainer`) is the same file plus tensors under the
-``optimizer.`` prefix and a ``training_state`` metadata field; :func:`load`
-reads its model too.
+``optimizer.`` prefix (and ``average.`` for a moving average of the weights)
+and a ``training_state`` metadata field; :func:`load` reads its model too.
 
 Files are written atomically (a temporary file in the same folder, flushed
 and fsync'ed, then renamed over the target), so a crash or ``kill -9`` at any
@@ -38,7 +38,7 @@ import numpy as np
 
 FORMAT = "cyconv"
 FORMAT_VERSION = "1"
-EXTRA_PREFIXES = ("optimizer.",)
+EXTRA_PREFIXES = ("optimizer.", "average.")
 _RESERVED = ("format", "format_version", "architecture", "classes", "mean", "std",
              "image_size", "checksums")
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -130,7 +130,7 @@ def save(path, model, metadata=None, *, classes=None, mean=None, std=None, image
     ``classes``/``mean``/``std``/``image_size`` default to the model's
     attributes of those names when it has them (a model from :func:`load`).
     ``metadata``: dict of JSON-able values, stored JSON-encoded.
-    ``extra_tensors``: more arrays, each key starting with ``optimizer.``.
+    ``extra_tensors``: more arrays, each key starting with one of :data:`EXTRA_PREFIXES`.
     """
     from safetensors.numpy import save as st_save
 

@@ -1,9 +1,12 @@
-"""Optimizers: SGD (momentum, Nesterov, weight decay), Adam and AdamW.
+"""Optimizers: SGD (momentum, Nesterov, weight decay), Adam and AdamW; a moving
+average of the weights (ExponentialMovingAverage).
 
 Each works on the Parameters given (their .data and .grad arrays, updated in
 place); the update rules are kernels in cyconv/_optim.pyx with PyTorch's
 semantics.  ``lr`` is a plain attribute that schedules may change between steps.
 """
+from contextlib import contextmanager
+
 import numpy as np
 
 from cyconv import _optim
@@ -140,3 +143,63 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(params, lr, betas, eps, weight_decay)
+
+
+class ExponentialMovingAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), to evaluate
+    and save in place of the last weights.
+
+    ``update()``, called after every optimizer step, sets
+    ``average = d * average + (1 - d) * value`` for every parameter and floating
+    buffer (BatchNorm's running statistics; integer buffers are copied), with
+    ``d = min(decay, (1 + t) / (10 + t))`` at update ``t`` so that the first
+    updates forget the initial weights quickly.  The average covers about the
+    last ``1 / (1 - decay)`` steps.  Inside ``with ema.averaged():`` the model
+    holds the averages; its own weights come back on exit.  ``averages`` has
+    the model's state_dict keys.
+    """
+
+    def __init__(self, model, decay=0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ExponentialMovingAverage: decay must lie in [0, 1), got {decay!r}")
+        self.model, self.decay, self.updates = model, float(decay), 0
+        self.averages = model.state_dict()
+
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, value in self.model._state_targets():
+            average = self.averages[key]
+            if value.dtype.kind == "f":
+                _optim.moving_average_step(average.reshape(-1), value.reshape(-1), decay,
+                                           threads_for(value.size))
+            else:
+                average[...] = value
+
+    @contextmanager
+    def averaged(self):
+        """The model holds the averaged weights inside the ``with`` block."""
+        own = self.model.state_dict()
+        self.model.load_state_dict(self.averages)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(own)
+
+    def state_dict(self):
+        return {"decay": self.decay, "updates": self.updates,
+                "averages": {key: value.copy() for key, value in self.averages.items()}}
+
+    def load_state_dict(self, state):
+        averages = state["averages"]
+        if set(averages) != set(self.averages):
+            raise ValueError(f"ExponentialMovingAverage.load_state_dict: keys "
+                             f"{sorted(averages)}, the model has {sorted(self.averages)}")
+        for key, target in self.averages.items():
+            value = np.asarray(averages[key])
+            if value.shape != target.shape:
+                raise ValueError(f"ExponentialMovingAverage.load_state_dict: '{key}' expected "
+                                 f"shape {target.shape}, got {value.shape}")
+        for key, target in self.averages.items():
+            target[...] = averages[key]
+        self.decay, self.updates = float(state["decay"]), int(state["updates"])

@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,9 @@ class Trainer:
     ``label_smoothing``: of the training loss.  ``progress``: tqdm bar per
     epoch (shown on a terminal); ``verbose``: one summary line per epoch.
     ``save_every``: also write last.safetensors every that many steps.
+    ``average``: an :class:`cyconv.optim.ExponentialMovingAverage` of the
+    model, updated after every step; the valid evaluation and best.safetensors
+    then use the averaged weights (last.safetensors keeps both).
     ``handle_signals``: SIGINT/SIGTERM save a resumable checkpoint and stop.
     ``resume_hint``: the text that tells how to resume (in messages).
     """
@@ -279,10 +283,14 @@ class Trainer:
     def __init__(self, model, optimizer, train_loader, valid_loader=None, *, epochs,
                  schedule=None, out_dir=None, classes=None, mean=None, std=None,
                  image_size=None, metadata=None, label_smoothing=0.0, progress=True,
-                 verbose=True, save_every=None, handle_signals=True, resume_hint=None):
+                 verbose=True, save_every=None, handle_signals=True, resume_hint=None,
+                 average=None):
         if not isinstance(model, Sequential):
             raise TypeError(f"Trainer: expected an nn.Sequential model, got {type(model).__name__}")
-        self.model, self.optimizer = model, optimizer
+        if average is not None and average.model is not model:
+            raise ValueError("Trainer: the average must be an ExponentialMovingAverage of "
+                             "the model being trained")
+        self.model, self.optimizer, self.average = model, optimizer, average
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.epochs = int(epochs)
         self.steps_per_epoch = len(train_loader)
@@ -350,6 +358,8 @@ class Trainer:
             "rng": _random._generator.bit_generator.state,
             "schedule": self.schedule.to_dict() if isinstance(self.schedule, LRSchedule)
             else None,
+            "average": None if self.average is None else
+            {"decay": self.average.decay, "updates": self.average.updates},
         }
 
     def save_last(self):
@@ -358,6 +368,9 @@ class Trainer:
             return None
         tensors = {f"optimizer.{i}.{name}": value
                    for i, s in enumerate(self.optimizer.state) for name, value in s.items()}
+        if self.average is not None:
+            tensors.update({f"average.{key}": value
+                            for key, value in self.average.averages.items()})
         checkpoint.save(self.last_path, self.model,
                         dict(self.metadata, training_state=self.training_state()),
                         extra_tensors=tensors, **self._checkpoint_info())
@@ -410,6 +423,19 @@ class Trainer:
                     f"{path}: field 'training_state.steps_per_epoch' is "
                     f"{state['steps_per_epoch']}, this run has {self.steps_per_epoch} "
                     "(another data set or batch size?)")
+            average = None
+            if (state.get("average") is None) != (self.average is None):
+                raise checkpoint.CheckpointError(
+                    f"{path}: the run was saved {'without' if self.average else 'with'} a "
+                    f"moving average of the weights, this trainer has "
+                    f"{'one' if self.average else 'none'}")
+            if self.average is not None:
+                averages = {key: ckpt.tensors.get(f"average.{key}")
+                            for key in self.average.averages}
+                missing = [f"average.{key}" for key, value in averages.items() if value is None]
+                if missing:
+                    raise checkpoint.CheckpointError(f"{path}: tensor {missing[0]!r} is missing")
+                average = dict(state["average"], averages=averages)
             # the model's load checks every tensor before changing anything
             checkpoint._check_against(path, self.model, ckpt.model_tensors)
             try:
@@ -418,6 +444,11 @@ class Trainer:
                                                 "state": opt_tensors})
             except ValueError as error:
                 raise checkpoint.CheckpointError(f"{path}: optimizer state: {error}") from None
+            if average is not None:
+                try:
+                    self.average.load_state_dict(average)
+                except ValueError as error:
+                    raise checkpoint.CheckpointError(f"{path}: {error}") from None
             for name, m in dropouts.items():
                 m.seed, m.calls = int(state["dropout"][name]["seed"]), \
                     int(state["dropout"][name]["calls"])
@@ -495,6 +526,8 @@ class Trainer:
                         f"training stopped and {where}. Lower the learning rate or check the data.")
                 model.backward(self.loss_fn.backward(), input_grad=False)
                 opt.step()
+                if self.average is not None:
+                    self.average.update()
                 sums["loss"] += loss * len(y)
                 sums["correct"] += int((np.argmax(logits, axis=1) == y).sum())
                 sums["seen"] += len(y)
@@ -564,18 +597,19 @@ class Trainer:
                "train_acc": sums["correct"] / max(sums["seen"], 1),
                "valid_loss": None, "valid_acc": None, "lr": sums["lr"]}
         metrics = None
-        if self.valid_loader is not None:
-            metrics = evaluate(self.model, self.valid_loader,
-                               len(self.classes) if self.classes else None)
-            row.update(valid_loss=metrics["loss"], valid_acc=metrics["accuracy"])
-        score = row["valid_acc"] if metrics is not None else row["train_acc"]
-        improved = score > self.best["accuracy"]
-        if improved:
-            self.best = {"accuracy": score, "epoch": self.epoch + 1}
-            if metrics is not None:
-                self.best["metrics"] = {k: v for k, v in metrics.items()
-                                        if k not in ("predictions", "labels")}
-            self._save_best(metrics or {"accuracy": score})
+        with self.average.averaged() if self.average is not None else nullcontext():
+            if self.valid_loader is not None:
+                metrics = evaluate(self.model, self.valid_loader,
+                                   len(self.classes) if self.classes else None)
+                row.update(valid_loss=metrics["loss"], valid_acc=metrics["accuracy"])
+            score = row["valid_acc"] if metrics is not None else row["train_acc"]
+            improved = score > self.best["accuracy"]
+            if improved:
+                self.best = {"accuracy": score, "epoch": self.epoch + 1}
+                if metrics is not None:
+                    self.best["metrics"] = {k: v for k, v in metrics.items()
+                                            if k not in ("predictions", "labels")}
+                self._save_best(metrics or {"accuracy": score})
         row["seconds"] = sums["seconds"] + time.perf_counter() - start
         self.history.append(row)
         self._log(f"epoch {row['epoch']}/{self.epochs}: train loss {row['train_loss']:.4f} "

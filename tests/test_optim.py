@@ -224,3 +224,79 @@ def test_matches_torch(opt_cfg, rng):
         topt.step()
     for p, tp in zip(params, tparams):
         np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-11, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------
+# Moving average of the weights
+# ---------------------------------------------------------------------------
+def small_bn_model(dtype):
+    return nn.Sequential(nn.Conv2d(2, 3, 3, dtype=dtype, seed=0), nn.BatchNorm2d(3, dtype=dtype),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2, dtype=dtype, seed=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moving_average_matches_numpy(dtype, rng):
+    model = small_bn_model(dtype)
+    ema = optim.ExponentialMovingAverage(model, decay=0.8)
+    expected = {key: value.astype(np.float64) for key, value in model.state_dict().items()}
+    for t in range(1, 8):
+        model.train()
+        model(rng.standard_normal((4, 2, 5, 5)).astype(dtype))  # moves the BN statistics
+        for p in model.parameters():
+            p.data += rng.standard_normal(p.data.shape).astype(dtype)
+        ema.update()
+        d = min(0.8, (1 + t) / (10 + t))
+        for key, value in model.state_dict().items():
+            if value.dtype.kind == "f":
+                expected[key] = d * expected[key] + (1 - d) * value
+            else:
+                expected[key] = value
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for key, value in ema.averages.items():
+        assert value.dtype == model.state_dict()[key].dtype
+        np.testing.assert_allclose(value, expected[key], rtol=tol, atol=tol, err_msg=key)
+    assert ema.averages["1.num_batches_tracked"] == 7
+
+
+def test_moving_average_swaps_in_and_back(rng):
+    model = small_bn_model(np.float64)
+    ema = optim.ExponentialMovingAverage(model, decay=0.5)
+    for p in model.parameters():
+        p.data += 1.0
+    ema.update()
+    own = model.state_dict()
+    x = rng.standard_normal((3, 2, 5, 5))
+    model.eval()
+    with ema.averaged():
+        for key, value in model.state_dict().items():
+            np.testing.assert_array_equal(value, ema.averages[key])
+        averaged_out = model(x).copy()
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, own[key])   # own weights back
+    reference = small_bn_model(np.float64)
+    reference.load_state_dict(ema.averages)
+    reference.eval()
+    np.testing.assert_array_equal(reference(x), averaged_out)
+
+
+def test_moving_average_state_round_trip_and_errors():
+    model = small_bn_model(np.float32)
+    ema = optim.ExponentialMovingAverage(model, decay=0.9)
+    for p in model.parameters():
+        p.data *= 2
+    ema.update()
+    other = optim.ExponentialMovingAverage(small_bn_model(np.float32), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert (other.decay, other.updates) == (0.9, 1)
+    for key in ema.averages:
+        np.testing.assert_array_equal(other.averages[key], ema.averages[key])
+    with pytest.raises(ValueError, match=r"decay must lie in \[0, 1\), got 1.0"):
+        optim.ExponentialMovingAverage(model, decay=1.0)
+    state = ema.state_dict()
+    del state["averages"]["0.bias"]
+    with pytest.raises(ValueError, match="keys"):
+        other.load_state_dict(state)
+    state = ema.state_dict()
+    state["averages"]["0.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match=r"'0.bias' expected shape \(3,\), got \(5,\)"):
+        other.load_state_dict(state)

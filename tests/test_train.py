@@ -29,11 +29,15 @@ def shapes():
     return data, train, valid
 
 
-def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, **kwargs):
-    """A small run with every kind of training state: BN, dropout, momentum, augmentation."""
+def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, average_decay=None,
+                 **kwargs):
+    """A small run with every kind of training state: BN, dropout, momentum, augmentation
+    (and a moving average of the weights with ``average_decay``)."""
     data, train, valid = shapes
     cyconv.manual_seed(seed)
     model = models.small(3, SIZE, widths=(8, 16), dropout=0.3)
+    if average_decay is not None:
+        kwargs["average"] = optim.ExponentialMovingAverage(model, average_decay)
     opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     train_loader = DataLoader(Subset(data, train), 16, shuffle=True, seed=seed,
                               augment=Augment(), drop_last=True, num_workers=2)
@@ -54,6 +58,11 @@ def assert_same_run(a, b):
         assert sorted(x) == sorted(y)
         for name in x:
             assert x[name].tobytes() == y[name].tobytes()
+    assert (a.average is None) == (b.average is None)
+    if a.average is not None:
+        assert a.average.updates == b.average.updates
+        for key, value in a.average.averages.items():
+            assert value.tobytes() == b.average.averages[key].tobytes(), key
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa
     assert strip(a.history) == strip(b.history)
     assert a.global_step == b.global_step
@@ -165,10 +174,12 @@ def test_exact_resume_after_epoch(shapes, tmp_path):
     assert (tmp_path / "a" / "best.safetensors").exists()
 
 
-def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys):
-    straight = make_trainer(shapes, tmp_path / "a")
+@pytest.mark.parametrize("average_decay", [None, 0.9])
+def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys, average_decay):
+    straight = make_trainer(shapes, tmp_path / "a", average_decay=average_decay)
     straight.fit()
-    first = make_trainer(shapes, tmp_path / "b", trainer_class=SignalAtStep)
+    first = make_trainer(shapes, tmp_path / "b", trainer_class=SignalAtStep,
+                         average_decay=average_decay)
     assert first.steps_per_epoch == 9
     first.fit()
     assert first.interrupted == "SIGINT"
@@ -176,9 +187,28 @@ def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Interrupted by SIGINT" in err and "resume" in err and "last.safetensors" in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    resumed = make_trainer(shapes, tmp_path / "b")
+    resumed = make_trainer(shapes, tmp_path / "b", average_decay=average_decay)
     resumed.fit(resume=True)
     assert_same_run(straight, resumed)
+    if average_decay is not None:   # the valid scores are the averaged weights'
+        own = evaluate(straight.model, straight.valid_loader)
+        with straight.average.averaged():
+            averaged = evaluate(straight.model, straight.valid_loader)
+        assert averaged["loss"] == straight.history[-1]["valid_loss"] != own["loss"]
+        keys = checkpoint.read(tmp_path / "a" / "last.safetensors").tensors
+        assert {f"average.{key}" for key in straight.average.averages} <= set(keys)
+
+
+def test_resume_needs_the_same_averaging(shapes, tmp_path):
+    make_trainer(shapes, tmp_path, epochs=1, average_decay=0.9).fit()
+    with pytest.raises(checkpoint.CheckpointError, match="with a moving average"):
+        make_trainer(shapes, tmp_path, epochs=2).fit(resume=True)
+    with pytest.raises(ValueError, match="ExponentialMovingAverage of the model being trained"):
+        data, train, _ = shapes
+        model = models.small(3, SIZE, widths=(8, 16))
+        Trainer(model, optim.SGD(model.parameters(), 0.1),
+                DataLoader(Subset(data, train), 16), epochs=1,
+                average=optim.ExponentialMovingAverage(models.small(3, SIZE, widths=(8, 16))))
 
 
 def test_same_seed_same_run_whatever_the_thread_count(shapes, threads):
