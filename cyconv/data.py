@@ -544,8 +544,9 @@ class DataLoader:
     ``num_workers`` threads build whole batches, ``num_workers + 2`` batches
     ahead of the consumer; 0 builds them in the calling thread. With
     ``cache`` the decoded, resized uint8 images are kept in memory after
-    their first use, when all of them fit in half the available memory (and
-    so are the foreground segmentations that background swaps need).
+    their first use; the foreground segmentations that background swaps
+    need (about 50 ms each) always are; both when they fit in half the
+    available memory.
     An image that cannot be decoded is replaced by the next readable item
     of the data set (warned once by the data set).
     """
@@ -559,12 +560,13 @@ class DataLoader:
         self.mean, self.std, self.num_workers = mean, std, num_workers
         self.epoch = 0
         h, w = dataset.image_size
-        # bytes per image: the decoded image, plus its mask and plate for background swaps
-        per_image = h * w * (7 if augment is not None and augment.background > 0 else 3)
-        needed, available = len(dataset) * per_image, _available_memory()
-        fits = cache and (available is None or needed <= available // 2)
-        self._cache = {} if fits else None
-        self._segments = {} if fits else None
+        swaps = augment is not None and augment.background > 0
+        # bytes per image: the decoded image (3 per pixel), its mask and plate (4 per pixel)
+        needed = len(dataset) * h * w * ((3 if cache else 0) + (4 if swaps else 0))
+        available = _available_memory()
+        fits = available is None or needed <= available // 2
+        self._cache = {} if cache and fits else None
+        self._segments = {} if swaps and fits else None
 
     def __len__(self):
         n = len(self.dataset)
