@@ -44,7 +44,7 @@ from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, evaluate,  # no
 # marked below.
 DEFAULTS = dict(model="small", epochs=70, batch_size=32, lr=0.05, image_size=128,
                 weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
-                label_smoothing=0.1, seed=0,
+                label_smoothing=0.1, ema=0.0, seed=0,
                 augment=dict(hflip=0.5, crop=0.5, crop_scale=[0.75, 1.0], rotate=0.3,
                              max_angle=15.0, color=0.5))
 # The reference network has no normalisation or dropout and overfits sooner: every
@@ -55,7 +55,7 @@ REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=50,
 # settings that a resumed run takes from its checkpoint (the others may change)
 RESUMED = ("classes", "model", "augment", "epochs", "batch_size", "lr", "image_size",
            "weight_decay", "momentum", "warmup", "schedule", "step_size", "label_smoothing",
-           "seed", "limit", "mean", "std")
+           "ema", "seed", "limit", "mean", "std")
 
 
 def parse_args(argv=None):
@@ -79,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--step-size", type=int, default=10, help="epochs per x0.1 of --schedule step")
     p.add_argument("--label-smoothing", type=float,
                    help=f"default {DEFAULTS['label_smoothing']}")
+    p.add_argument("--ema", type=ema_decay, metavar="DECAY",
+                   help="validate and save a moving average of the weights with this decay "
+                        "per step, e.g. 0.998 (default: off)")
     p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
                    help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
                    "(keys: the arguments of cyconv.data.Augment)")
@@ -112,6 +115,17 @@ def augment_settings(text):
                 f"{key}: expected {'low:high' if is_range else 'a number'}, got {value!r}") from None
         settings[key] = numbers if is_range else numbers[0]
     return settings
+
+
+def ema_decay(text):
+    """A decay in [0, 1) for --ema (0: no moving average)."""
+    try:
+        decay = float(text)
+    except ValueError:
+        decay = None
+    if decay is None or not 0 <= decay < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return decay
 
 
 def fail(message, code=2):
@@ -243,6 +257,7 @@ def main(argv=None):
                     weight_decay=config["weight_decay"], nesterov=config["momentum"] > 0)
     schedule = LRSchedule(config["lr"], config["schedule"], warmup_epochs=config["warmup"],
                           step_size=config.get("step_size", 10))
+    average = optim.ExponentialMovingAverage(model, config["ema"]) if config["ema"] else None
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     hint = (f"python {shlex.quote(sys.argv[0])} {argv_text}"
             + ("" if args.resume else " --resume"))
@@ -250,7 +265,7 @@ def main(argv=None):
                       schedule=schedule, out_dir=out, classes=data.classes, mean=mean, std=std,
                       image_size=(config["image_size"],) * 2, metadata={"config": config},
                       label_smoothing=config["label_smoothing"], progress=not args.no_progress,
-                      save_every=args.save_every, resume_hint=hint)
+                      save_every=args.save_every, resume_hint=hint, average=average)
     try:
         trainer.fit(resume=args.resume)
     except TrainingDiverged as error:

@@ -64,7 +64,7 @@ def check_predictions(data_root, out, image_size):
 def test_train_save_reload_same_predictions(shapes_folder, tmp_path):
     out = tmp_path / "run"
     result = run("--data", shapes_folder, "--epochs", 3, "--image-size", SIZE, "--batch-size", 16,
-                 "--out", out, "--no-progress")
+                 "--ema", 0.9, "--out", out, "--no-progress")
     report = check_predictions(shapes_folder, out, SIZE)
     assert f"test accuracy: {report['accuracy']:.4f}" in result.stdout
     assert "true \\ predicted" in result.stdout            # the confusion matrix
@@ -82,7 +82,8 @@ def test_train_save_reload_same_predictions(shapes_folder, tmp_path):
 def test_animals_few_dozen_images(tmp_path):
     out = tmp_path / "animals"
     run("--data", ANIMALS, "--classes", "dog,panda,bird", "--limit", 12, "--epochs", 1,
-        "--image-size", 48, "--batch-size", 8, "--out", out, "--no-progress")
+        "--image-size", 48, "--batch-size", 8, "--augment", "background=0.5", "--out", out,
+        "--no-progress")
     report = check_predictions(ANIMALS, out, 48)
     assert report["classes"] == ["dog", "panda", "bird"]
 
