@@ -47,11 +47,13 @@ DEFAULTS = dict(model="small", epochs=70, batch_size=32, lr=0.05, image_size=128
                 label_smoothing=0.1, ema=0.0, seed=0,
                 augment=dict(hflip=0.5, crop=0.5, crop_scale=[0.75, 1.0], rotate=0.3,
                              max_angle=15.0, color=0.5))
-# The reference network has no normalisation or dropout and overfits sooner: every
-# training image gets a random resized crop of 0.7-1.0 of the side, as the reference did.
-REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=50,
+# The reference network has no normalisation or dropout and overfits: every training
+# image gets a random resized crop of 0.7-1.0 of the side, as the reference did, half
+# of them a random erasing; a moving average of the weights is validated and saved
+# (README.rst: without erasing and the average, test accuracy 0.893).
+REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=140, ema=0.998,
                           augment=dict(hflip=0.5, crop=1.0, crop_scale=[0.7, 1.0], rotate=0.5,
-                                       max_angle=15.0, color=0.5))
+                                       max_angle=15.0, color=0.5, erase=0.5))
 # settings that a resumed run takes from its checkpoint (the others may change)
 RESUMED = ("classes", "model", "augment", "epochs", "batch_size", "lr", "image_size",
            "weight_decay", "momentum", "warmup", "schedule", "step_size", "label_smoothing",
@@ -81,7 +83,7 @@ def parse_args(argv=None):
                    help=f"default {DEFAULTS['label_smoothing']}")
     p.add_argument("--ema", type=ema_decay, metavar="DECAY",
                    help="validate and save a moving average of the weights with this decay "
-                        "per step, e.g. 0.998 (default: off)")
+                        "per step (default: off; 0.998 for --model reference)")
     p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
                    help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
                    "(keys: the arguments of cyconv.data.Augment)")
