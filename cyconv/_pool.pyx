@@ -39,6 +39,10 @@ cdef extern from "_row_loops.h" nogil:
                                Py_ssize_t n, int first, int W)
     int max_pool_2x2_row_double(const double* top, const double* bottom, double* out,
                                 int* where, Py_ssize_t n, int first, int W)
+    void max_pool_2x2_backward_row_float(const float* grad, const int* where, float* top,
+                                         float* bottom, Py_ssize_t n, int first, int W)
+    void max_pool_2x2_backward_row_double(const double* grad, const int* where, double* top,
+                                          double* bottom, Py_ssize_t n, int first, int W)
 
 
 cdef void max_pool_2x2_row(const floating* src, floating* dst, int* argmax,
@@ -147,15 +151,42 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                         argmax[n, c, oh, ow] = best_index
 
 
+cdef void max_pool_2x2_backward_plane(const floating* dy, const int* where, floating* dst,
+                                      Geometry g) noexcept nogil:
+    """The input gradient of a whole plane for 2x2 windows with stride 2 (no padding).
+
+    The windows tile the plane without overlap, so each pair of input rows is
+    written once by the vectorised C loop; only the column and row that no
+    window covers (odd W or H) are zero-filled.
+    """
+    cdef int oh, first, W = g.width, OW = g.out_width
+    for oh in range(g.out_height):
+        first = 2 * oh * W
+        if floating is float:
+            max_pool_2x2_backward_row_float(dy + oh * OW, where + oh * OW, dst + first,
+                                            dst + first + W, OW, first, W)
+        else:
+            max_pool_2x2_backward_row_double(dy + oh * OW, where + oh * OW, dst + first,
+                                             dst + first + W, OW, first, W)
+        if W > 2 * OW:
+            dst[first + W - 1] = 0
+            dst[first + 2 * W - 1] = 0
+    if g.height > 2 * g.out_height:
+        memset(dst + 2 * g.out_height * W, 0,
+               (g.height - 2 * g.out_height) * W * sizeof(floating))
+
+
 def max_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH, OW)
                         const int[:, :, :, ::1] argmax,         # IN  (N, C, OH, OW)
                         floating[:, :, :, ::1] grad_input,      # OUT (N, C, H, W)
-                        int num_threads):
+                        Geometry g, int num_threads):
     """grad_input = each output gradient added to its window's maximum (overlaps sum)."""
     cdef Py_ssize_t N = grad_out.shape[0], C = grad_out.shape[1]
     cdef Py_ssize_t HW = grad_input.shape[2] * grad_input.shape[3]
     cdef Py_ssize_t OHW = grad_out.shape[2] * grad_out.shape[3]
     cdef Py_ssize_t plane, n, c, o
+    cdef bint tiles_2x2 = (g.kernel_h == 2 and g.kernel_w == 2 and g.stride_h == 2
+                           and g.stride_w == 2 and g.pad_h == 0 and g.pad_w == 0)
     cdef floating* dst
     cdef const floating* dy
     cdef const int* where
@@ -166,6 +197,9 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
             dst = &grad_input[n, c, 0, 0]
             dy = &grad_out[n, c, 0, 0]
             where = &argmax[n, c, 0, 0]
+            if tiles_2x2:
+                max_pool_2x2_backward_plane(dy, where, dst, g)
+                continue
             memset(dst, 0, HW * sizeof(floating))
             for o in range(OHW):
                 dst[where[o]] += dy[o]

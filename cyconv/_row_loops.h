@@ -50,6 +50,24 @@
             if (where) where[i] = first + 2 * (int)i + offset;                           \
         }                                                                                \
         return has_nan;                                                                  \
+    }                                                                                    \
+    /* The gradient of that max-pool for two input rows: the input where[i] points to   \
+     * gets grad[i], the 3 others of its window 0.  Every input of the n windows is     \
+     * written once, so the rows need no zero fill first. */                            \
+    static inline void max_pool_2x2_backward_row_##T(const T *__restrict grad,           \
+                                                     const int *__restrict where,        \
+                                                     T *__restrict top,                  \
+                                                     T *__restrict bottom,               \
+                                                     ptrdiff_t n, int first, int W)      \
+    {                                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            int offset = where[i] - (first + 2 * (int)i);                                \
+            T g = grad[i];                                                               \
+            top[2 * i] = offset == 0 ? g : (T)0;                                         \
+            top[2 * i + 1] = offset == 1 ? g : (T)0;                                     \
+            bottom[2 * i] = offset == W ? g : (T)0;                                      \
+            bottom[2 * i + 1] = offset == W + 1 ? g : (T)0;                              \
+        }                                                                                \
     }
 
 CYCONV_ROW_LOOPS(float)

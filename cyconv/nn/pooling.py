@@ -45,16 +45,16 @@ class MaxPool2d(_Pool2d):
         argmax = (self._workspace("argmax", out.shape, np.int32) if is_grad_enabled()
                   else empty(4, np.int32))
         _pool.max_pool2d_forward(x, out, argmax, g, threads_for(x.size))
-        self._save_for_backward(x.shape, x.dtype, argmax)
+        self._save_for_backward(x.shape, x.dtype, g, argmax)
         return out
 
     def backward(self, grad_output, input_grad=True):
-        x_shape, dtype, argmax = self._saved_for_backward()
+        x_shape, dtype, g, argmax = self._saved_for_backward()
         grad_output = as_grad_output(self, grad_output, argmax.shape, dtype)
         if not input_grad:
             return None
         grad_input = self._grad_input_array(x_shape, dtype)
-        _pool.max_pool2d_backward(grad_output, argmax, grad_input,
+        _pool.max_pool2d_backward(grad_output, argmax, grad_input, g,
                                   threads_for(grad_input.size))
         return grad_input
 
