@@ -165,3 +165,20 @@ def test_evaluate(setup, capsys):
     assert code == 0 and "15 images" in stdout
     code, _, err = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["tmp"] / "nowhere")
     assert code == 2 and "does not exist" in err
+
+
+def test_evaluate_blurred(setup, capsys):
+    out = setup["tmp"] / "cm_blur.png"
+    code, stdout, _ = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["data"],
+                           "--blur", 1.5, "--out", out, "--workers", "0")
+    assert code == 0 and "blurred (sigma 1.5 px)" in stdout
+    folder = ImageFolder(setup["data"], CLASSES, SIZE)
+    test = [i for i in range(len(folder)) if i % 5 == 0]
+    blurred = np.stack([cv2.GaussianBlur(folder[i][0], (0, 0), 1.5) for i in test])
+    logits = cyconv.predict(setup["model"], blurred)
+    accuracy = np.mean(logits.argmax(1) == [folder[i][1] for i in test])
+    assert f"accuracy: {accuracy:.4f}" in stdout
+    for bad in ("-1", "nan"):
+        code, _, err = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["data"],
+                            "--blur", bad)
+        assert code == 2 and "--blur" in err
