@@ -38,11 +38,10 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation):
                 pad_h=padding[0], pad_w=padding[1], dilation_h=dilation[0], dilation_w=dilation[1])
 
 
-# Bytes of im2col columns per tile: an eighth of a core's L2 cache (1 MB here:
-# AMD EPYC, 2 MB for 2 cores),
-# leaving room for BLAS's packed panels and the output rows.  Measured on the
-# reference network at batch 4 and 16: 64-128 KB beat 256 KB by 5-10%, 32 KB
-# and 1 MB were slower.
+# Bytes of im2col columns per tile: an eighth of a core's L2 cache (1 MB on the
+# AMD EPYC here), leaving room for BLAS's packed panels and the output rows.
+# Measured on the reference network at batch 4 and 16: 64-128 KB beat 256 KB by
+# 5-10%; 32 KB and 1 MB were slower.
 TILE_BYTES = 128 * 1024
 
 # Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
