@@ -17,6 +17,7 @@ Typical use::
 """
 import json
 import math
+import os
 import threading
 import warnings
 from collections import deque
@@ -526,6 +527,22 @@ def _available_memory():
     return None
 
 
+def _yield_to_compute():
+    """Lower the calling (loader) thread's scheduling priority (Linux: nice + 10).
+
+    On a machine whose cores the kernels keep busy, a loader thread that takes a
+    core from a kernel thread stalls the whole parallel loop at its next barrier;
+    at a lower priority it runs in the gaps instead (a measured epoch: 1.11-1.24x
+    the pure compute time at equal priority).  Elsewhere this does nothing.
+    """
+    try:
+        thread = threading.get_native_id()
+        nice = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, nice + 10))
+    except (AttributeError, OSError):
+        pass
+
+
 class DataLoader:
     """Batches of a data set, decoded and augmented in background threads.
 
@@ -592,7 +609,7 @@ class DataLoader:
             for batch in batches:
                 yield self._make_batch(batch, epoch)
             return
-        with ThreadPoolExecutor(self.num_workers) as pool:
+        with ThreadPoolExecutor(self.num_workers, initializer=_yield_to_compute) as pool:
             pending = deque()
             try:
                 for batch in batches:

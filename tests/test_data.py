@@ -4,6 +4,7 @@ Every test builds its own small images in tmp_path, except the last one,
 which reads the shared animals folder (skipped when it is absent).
 """
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -439,3 +440,21 @@ def test_animals_folder():
         assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
     labels = np.concatenate([y for _, y in batches])
     assert sorted(labels.tolist()) == sorted(data.samples[i][1] for i in picked)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"),
+                    reason="per-thread priorities are a Linux feature")
+def test_loader_threads_yield_to_the_kernels():
+    # the loader's threads run at a lower priority (nice +10) than the training thread
+    seen = []
+
+    class Recording(ArrayDataset):
+        def __getitem__(self, index):
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super().__getitem__(index)
+
+    images, labels, classes = make_shapes(8, image_size=8, seed=1)
+    for _ in DataLoader(Recording(images, labels, classes), 4, num_workers=2):
+        pass
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen and all(nice == min(mine + 10, 19) for nice in seen)
