@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 # PyTorch is imported first so that its OpenMP runtime starts with its own
-# defaults: importing cyconv sets OMP_WAIT_POLICY=PASSIVE for cyconv's runtime.
+# defaults: importing cyconv sets OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=10000
+# for cyconv's runtime.
 try:
     import torch
 except ImportError:  # the benchmark runs without PyTorch, reporting cyconv alone
