@@ -12,6 +12,7 @@ side count).
     python benchmarks/bench_train.py --threads 2 --steps 30
     python benchmarks/bench_train.py --layers         # ms per layer, forward/backward
     python benchmarks/bench_train.py --memory         # peak RSS, growth over 200 steps
+    python benchmarks/bench_train.py --scaling --threads 2 1   # 2 vs 1 thread, alternating
 """
 import argparse
 import platform
@@ -222,6 +223,28 @@ def run_layers(args):
                   f"bwd {backward.sum() / args.steps * 1e3:.2f}")
 
 
+def run_scaling(args):
+    """cyconv training at each batch size with the first and the last of --threads
+    (e.g. 2 and 1), the thread count alternating step by step: their ratio."""
+    rng = np.random.default_rng(0)
+    cyconv.manual_seed(0)
+    many, few = args.threads[0], args.threads[-1]
+    runners = {many: CyconvRunner(reference_model()), few: CyconvRunner(reference_model())}
+    for batch in args.train_batches:
+        x = rng.standard_normal((batch,) + IMAGE).astype(np.float32)
+        y = rng.integers(0, CLASSES, batch)
+
+        def step_with(threads):
+            cyconv.set_num_threads(threads)
+            runners[threads].train_step(x, y)
+
+        times = time_alternately({n: (lambda n=n: step_with(n)) for n in (many, few)},
+                                 args.steps, args.warmup)
+        rate = {n: batch / statistics.median(ts) for n, ts in times.items()}
+        print(f"train b{batch:<3d} | {many} thr {rate[many]:7.1f} img/s | {few} thr "
+              f"{rate[few]:7.1f} img/s | {many} vs {few} threads: {rate[many] / rate[few]:.2f}x")
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -258,6 +281,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", action="store_true", help="ms per layer instead of the table")
     parser.add_argument("--memory", action="store_true", help="peak RSS and growth at batch 64")
+    parser.add_argument("--scaling", action="store_true",
+                        help="training with the first vs the last --threads, alternating")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{len(__import__('os').sched_getaffinity(0))} cores; numpy {np.__version__}; "
@@ -267,6 +292,9 @@ def main():
         return
     if args.memory:
         run_memory(args)
+        return
+    if args.scaling:
+        run_scaling(args)
         return
     peaks = {}
     for threads in args.threads:
