@@ -234,7 +234,7 @@ def run_scaling(args):
         x = rng.standard_normal((batch,) + IMAGE).astype(np.float32)
         y = rng.integers(0, CLASSES, batch)
 
-        def step_with(threads):
+        def step_with(threads, x=x, y=y):
             cyconv.set_num_threads(threads)
             runners[threads].train_step(x, y)
 
