@@ -266,7 +266,7 @@ class Trainer:
     (its epochs and steps per epoch are filled in), any callable
     ``step -> lr``, or None (the optimizer's lr throughout).
     ``valid_loader``: evaluated after every epoch (best.safetensors is chosen
-    by its accuracy; by the train accuracy without one).
+    by its accuracy, ties by its loss; by the train accuracy and loss without one).
     ``out_dir``: where checkpoints, history and plots go (None: nowhere).
     ``classes``, ``mean``, ``std``, ``image_size``: stored in checkpoints.
     ``metadata``: JSON-able dict stored in every checkpoint (e.g. the config).
@@ -603,9 +603,12 @@ class Trainer:
                                    len(self.classes) if self.classes else None)
                 row.update(valid_loss=metrics["loss"], valid_acc=metrics["accuracy"])
             score = row["valid_acc"] if metrics is not None else row["train_acc"]
-            improved = score > self.best["accuracy"]
+            loss = row["valid_loss"] if metrics is not None else row["train_loss"]
+            # equal accuracy (a few hundred valid images often tie): the lower loss wins
+            improved = score > self.best["accuracy"] or (
+                score == self.best["accuracy"] and loss < self.best.get("loss", math.inf))
             if improved:
-                self.best = {"accuracy": score, "epoch": self.epoch + 1}
+                self.best = {"accuracy": score, "loss": loss, "epoch": self.epoch + 1}
                 if metrics is not None:
                     self.best["metrics"] = {k: v for k, v in metrics.items()
                                             if k not in ("predictions", "labels")}

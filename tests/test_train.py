@@ -252,3 +252,19 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(shapes, tmp_path)
     model = cyconv.load(tmp_path / "last.safetensors")   # finite, loads
     assert all(np.isfinite(v).all() for v in model.state_dict().values())
     assert len(trainer.history) == 1
+
+
+def test_best_epoch_ties_go_to_the_lower_valid_loss(shapes, tmp_path, monkeypatch):
+    # scripted valid results: accuracy 0.5, 0.75, 0.75 (lower loss), 0.75 (higher loss)
+    scripted = iter([(0.5, 1.0), (0.75, 0.9), (0.75, 0.6), (0.75, 0.8)])
+
+    def fake_evaluate(model, loader, num_classes=None):
+        accuracy, loss = next(scripted)
+        return {"accuracy": accuracy, "loss": loss, "confusion": np.eye(3, dtype=int).tolist(),
+                "precision": [1.0] * 3, "recall": [1.0] * 3, "f1": [1.0] * 3}
+
+    monkeypatch.setattr("cyconv.train.evaluate", fake_evaluate)
+    trainer = make_trainer(shapes, tmp_path, epochs=4)
+    trainer.fit()
+    assert trainer.best["epoch"] == 3 and trainer.best["loss"] == 0.6
+    assert checkpoint.read(tmp_path / "best.safetensors").metadata["epoch"] == 3
