@@ -63,6 +63,19 @@ cdef inline void gather_stride2(floating* dst, const floating* src, Py_ssize_t n
         gather_stride2_double(dst, src, n)
 
 
+cdef inline void gather_strided(floating* dst, const floating* src, Py_ssize_t n,
+                                int stride) noexcept nogil:
+    """dst[j] = src[j*stride] for j < n: a memcpy for stride 1, the vectorised loop for 2."""
+    cdef Py_ssize_t j
+    if stride == 1:
+        memcpy(dst, src, n * sizeof(floating))
+    elif stride == 2:
+        gather_stride2(dst, src, n)
+    else:
+        for j in range(n):
+            dst[j] = src[j * stride]
+
+
 cdef inline void scatter_add_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
     """dst[2*i] += src[i] for i < n (vectorised C; see _row_loops.h)."""
     if floating is float:
@@ -121,14 +134,8 @@ cdef void im2col(const floating* image, floating* cols, Geometry g,
                     src = image + (<Py_ssize_t> c * g.height + ih) * g.width + off_w
                     for ow in range(ow_lo):
                         dst[ow] = 0
-                    # a contiguous run is a memcpy; a constant stride 2 unrolls better
-                    if g.stride_w == 1:
-                        memcpy(dst + ow_lo, src + ow_lo, (ow_hi - ow_lo) * sizeof(floating))
-                    elif g.stride_w == 2:
-                        gather_stride2(dst + ow_lo, src + 2 * ow_lo, ow_hi - ow_lo)
-                    else:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow] = src[ow * g.stride_w]
+                    gather_strided(dst + ow_lo, src + <Py_ssize_t> ow_lo * g.stride_w,
+                                   ow_hi - ow_lo, g.stride_w)
                     for ow in range(ow_hi, OW):
                         dst[ow] = 0
 
@@ -181,7 +188,7 @@ cdef void prepare_rows(const floating* image, floating* rows, Geometry g, int oh
     or past the image.  Tap (c, ki, kj) then reads a contiguous run from row
     phase = kj*dw % stride_w at j = ow + kj*dw // stride_w.
     """
-    cdef int c, ki, phase, ih, lo, hi, j
+    cdef int c, ki, phase, ih, lo, hi
     cdef floating* dst
     cdef const floating* src
     for c in range(g.channels):
@@ -196,13 +203,7 @@ cdef void prepare_rows(const floating* image, floating* rows, Geometry g, int oh
                 # element j of this row is src[j * stride_w] for lo <= j < hi
                 src = image + (<Py_ssize_t> c * g.height + ih) * g.width + phase - g.pad_w
                 memset(dst, 0, lo * sizeof(floating))
-                if g.stride_w == 1:
-                    memcpy(dst + lo, src + lo, (hi - lo) * sizeof(floating))
-                elif g.stride_w == 2:
-                    gather_stride2(dst + lo, src + 2 * lo, hi - lo)
-                else:
-                    for j in range(lo, hi):
-                        dst[j] = src[j * g.stride_w]
+                gather_strided(dst + lo, src + <Py_ssize_t> lo * g.stride_w, hi - lo, g.stride_w)
                 memset(dst + hi, 0, (row_len - hi) * sizeof(floating))
 
 
