@@ -628,8 +628,9 @@ class DataLoader:
         if self.augment is not None and self.augment.background > 0:
             # seeded per batch, apart from the per-item seeds (first index + data set size)
             rng = np.random.default_rng([self.seed, epoch, len(self.dataset) + int(indices[0])])
+            # segmented from the decoded images: `images` fills with composites as it goes
             self.augment.swap_backgrounds(
-                images, labels, lambda k: self._segmented(int(indices[k]), images[k]), rng)
+                images, labels, lambda k: self._segmented(int(indices[k]), items[k][0]), rng)
         if self.augment is not None:
             images = [self.augment(image, np.random.default_rng([self.seed, epoch, int(index)]))
                       for image, index in zip(images, indices)]

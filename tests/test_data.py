@@ -458,3 +458,17 @@ def test_loader_threads_yield_to_the_kernels():
         pass
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(nice == min(mine + 10, 19) for nice in seen)
+
+
+def test_loader_swaps_the_same_with_or_without_the_segmentation_cache():
+    # without the cache (when memory is short) a partner that already holds a composite
+    # must still be segmented from its decoded image, as the cached path does
+    data = shapes_dataset(12, size=16)
+    loaders = [DataLoader(data, 6, shuffle=True, augment=Augment(background=0.7), seed=seed,
+                          num_workers=0) for seed in (3, 3)]
+    loaders[1]._segments = None
+    for seed in range(4):
+        for loader in loaders:
+            loader.seed = seed
+        for (a, _), (b, _) in zip(*loaders):
+            assert np.array_equal(a, b)
