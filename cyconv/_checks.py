@@ -92,15 +92,23 @@ def as_input(layer, x, expected_shape, dtype=None):
         raise TypeError(f"{where}: expected a {np.dtype(dtype).name} input "
                         f"(the layer's dtype), got {x.dtype}")
     x = as_float_array(layer, x)
-    if x.ndim != len(expected_shape):
-        raise ValueError(f"{where}: expected {len(expected_shape)}-D input of shape "
-                         f"{shape_text(expected_shape)}, got {x.ndim}-D {shape_text(x.shape)}")
-    if any(isinstance(e, int) and e != s for e, s in zip(expected_shape, x.shape)):
-        raise ValueError(f"{where}: expected input of shape {shape_text(expected_shape)}, "
-                         f"got {shape_text(x.shape)}")
-    if 0 in x.shape[1:]:
-        raise ValueError(f"{where}: expected non-empty dimensions, got shape {shape_text(x.shape)}")
+    check_shape(layer, x.shape, expected_shape)
     return x
+
+
+def check_shape(layer, shape, expected_shape):
+    """ValueError unless ``shape`` fits ``expected_shape`` (see :func:`as_input`)."""
+    where = type(layer).__name__
+    shape = tuple(shape)
+    if len(shape) != len(expected_shape):
+        raise ValueError(f"{where}: expected {len(expected_shape)}-D input of shape "
+                         f"{shape_text(expected_shape)}, got {len(shape)}-D {shape_text(shape)}")
+    if any(isinstance(e, int) and e != s for e, s in zip(expected_shape, shape)):
+        raise ValueError(f"{where}: expected input of shape {shape_text(expected_shape)}, "
+                         f"got {shape_text(shape)}")
+    if 0 in shape[1:]:
+        raise ValueError(f"{where}: expected non-empty dimensions, got shape {shape_text(shape)}")
+    return shape
 
 
 def as_grad_output(layer, grad_output, expected_shape, dtype):

@@ -29,6 +29,7 @@ from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 
 from cyconv._blas cimport gemm
+from cyconv._elementwise cimport relu, relu_mask_run
 from cyconv._reduce cimport sum_run
 
 cdef extern from "_row_loops.h" nogil:
@@ -250,18 +251,23 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
 
 
 def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
-                   const floating[:, ::1] weight,      # IN  (OC, K)
+                   const floating[:, ::1] weight,      # IN  (OC, K), K = (C/groups)*kh*kw
                    const floating[::1] bias,           # IN  (OC,), or empty for no bias
                    floating[:, ::1] cols,              # WORK (threads, K * rows_per_tile * OW)
                    floating[:, :, :, ::1] out,         # OUT (N, OC, OH, OW)
-                   Geometry g, int rows_per_tile, bint fuse_relu, int num_threads):
-    """out = weight @ im2col(x) + bias (then max(., 0) when fuse_relu), image by image."""
+                   Geometry g, int groups, int rows_per_tile, bint fuse_relu, int num_threads):
+    """out = weight @ im2col(x) + bias (then max(., 0) when fuse_relu), image by image.
+
+    With groups > 1, input channels [i*C/groups, (i+1)*C/groups) of each image meet
+    weight rows [i*OC/groups, (i+1)*OC/groups) only (g.channels is C/groups).
+    """
     cdef Py_ssize_t N = x.shape[0]
-    cdef int OC = weight.shape[0], K = weight.shape[1]
+    cdef int OC = weight.shape[0], K = weight.shape[1], group_oc = OC // groups
     cdef int OW = g.out_width, P = g.out_height * g.out_width
+    cdef Py_ssize_t plane = <Py_ssize_t> g.channels * g.height * g.width
     cdef bint has_bias = bias.shape[0] > 0
     cdef Py_ssize_t n, oc, p
-    cdef int t, oh0, oh1, slot
+    cdef int t, oh0, oh1, slot, grp
     cdef floating* y
     cdef floating* tile
     cdef floating b
@@ -269,18 +275,20 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
         for n in prange(N, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
             tile = &cols[slot, 0]
-            for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
-                oh0 = t * rows_per_tile
-                oh1 = min(oh0 + rows_per_tile, g.out_height)
-                im2col(&x[n, 0, 0, 0], tile, g, oh0, oh1)
-                gemm(False, False, OC, (oh1 - oh0) * OW, K, 1, &weight[0, 0], K,
-                     tile, (oh1 - oh0) * OW, 0, &out[n, 0, oh0, 0], P)
+            for grp in range(groups):
+                for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
+                    oh0 = t * rows_per_tile
+                    oh1 = min(oh0 + rows_per_tile, g.out_height)
+                    im2col(&x[n, 0, 0, 0] + grp * plane, tile, g, oh0, oh1)
+                    gemm(False, False, group_oc, (oh1 - oh0) * OW, K, 1,
+                         &weight[grp * group_oc, 0], K, tile, (oh1 - oh0) * OW, 0,
+                         &out[n, grp * group_oc, oh0, 0], P)
             y = &out[n, 0, 0, 0]
             for oc in range(OC):
                 b = bias[oc] if has_bias else 0
-                if fuse_relu:  # max(., 0) that keeps NaN, as ReLU does
+                if fuse_relu:
                     for p in range(P):
-                        y[oc * P + p] = 0 if y[oc * P + p] + b <= 0 else y[oc * P + p] + b
+                        y[oc * P + p] = relu(y[oc * P + p] + b)
                 elif has_bias:
                     for p in range(P):
                         y[oc * P + p] += b
@@ -298,55 +306,55 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     floating[:, ::1] grad_cols,             # WORK  (threads, K * rows_per_tile * OW)
                     floating[:, ::1] masked_grad,           # WORK  (threads, OC * P) when fuse_relu
                     floating[:, :, :, ::1] grad_input,      # OUT   (N, C, H, W); unused without input grad
-                    Geometry g, int rows_per_tile, bint fuse_relu, bint need_input_grad,
-                    int num_threads):
+                    Geometry g, int groups, int rows_per_tile, bint fuse_relu,
+                    bint need_input_grad, int num_threads):
     """Accumulate dW += sum_n dY_n @ cols_n^T and db += sum dY; dx = col2im(W^T @ dY_n).
 
     With fuse_relu, dY is first masked by the forward output's sign (the
     gradient of the fused max(., 0)).  Per image (prange over n) the weight
     and bias gradients go to their own slices of the *_parts workspaces, then
     the slices are summed in image order (prange over output channels): the
-    same additions in the same order for any thread count.
+    same additions in the same order for any thread count.  Groups as in
+    conv2d_forward.
     """
     cdef Py_ssize_t N = grad_out.shape[0]
-    cdef int OC = weight.shape[0], K = weight.shape[1]
+    cdef int OC = weight.shape[0], K = weight.shape[1], group_oc = OC // groups
     cdef int OW = g.out_width, P = g.out_height * g.out_width
+    cdef Py_ssize_t plane = <Py_ssize_t> g.channels * g.height * g.width
     cdef bint has_bias = grad_bias.shape[0] > 0
-    cdef Py_ssize_t n, sample, oc, k, p
-    cdef int t, oh0, oh1, slot, T
+    cdef Py_ssize_t n, sample, oc, k
+    cdef int t, oh0, oh1, slot, T, grp
     cdef double bias_sum
     cdef const floating* dy
-    cdef const floating* y
+    cdef const floating* dy_group
     cdef floating* masked
-    cdef floating v
     with nogil:
         for n in prange(N, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
             dy = &grad_out[n, 0, 0, 0]
             if fuse_relu:
                 masked = &masked_grad[slot, 0]
-                y = &out[n, 0, 0, 0]
-                for p in range(<Py_ssize_t> OC * P):
-                    v = dy[p]  # loaded unconditionally: a select, not a branch
-                    masked[p] = v if y[p] > 0 else 0
+                relu_mask_run(dy, &out[n, 0, 0, 0], masked, <Py_ssize_t> OC * P)
                 dy = masked
             if has_bias:
                 for oc in range(OC):
                     grad_bias_parts[n, oc] = <floating> sum_run(dy + oc * P, P)
             if need_input_grad:
-                memset(&grad_input[n, 0, 0, 0], 0,
-                       x.shape[1] * x.shape[2] * x.shape[3] * sizeof(floating))
-            for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
-                oh0 = t * rows_per_tile
-                oh1 = min(oh0 + rows_per_tile, g.out_height)
-                T = (oh1 - oh0) * OW
-                im2col(&x[n, 0, 0, 0], &cols[slot, 0], g, oh0, oh1)
-                gemm(False, True, OC, K, T, 1, dy + oh0 * OW, P, &cols[slot, 0], T,
-                     0 if oh0 == 0 else 1, &grad_weight_parts[n, 0, 0], K)
-                if need_input_grad:
-                    gemm(True, False, K, T, OC, 1, &weight[0, 0], K, dy + oh0 * OW, P,
-                         0, &grad_cols[slot, 0], T)
-                    col2im(&grad_cols[slot, 0], &grad_input[n, 0, 0, 0], g, oh0, oh1)
+                memset(&grad_input[n, 0, 0, 0], 0, groups * plane * sizeof(floating))
+            for grp in range(groups):
+                dy_group = dy + <Py_ssize_t> grp * group_oc * P
+                for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
+                    oh0 = t * rows_per_tile
+                    oh1 = min(oh0 + rows_per_tile, g.out_height)
+                    T = (oh1 - oh0) * OW
+                    im2col(&x[n, 0, 0, 0] + grp * plane, &cols[slot, 0], g, oh0, oh1)
+                    gemm(False, True, group_oc, K, T, 1, dy_group + oh0 * OW, P, &cols[slot, 0],
+                         T, 0 if oh0 == 0 else 1, &grad_weight_parts[n, grp * group_oc, 0], K)
+                    if need_input_grad:
+                        gemm(True, False, K, T, group_oc, 1, &weight[grp * group_oc, 0], K,
+                             dy_group + oh0 * OW, P, 0, &grad_cols[slot, 0], T)
+                        col2im(&grad_cols[slot, 0], &grad_input[n, 0, 0, 0] + grp * plane, g,
+                               oh0, oh1)
         for oc in prange(OC, schedule='dynamic', num_threads=num_threads):
             for sample in range(N):
                 for k in range(K):

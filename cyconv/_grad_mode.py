@@ -10,17 +10,14 @@ def is_grad_enabled():
     return getattr(_state, "enabled", True)
 
 
-class no_grad:
-    """Context manager (and decorator) for inference.
+class _GradMode:
+    """Context manager (and decorator) that sets the grad mode of this thread."""
 
-    Inside it, layers do not save inputs, im2col columns or pooling indices for
-    backward, so evaluation and prediction use less memory and time; calling
-    backward afterwards raises RuntimeError.
-    """
+    enabled = True
 
     def __enter__(self):
         self._previous = is_grad_enabled()
-        _state.enabled = False
+        _state.enabled = self.enabled
         return self
 
     def __exit__(self, *exc_info):
@@ -30,6 +27,20 @@ class no_grad:
     def __call__(self, function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            with no_grad():
+            with type(self)():
                 return function(*args, **kwargs)
         return wrapper
+
+
+class no_grad(_GradMode):
+    """For inference: inside it, layers do not save inputs, im2col columns or pooling
+    indices for backward, so evaluation and prediction use less memory and time;
+    calling backward afterwards raises RuntimeError."""
+
+    enabled = False
+
+
+class enable_grad(_GradMode):
+    """Grad mode on inside, even within a ``no_grad`` block (Grad-CAM needs backward)."""
+
+    enabled = True

@@ -15,34 +15,23 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
+from cyconv._elementwise cimport relu, relu_mask_run
 from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
 
 
 cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
-                            floating scale, floating shift, bint relu) noexcept nogil:
+                            floating scale, floating shift, bint fuse_relu) noexcept nogil:
     """out = x * scale + shift, then max(., 0) (NaN kept) when relu.
 
     In the array's precision, so that it vectorises.
     """
     cdef Py_ssize_t i
-    cdef floating y
-    if relu:
+    if fuse_relu:
         for i in range(length):
-            y = x[i] * scale + shift
-            out[i] = 0 if y <= 0 else y
+            out[i] = relu(x[i] * scale + shift)
     else:
         for i in range(length):
             out[i] = x[i] * scale + shift
-
-
-cdef inline void relu_mask_run(const floating* grad, const floating* out, floating* masked,
-                               Py_ssize_t length) noexcept nogil:
-    """masked = grad where out > 0, else 0 (the gradient of a fused ReLU)."""
-    cdef Py_ssize_t i
-    cdef floating g
-    for i in range(length):
-        g = grad[i]
-        masked[i] = g if out[i] > 0 else 0
 
 
 cdef inline void combine_run(const floating* dy, const floating* x, floating* out,
@@ -66,7 +55,7 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
     """Normalise with the batch statistics (then max(., 0) when fuse_relu); update the
     running ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t c, n, i
+    cdef Py_ssize_t c, n
     cdef double M = <double> N * HW
     cdef double total, mean, var, invstd, scale, shift
     with nogil:
@@ -103,7 +92,7 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
     """Normalise with the running statistics (an affine map per channel; then
     max(., 0) when fuse_relu)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t c, n, i
+    cdef Py_ssize_t c, n
     cdef double scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
@@ -133,7 +122,7 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
     out > 0 (into grad_input, which then serves as dy in place).
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t c, n, i
+    cdef Py_ssize_t c, n
     cdef double M = <double> N * HW
     cdef double sum_dy, sum_dy_xhat, k, b, c0, mu, istd
     cdef const floating* dy

@@ -8,102 +8,49 @@ layouts, so that for the same architecture::
 works, and string metadata (JSON values) that lets :func:`load` rebuild the
 model alone:
 
-=================  =========================================================
-``format``         ``"cyconv"``;  ``format_version``: ``"1"``
-``architecture``   list of layer specs (see :mod:`cyconv.models`)
-``classes``        class names in label order (or null)
-``mean``, ``std``  per-channel normalisation, 0-1 scale (or null)
-``image_size``     ``[H, W]`` the model was trained on (or null)
-``checksums``      CRC-32 of every tensor's bytes, to detect corruption
-anything else      the ``metadata`` given to :func:`save`, JSON-encoded
-                   (the trainer stores ``metrics``, ``epoch`` ...)
-=================  =========================================================
+======================  =====================================================
+``format``              ``"cyconv"``;  ``format_version``: ``"2"``
+``architecture``        the model's spec (see :mod:`cyconv.models.spec`)
+``classes``             class names in label order (or null)
+``mean``, ``std``       per-channel normalisation, 0-1 scale (or null)
+``image_size``          ``[H, W]`` the model was trained on (or null)
+``channel_order``       ``"RGB"`` or ``"BGR"``: the order the model expects (or null: RGB)
+``interpolation``       how photos are resized: ``"area"`` (shrinking; linear when
+                        enlarging) or ``"linear"`` (or null: area)
+``checksums``           CRC-32 of every tensor's bytes
+``metadata_checksum``   CRC-32 of all the other metadata fields
+anything else           the ``metadata`` given to :func:`save`, JSON-encoded
+                        (the trainer stores ``metrics``, ``epoch`` ...)
+======================  =====================================================
 
-A resumable training checkpoint (``last.safetensors``, written by
-:class:`cyconv.train.Trainer`) is the same file plus tensors under the
-``optimizer.`` prefix (and ``average.`` for a moving average of the weights)
-and a ``training_state`` metadata field; :func:`load` reads its model too.
-
-Files are written atomically (a temporary file in the same folder, flushed
-and fsync'ed, then renamed over the target), so a crash or ``kill -9`` at any
-moment leaves the old file or the new one, never a broken one.
+Every field is checked on load (type, range, and against the model: as many class
+names as outputs), so a flipped byte anywhere in the file is an error, never a
+different prediction.  A resumable training checkpoint (``last.safetensors``) is
+the same file plus tensors under the ``optimizer.`` and ``average.`` prefixes and
+a ``training_state`` field; :func:`load` reads its model too.
 """
 import json
-import os
-import tempfile
+import math
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from cyconv.files import atomic_write
+
 FORMAT = "cyconv"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 EXTRA_PREFIXES = ("optimizer.", "average.")
-_RESERVED = ("format", "format_version", "architecture", "classes", "mean", "std",
-             "image_size", "checksums")
+MAX_IMAGE_SIDE = 8192
+_PREPROCESSING = ("classes", "mean", "std", "image_size", "channel_order", "interpolation")
+_RESERVED = ("format", "format_version", "architecture", "checksums",
+             "metadata_checksum") + _PREPROCESSING
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
            "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is truncated, corrupted, foreign, or of another architecture."""
-
-
-# ---------------------------------------------------------------------------
-# Atomic writing
-# ---------------------------------------------------------------------------
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(path):
-    """Delete temporary files of ``path`` left by processes that died while writing."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2:].split(".")
-        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() \
-                and not _pid_alive(int(parts[0])):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def atomic_write(path, data):
-    """Write ``data`` (bytes) to ``path``: temporary file, flush, fsync, rename, fsync folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover (platforms without directory fds)
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------
@@ -119,46 +66,58 @@ def _crc(array):
     return zlib.crc32(_contiguous(array).reshape(-1).view(np.uint8).data)
 
 
+def _metadata_crc(text_fields):
+    """CRC-32 of every metadata string but the checksum itself, in a fixed order."""
+    rest = {k: v for k, v in text_fields.items() if k != "metadata_checksum"}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode("utf-8"))
+
+
 def _json_list(value):
     return None if value is None else np.asarray(value).tolist()
 
 
-def save(path, model, metadata=None, *, classes=None, mean=None, std=None, image_size=None,
-         extra_tensors=None):
-    """Write ``model`` (an nn.Sequential) to ``path`` as a safetensors checkpoint.
+def save(model, path, metadata=None, *, extra_tensors=None, **preprocessing):
+    """Write ``model`` to ``path`` as a safetensors checkpoint (atomically).
 
-    ``classes``/``mean``/``std``/``image_size`` default to the model's
-    attributes of those names when it has them (a model from :func:`load`).
-    ``metadata``: dict of JSON-able values, stored JSON-encoded.
+    The argument order is torch.save's (``save(obj, f)``).  ``classes``, ``mean``,
+    ``std``, ``image_size``, ``channel_order``, ``interpolation`` (keywords) default to
+    the model's attributes of those names when it has them (a model from
+    :func:`load`).  ``metadata``: dict of JSON-able values, stored JSON-encoded.
     ``extra_tensors``: more arrays, each key starting with one of :data:`EXTRA_PREFIXES`.
     """
     from safetensors.numpy import save as st_save
 
-    from cyconv.models import architecture
+    from cyconv.models import describe
+    from cyconv.nn import Module
 
+    if isinstance(model, (str, Path)) and isinstance(path, Module):
+        raise TypeError("save(model, path): the model comes first, as in torch.save(obj, f); "
+                        f"got the path {str(model)!r} first")
+    if not isinstance(model, Module):
+        raise TypeError(f"save: expected a cyconv Module, got {type(model).__name__}")
+    unknown = set(preprocessing) - set(_PREPROCESSING)
+    if unknown:
+        raise TypeError(f"save: unexpected keyword(s) {sorted(unknown)}")
     tensors = {key: _contiguous(value) for key, value in model.state_dict().items()}
     for key, value in (extra_tensors or {}).items():
         if not key.startswith(EXTRA_PREFIXES) or key in tensors:
             raise ValueError(f"save: extra tensor key {key!r} must start with one of "
                              f"{EXTRA_PREFIXES} and not be a model key")
         tensors[key] = _contiguous(value)
-    fields = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "architecture": architecture(model),
-        "classes": list(classes) if classes is not None else getattr(model, "classes", None),
-        "mean": _json_list(mean if mean is not None else getattr(model, "mean", None)),
-        "std": _json_list(std if std is not None else getattr(model, "std", None)),
-        "image_size": _json_list(image_size if image_size is not None
-                                 else getattr(model, "image_size", None)),
-        "checksums": {key: _crc(value) for key, value in tensors.items()},
-    }
+    fields = {"architecture": describe(model),
+              "checksums": {key: _crc(value) for key, value in tensors.items()}}
+    for name in _PREPROCESSING:
+        value = preprocessing.get(name)
+        value = getattr(model, name, None) if value is None else value
+        fields[name] = list(value) if name == "classes" and value is not None else (
+            _json_list(value) if name in ("mean", "std", "image_size") else value)
     for key, value in (metadata or {}).items():
         if key in _RESERVED:
             raise ValueError(f"save: metadata key {key!r} is reserved")
         fields[key] = value
-    text = {}
-    for key, value in fields.items():
-        text[key] = value if key in ("format", "format_version") else json.dumps(value)
+    text = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    text.update({key: json.dumps(value) for key, value in fields.items()})
+    text["metadata_checksum"] = str(_metadata_crc(text))
     atomic_write(path, st_save(tensors, metadata=text))
 
 
@@ -230,43 +189,70 @@ def read(path, verify=True):
     from safetensors.numpy import load as st_load
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a pipe or a device?)")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     header = _parse_header(path, data)
     raw = header.get("__metadata__") or {}
     try:
         tensors = st_load(data)
     except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: unreadable safetensors file: {error}") from None
-    metadata = dict(raw)
-    if raw.get("format") == FORMAT:
-        for key, value in raw.items():
-            if key in ("format", "format_version"):
-                continue
-            try:
-                metadata[key] = json.loads(value)
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{path}: corrupted metadata field {key!r}: not valid "
-                                      f"JSON ({value!r:.80})") from None
-        if verify:
-            checksums = metadata.get("checksums")
-            if not isinstance(checksums, dict):
-                raise CheckpointError(f"{path}: metadata field 'checksums' is missing or invalid")
-            for key in sorted(set(checksums) | set(tensors)):
-                if key not in tensors:
-                    raise CheckpointError(f"{path}: tensor {key!r} is missing")
-                if key not in checksums:
-                    raise CheckpointError(f"{path}: tensor {key!r} has no checksum (not "
-                                          "written by cyconv, or the header was altered)")
-                if _crc(tensors[key]) != checksums[key]:
-                    raise CheckpointError(f"{path}: tensor {key!r} is corrupted (its CRC-32 "
-                                          "does not match the one stored when it was saved)")
+    if raw.get("format") != FORMAT:
+        return Checkpoint(path, tensors, dict(raw))
+    metadata = _decode_metadata(path, raw, verify)
+    if verify:
+        _verify_tensors(path, metadata, tensors)
     return Checkpoint(path, tensors, metadata)
 
 
-def _check_against(path, model, tensors):
-    """Every key, shape and dtype of ``tensors`` against the model's state; CheckpointError."""
+def _decode_metadata(path, raw, verify):
+    """The JSON-decoded metadata of a cyconv checkpoint, its checksum verified."""
+    version = raw.get("format_version")
+    if version not in ("1", FORMAT_VERSION):
+        raise CheckpointError(f"{path}: format_version {version!r} is not one this cyconv "
+                              f"reads (1 or {FORMAT_VERSION})")
+    if verify and version != "1":   # version 1 files (cyconv 0.1) have no metadata checksum
+        if raw.get("metadata_checksum") != str(_metadata_crc(raw)):
+            raise CheckpointError(f"{path}: the metadata is corrupted (its CRC-32 does not "
+                                  "match the one stored when it was saved)")
+    metadata = dict(raw)
+    for key, value in raw.items():
+        if key in ("format", "format_version", "metadata_checksum"):
+            continue
+        try:
+            metadata[key] = json.loads(value)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupted metadata field {key!r}: not valid "
+                                  f"JSON ({value!r:.80})") from None
+    return metadata
+
+
+def _verify_tensors(path, metadata, tensors):
+    checksums = metadata.get("checksums")
+    if not isinstance(checksums, dict):
+        raise CheckpointError(f"{path}: metadata field 'checksums' is missing or invalid")
+    for key in sorted(set(checksums) | set(tensors)):
+        if key not in tensors:
+            raise CheckpointError(f"{path}: tensor {key!r} is missing")
+        if key not in checksums:
+            raise CheckpointError(f"{path}: tensor {key!r} has no checksum (not "
+                                  "written by cyconv, or the header was altered)")
+        if _crc(tensors[key]) != checksums[key]:
+            raise CheckpointError(f"{path}: tensor {key!r} is corrupted (its CRC-32 "
+                                  "does not match the one stored when it was saved)")
+
+
+def load_tensors(model, tensors, path="state"):
+    """Load ``tensors`` into ``model`` after checking every key, shape and dtype against
+    the model's state (CheckpointError naming the tensor; nothing changes on error)."""
     expected = model.state_dict()
     for key, value in expected.items():
         if key not in tensors:
@@ -299,17 +285,17 @@ def load_weights(path, model):
     Returns the :class:`Checkpoint`.
     """
     checkpoint = read(path)
-    _check_against(checkpoint.path, model, checkpoint.model_tensors)
+    load_tensors(model, checkpoint.model_tensors, checkpoint.path)
     return checkpoint
 
 
 def load(path):
-    """Rebuild the model saved in checkpoint ``path`` -> an nn.Sequential in eval mode.
+    """Rebuild the model saved in checkpoint ``path`` -> a Module in eval mode.
 
-    The model gets the attributes ``classes`` (list of names or None),
-    ``mean`` and ``std`` ((3,) float32 arrays or None), ``image_size``
-    ((H, W) or None), ``architecture`` (the layer specs) and ``metadata``
-    (every metadata field, decoded).  See :func:`predict`.
+    The model gets the attributes ``classes`` (list of names or None), ``mean``
+    and ``std`` ((3,) float32 arrays or None), ``image_size`` ((H, W) or None),
+    ``channel_order`` ("RGB" or "BGR"), ``interpolation`` ("area" or "linear"), ``architecture``
+    (the spec) and ``metadata`` (every field, decoded).  See :func:`cyconv.predict`.
     """
     from cyconv.models import ArchitectureError, build
 
@@ -324,45 +310,66 @@ def load(path):
     except ArchitectureError as error:
         raise CheckpointError(f"{checkpoint.path}: metadata field 'architecture': "
                               f"{error}") from None
-    _check_against(checkpoint.path, model, checkpoint.model_tensors)
-    for field in ("mean", "std"):
-        value = meta.get(field)
-        if value is not None and np.shape(value) != (3,):
-            raise CheckpointError(f"{checkpoint.path}: metadata field {field!r} must be 3 "
-                                  f"numbers, got {value!r:.80}")
-        setattr(model, field, None if value is None else np.asarray(value, np.float32))
-    classes = meta.get("classes")
-    if classes is not None and not isinstance(classes, list):
-        raise CheckpointError(f"{checkpoint.path}: metadata field 'classes' must be a list")
-    model.classes = classes
-    size = meta.get("image_size")
-    model.image_size = tuple(size) if size is not None else None
+    load_tensors(model, checkpoint.model_tensors, checkpoint.path)
+    for name, value in checked_preprocessing(checkpoint.path, meta, model).items():
+        setattr(model, name, value)
     model.architecture = meta["architecture"]
     model.metadata = meta
     return model.eval()
 
 
-def predict(model, images, batch_size=64):
-    """Logits (N, classes) float32 of a model (in eval mode, without gradients).
+def checked_preprocessing(path, meta, model):
+    """{classes, mean, std, image_size, channel_order, interpolation} of the metadata, each
+    checked for type and range and against the model (CheckpointError naming the field)."""
+    def bad(field, expected):
+        return CheckpointError(f"{path}: metadata field {field!r} must be {expected}, "
+                               f"got {meta.get(field)!r:.80}")
 
-    ``images``: (N, H, W, 3) uint8 RGB images (or a list of them), resized to
-    ``model.image_size`` when needed and normalised with ``model.mean`` /
-    ``model.std``; or an already normalised (N, 3, H, W) float array.
-    """
-    from cyconv._grad_mode import no_grad
-    from cyconv.data import normalize, resize
+    out = {}
+    for field in ("mean", "std"):
+        value = meta.get(field)
+        if value is not None and not (isinstance(value, list) and len(value) == 3 and all(
+                _is_number(v) and math.isfinite(v) for v in value)):
+            raise bad(field, "3 finite numbers")
+        if field == "std" and value is not None and min(value) <= 0:
+            raise bad(field, "3 numbers > 0")
+        out[field] = None if value is None else np.asarray(value, np.float32)
+    size = meta.get("image_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE
+            for v in size)):
+        raise bad("image_size", f"[H, W], whole numbers from 1 to {MAX_IMAGE_SIDE}")
+    out["image_size"] = None if size is None else tuple(size)
+    order = meta.get("channel_order")
+    if order not in (None, "RGB", "BGR"):
+        raise bad("channel_order", '"RGB" or "BGR"')
+    out["channel_order"] = order or "RGB"
+    interpolation = meta.get("interpolation")
+    if interpolation not in (None, "area", "linear"):
+        raise bad("interpolation", '"area" or "linear"')
+    out["interpolation"] = interpolation or "area"
+    out["classes"] = _checked_classes(path, meta.get("classes"), model, out["image_size"])
+    return out
 
-    model.eval()
-    is_float = isinstance(images, np.ndarray) and images.dtype.kind == "f"
-    outputs = []
-    with no_grad():
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            if not is_float:
-                size = getattr(model, "image_size", None)
-                if size is not None:
-                    chunk = [resize(np.asarray(image), size) for image in chunk]
-                chunk = normalize(np.stack(chunk), getattr(model, "mean", None),
-                                  getattr(model, "std", None))
-            outputs.append(model(np.ascontiguousarray(chunk, dtype=np.float32)))
-    return np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_classes(path, classes, model, image_size):
+    if classes is None:
+        return None
+    if not (isinstance(classes, list) and classes and all(
+            isinstance(c, str) and c for c in classes) and len(set(classes)) == len(classes)):
+        raise CheckpointError(f"{path}: metadata field 'classes' must be a list of distinct, "
+                              f"non-empty names, got {classes!r:.80}")
+    if image_size is not None:
+        try:
+            outputs = model.output_shape((1, 3) + image_size)
+        except (ValueError, NotImplementedError) as error:
+            raise CheckpointError(f"{path}: the model does not take the stored image size "
+                                  f"{list(image_size)}: {error}") from None
+        if outputs != (1, len(classes)):
+            raise CheckpointError(f"{path}: {len(classes)} class names but the model gives "
+                                  f"outputs of shape {list(outputs)[1:]}")
+    return list(classes)

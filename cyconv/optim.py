@@ -168,7 +168,7 @@ class ExponentialMovingAverage:
     def update(self):
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for key, value in self.model._state_targets():
+        for key, value in self.model.state_dict(keep_vars=True).items():
             average = self.averages[key]
             if value.dtype.kind == "f":
                 _optim.moving_average_step(average.reshape(-1), value.reshape(-1), decay,

@@ -221,17 +221,33 @@ def test_param_grads_accumulate(rng):
         assert not np.any(p.grad)
 
 
-def test_backward_uses_latest_forward(rng):
+def test_backward_after_two_forwards_or_twice_raises_and_changes_nothing(rng):
+    """One forward, one backward: cyconv keeps the state of one forward, so a backward
+    after two forwards (which one?) and a second backward both raise before any
+    gradient changes; the next forward/backward pair works."""
     c = _case(1, 2, 2, 5, 5, k=3, p=1)
     layer = make_layer(c, np.float64)
     x1, x2 = _input(c, rng, np.float64), _input(c, rng, np.float64)
-    layer(x1)
-    layer(x2)
     dy = rng.standard_normal((1, 2, 5, 5))
     layer.zero_grad()
+    layer(x1)
+    layer(x2)
+    with pytest.raises(RuntimeError, match="forward ran 2 times"):
+        layer.backward(dy)
+    assert not any(np.any(p.grad) for p in layer.parameters())
+    layer(x2)
     layer.backward(dy)
+    grads = [p.grad.copy() for p in layer.parameters()]
     _, rdw, _ = ref_backward(c, layer, x2, dy)
-    np.testing.assert_allclose(layer.parameters()[0].grad, rdw, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(grads[0], rdw, rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="called twice for one forward"):
+        layer.backward(dy)
+    for p, g in zip(layer.parameters(), grads):
+        np.testing.assert_array_equal(p.grad, g)
+    with cyconv.no_grad():
+        layer(x1)   # a forward under no_grad does not count, but keeps nothing
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer.backward(dy)
 
 
 def test_different_batch_sizes_reuse_layer(rng):
@@ -350,6 +366,7 @@ def test_no_grad_forward_equals_grad_forward(dtype, n_threads, threads, rng, for
     layer = make_layer(c, dtype)
     x = _input(c, rng, dtype)
     y = layer(x).copy()
+    layer.discard_saved()   # that forward is not backpropagated
     with cyconv.no_grad():
         y_ng = layer(x)
     np.testing.assert_array_equal(y, y_ng)

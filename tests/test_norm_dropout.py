@@ -130,11 +130,13 @@ def test_bn_running_var_is_unbiased():
 def test_bn_eval_uses_running_stats(dtype, rng):
     C = 3
     layer = _bn(C, dtype, rng, eps=1e-3)
-    for _ in range(3):
-        layer((rng.standard_normal((3, C, 4, 4)) * 3 + 1).astype(dtype))
+    with cyconv.no_grad():   # train mode: the running statistics move
+        for _ in range(3):
+            layer((rng.standard_normal((3, C, 4, 4)) * 3 + 1).astype(dtype))
     sd = _state(layer)
     x = (rng.standard_normal((2, C, 5, 3)) * 3 + 1).astype(dtype)
-    y_train = layer(x)
+    with cyconv.no_grad():
+        y_train = layer(x)
     sd = _state(layer)  # includes the update made by x
     layer.eval()
     assert not layer.training
@@ -164,7 +166,8 @@ def test_bn_eval_uses_running_stats(dtype, rng):
 
 def test_bn_eval_finite_differences(rng):
     layer = _bn(2, np.float64, rng)
-    layer(rng.standard_normal((3, 2, 3, 3)) + 2)
+    with cyconv.no_grad():
+        layer(rng.standard_normal((3, 2, 3, 3)) + 2)
     layer.eval()
     x = rng.standard_normal((2, 2, 2, 3))
     Rm = rng.standard_normal(x.shape)

@@ -6,6 +6,7 @@ import reference as R
 from conftest import DTYPES, FD_TOL, assert_close, distinct, finite_difference
 
 from cyconv import nn
+from cyconv.nn import array_pool
 
 
 def _random_cases(n=24, seed=777):
@@ -135,16 +136,16 @@ def test_maxpool_nan_wins_its_window(kernel, stride, dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 8, 10), (2, 3, 9, 11), (1, 2, 7, 6), (1, 1, 2, 3)])
 def test_maxpool_2x2_gradient_overwrites_a_reused_buffer(shape, dtype, rng):
-    # inside a Sequential the input gradient goes to a buffer kept between steps; the
-    # 2x2/2 backward writes every element once (no zero fill first), also the row and
-    # column that no window covers when H or W is odd
+    # the input gradient goes to an array reused from step to step; the 2x2/2 backward
+    # writes every element once (no zero fill first), also the row and column that no
+    # window covers when H or W is odd
     model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
     for step in range(2):
         x = np.abs(distinct(rng, shape, dtype)) + 1   # positive: ReLU passes every gradient
         y = model(x)
         dy = rng.standard_normal(y.shape).astype(dtype)
         if step:   # stale values must not survive
-            model.layers[1]._workspaces["grad_input"][...] = np.nan
+            array_pool.fill_free(np.nan)
         dx = model.backward(dy)
         np.testing.assert_array_equal(dx, R.max_pool2d_backward(x, dy, 2).astype(dtype))
 

@@ -1,4 +1,4 @@
-"""Activations: ReLU and LeakyReLU (elementwise kernels over the flattened array)."""
+"""Activations: ReLU, ReLU6 and LeakyReLU (elementwise kernels over the flattened array)."""
 
 from cyconv import _activation
 from cyconv._checks import as_float_array, as_grad_output, number_in
@@ -6,13 +6,34 @@ from cyconv._threads import threads_for
 from cyconv.nn.module import Module
 
 
-class ReLU(Module):
-    """y = max(x, 0); dx = dy where y > 0, else 0.  Any shape."""
+class _Elementwise(Module):
+    """An activation whose gradient is a mask or a scale read from its output (ReLU,
+    ReLU6) or its input (LeakyReLU): any shape in, the same shape out."""
 
-    def forward(self, x):
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def _apply(self, kernel, x, *args):
         x = as_float_array(self, x)
         out = self._output_array(x.shape, x.dtype)
-        _activation.relu_forward(x.reshape(-1), out.reshape(-1), threads_for(x.size))
+        kernel(x.reshape(-1), out.reshape(-1), *args, threads_for(x.size))
+        return x, out
+
+    def _backward_through(self, kernel, kept, grad_output, input_grad, *args):
+        grad_output = as_grad_output(self, grad_output, kept.shape, kept.dtype)
+        if not input_grad:
+            return None
+        grad_input = self._grad_input_array(kept.shape, kept.dtype)
+        kernel(kept.reshape(-1), grad_output.reshape(-1), grad_input.reshape(-1), *args,
+               threads_for(kept.size))
+        return grad_input
+
+
+class ReLU(_Elementwise):
+    """y = max(x, 0), NaN kept; dx = dy where y > 0, else 0."""
+
+    def forward(self, x):
+        _, out = self._apply(_activation.relu_forward, x)
         self._save_for_backward(out, False)
         return out
 
@@ -26,19 +47,27 @@ class ReLU(Module):
 
     def backward(self, grad_output, input_grad=True):
         out, absorbed = self._saved_for_backward()
-        grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
-        if not input_grad:
-            return None
         if absorbed:
-            return grad_output
-        grad_input = self._grad_input_array(out.shape, out.dtype)
-        _activation.relu_backward(out.reshape(-1), grad_output.reshape(-1),
-                                  grad_input.reshape(-1), threads_for(out.size))
-        return grad_input
+            grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
+            return grad_output if input_grad else None
+        return self._backward_through(_activation.relu_backward, out, grad_output, input_grad)
 
 
-class LeakyReLU(Module):
-    """y = x where x > 0, else negative_slope * x.  Any shape."""
+class ReLU6(_Elementwise):
+    """y = min(max(x, 0), 6), NaN kept (MobileNetV2); dx = dy where 0 < y < 6, else 0."""
+
+    def forward(self, x):
+        _, out = self._apply(_activation.relu6_forward, x)
+        self._save_for_backward(out)
+        return out
+
+    def backward(self, grad_output, input_grad=True):
+        (out,) = self._saved_for_backward()
+        return self._backward_through(_activation.relu6_backward, out, grad_output, input_grad)
+
+
+class LeakyReLU(_Elementwise):
+    """y = x where x > 0, else negative_slope * x."""
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
@@ -46,23 +75,14 @@ class LeakyReLU(Module):
                                         -float("inf"), float("inf"))
 
     def forward(self, x):
-        x = as_float_array(self, x)
-        out = self._output_array(x.shape, x.dtype)
-        _activation.leaky_relu_forward(x.reshape(-1), out.reshape(-1), self.negative_slope,
-                                       threads_for(x.size))
+        x, out = self._apply(_activation.leaky_relu_forward, x, self.negative_slope)
         self._save_for_backward(x)
         return out
 
     def backward(self, grad_output, input_grad=True):
         (x,) = self._saved_for_backward()
-        grad_output = as_grad_output(self, grad_output, x.shape, x.dtype)
-        if not input_grad:
-            return None
-        grad_input = self._grad_input_array(x.shape, x.dtype)
-        _activation.leaky_relu_backward(x.reshape(-1), grad_output.reshape(-1),
-                                        grad_input.reshape(-1), self.negative_slope,
-                                        threads_for(x.size))
-        return grad_input
+        return self._backward_through(_activation.leaky_relu_backward, x, grad_output,
+                                      input_grad, self.negative_slope)
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"

@@ -2,10 +2,10 @@
 import numpy as np
 
 from cyconv import _conv
-from cyconv._checks import (as_grad_output, as_input, fits_int32, float_dtype, positive_int,
-                            positive_pair)
+from cyconv._checks import (as_grad_output, as_input, check_shape, fits_int32, float_dtype,
+                            positive_int, positive_pair)
 from cyconv._random import generator
-from cyconv._threads import get_num_threads
+from cyconv._threads import blas_single_threaded, get_num_threads
 from cyconv.nn._init import kaiming_uniform
 from cyconv.nn.activation import ReLU
 from cyconv.nn.module import Module, Parameter
@@ -16,9 +16,11 @@ def output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def geometry(layer, x_shape, kernel, stride, padding, dilation):
-    """The kernels' Geometry dict for an input of x_shape, or ValueError when too small."""
+def geometry(layer, x_shape, kernel, stride, padding, dilation, groups=1):
+    """The kernels' Geometry dict for an input of x_shape (channels: those of one group),
+    or ValueError when the input is too small."""
     _, channels, height, width = x_shape
+    channels //= groups
     out_h = output_size(height, kernel[0], stride[0], padding[0], dilation[0])
     out_w = output_size(width, kernel[1], stride[1], padding[1], dilation[1])
     span_h, span_w = (kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1
@@ -61,19 +63,21 @@ def empty(ndim, dtype):
 
 
 class Conv2d(Module):
-    """y[n, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * x_pad[n, c, s*h + d*i, s*w + d*j]
+    """y[n, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * x_pad[n, g(o)*C/G + c, s*h + d*i, s*w + d*j]
 
     Shapes: x (N, C_in, H, W) -> y (N, C_out, OH, OW) with
     OH = floor((H + 2*padding - dilation*(kernel - 1) - 1) / stride) + 1 (likewise OW);
-    weight (C_out, C_in, kh, kw), bias (C_out,).  kernel_size, stride, padding
-    and dilation take an int or an (h, w) pair.
+    weight (C_out, C_in/groups, kh, kw), bias (C_out,).  kernel_size, stride, padding
+    and dilation take an int or an (h, w) pair.  groups G splits the channels: output
+    channel o (in group g(o) = o // (C_out/G)) sees the C_in/G input channels of its
+    group only; groups = C_in is a depthwise convolution (C_out = C_in * multiplier).
 
     fuse_relu=True applies max(., 0) inside the kernel (Conv2d + ReLU in one pass);
     its backward then masks the gradient by the output's sign.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 bias=True, dtype=np.float32, seed=None, fuse_relu=False):
+                 groups=1, bias=True, dtype=np.float32, seed=None, fuse_relu=False):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
@@ -81,20 +85,29 @@ class Conv2d(Module):
         self.stride = positive_pair("stride", stride)
         self.padding = positive_pair("padding", padding, minimum=0)
         self.dilation = positive_pair("dilation", dilation)
+        self.groups = positive_int("groups", groups)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"Conv2d: groups must divide in_channels and out_channels, got "
+                             f"groups={self.groups} for {self.in_channels} -> "
+                             f"{self.out_channels} channels")
         self.dtype = float_dtype(dtype)
         self.fuse_relu = bool(fuse_relu)
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        group_channels = self.in_channels // self.groups
+        fan_in = group_channels * self.kernel_size[0] * self.kernel_size[1]
         rng = generator(seed)
         self.weight = Parameter(kaiming_uniform(
-            (self.out_channels, self.in_channels) + self.kernel_size, fan_in, self.dtype, rng))
-        self._parameters["weight"] = self.weight
-        self.bias = None
-        if bias:
-            self.bias = Parameter(kaiming_uniform((self.out_channels,), fan_in, self.dtype, rng))
-            self._parameters["bias"] = self.bias
+            (self.out_channels, group_channels) + self.kernel_size, fan_in, self.dtype, rng))
+        self.bias = (Parameter(kaiming_uniform((self.out_channels,), fan_in, self.dtype, rng))
+                     if bias else None)
 
     def _geometry(self, x_shape):
-        return geometry(self, x_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+        return geometry(self, x_shape, self.kernel_size, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def output_shape(self, input_shape):
+        check_shape(self, input_shape, ("N", self.in_channels, "H", "W"))
+        g = self._geometry(input_shape)
+        return (input_shape[0], self.out_channels, g["out_height"], g["out_width"])
 
     def forward(self, x):
         return self._forward(x, self.fuse_relu)
@@ -103,23 +116,29 @@ class Conv2d(Module):
         """A ReLU right after this conv can run inside its kernels (see Sequential)."""
         return type(next_layer) is ReLU and not self.fuse_relu
 
+    def _uses_direct_kernel(self):
+        return (self.groups == 1 and self.weight.data[0].size <= DIRECT_MAX_TAPS
+                and self.stride[1] <= DIRECT_MAX_STRIDE)
+
     def _forward(self, x, fuse_relu):
         x = as_input(self, x, ("N", self.in_channels, "H", "W"), self.dtype)
         g = self._geometry(x.shape)
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
                                  self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
-        threads = get_num_threads()
-        if self.weight.data[0].size <= DIRECT_MAX_TAPS and self.stride[1] <= DIRECT_MAX_STRIDE:
+        threads = min(get_num_threads(), max(1, x.shape[0] * g["out_height"]))
+        if self._uses_direct_kernel():
             row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
                             * _conv.direct_row_length(g))
             prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
             _conv.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out, g,
                                         fuse_relu, threads)
         else:
-            rows, cols = self._tile_workspace("cols", g)
-            _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, rows, fuse_relu,
-                                 threads)
+            threads = min(threads, max(1, x.shape[0]))
+            rows, cols = self._tile_workspace("cols", g, threads)
+            with blas_single_threaded():
+                _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, self.groups,
+                                     rows, fuse_relu, threads)
         # backward rebuilds the columns from x; the output is kept only as a ReLU mask
         self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
         return out
@@ -130,10 +149,10 @@ class Conv2d(Module):
         p = g["out_height"] * g["out_width"]
         grad_output = as_grad_output(self, grad_output, (n, oc, g["out_height"], g["out_width"]),
                                      self.dtype)
-        threads = get_num_threads()
-        rows, cols = self._tile_workspace("cols", g)
+        threads = min(get_num_threads(), max(1, n))
+        rows, cols = self._tile_workspace("cols", g, threads)
         if input_grad:
-            _, grad_cols = self._tile_workspace("grad_cols", g)
+            _, grad_cols = self._tile_workspace("grad_cols", g, threads)
             grad_input = self._grad_input_array(x.shape, self.dtype)
         else:
             grad_cols, grad_input = empty(2, self.dtype), empty(4, self.dtype)
@@ -144,18 +163,19 @@ class Conv2d(Module):
             bias_parts = self._workspace("grad_bias_parts", (n, oc), self.dtype)
         else:
             grad_bias, bias_parts = empty(1, self.dtype), empty(2, self.dtype)
-        _conv.conv2d_backward(grad_output, x, out, self._flat_weight(),
-                              self.weight.grad.reshape(oc, k), grad_bias,
-                              self._workspace("grad_weight_parts", (n, oc, k), self.dtype),
-                              bias_parts, cols, grad_cols, masked, grad_input, g, rows,
-                              fuse_relu, input_grad, threads)
+        with blas_single_threaded():
+            _conv.conv2d_backward(grad_output, x, out, self._flat_weight(),
+                                  self.weight.grad.reshape(oc, k), grad_bias,
+                                  self._workspace("grad_weight_parts", (n, oc, k), self.dtype),
+                                  bias_parts, cols, grad_cols, masked, grad_input, g,
+                                  self.groups, rows, fuse_relu, input_grad, threads)
         return grad_input if input_grad else None
 
     def _flat_weight(self):
-        """The weight as the (out_channels, in_channels*kh*kw) matrix the kernels use."""
+        """The weight as the (out_channels, in_channels/groups*kh*kw) matrix the kernels use."""
         return self.weight.data.reshape(self.out_channels, -1)
 
-    def _tile_workspace(self, name, g):
+    def _tile_workspace(self, name, g, threads):
         """(output rows per tile, a (threads, K * rows * OW) workspace) for im2col tiles.
 
         A tile holds whole output rows, as many as keep its columns within
@@ -165,9 +185,7 @@ class Conv2d(Module):
         k = self.weight.data[0].size
         row_bytes = k * g["out_width"] * self.dtype.itemsize
         rows = max(1, min(g["out_height"], TILE_BYTES // row_bytes))
-        workspace = self._workspace(name, (get_num_threads(), k * rows * g["out_width"]),
-                                    self.dtype)
-        return rows, workspace
+        return rows, self._workspace(name, (threads, k * rows * g["out_width"]), self.dtype)
 
     def extra_repr(self):
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -176,6 +194,8 @@ class Conv2d(Module):
             text += f", padding={self.padding}"
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
         if self.bias is None:
             text += ", bias=False"
         if self.fuse_relu:

@@ -24,6 +24,9 @@ class Dropout(Module):
         self.seed = int(generator(seed).integers(0, 2**63)) if seed is None else int(seed)
         self.calls = 0
 
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
     def _call_seed(self):
         """The 64-bit seed of this call's mask, mixed from (seed, calls)."""
         return int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1, np.uint64)[0])

@@ -2,9 +2,10 @@
 import numpy as np
 
 from cyconv import _linear
-from cyconv._checks import as_float_array, as_grad_output, as_input, float_dtype, positive_int
+from cyconv._checks import (as_float_array, as_grad_output, as_input, check_shape, float_dtype,
+                            positive_int)
 from cyconv._random import generator
-from cyconv._threads import threads_for
+from cyconv._threads import blas_single_threaded, threads_for
 from cyconv.nn._init import kaiming_uniform
 from cyconv.nn.conv import empty
 from cyconv.nn.module import Module, Parameter
@@ -22,19 +23,20 @@ class Linear(Module):
         rng = generator(seed)
         self.weight = Parameter(kaiming_uniform((self.out_features, self.in_features),
                                                 self.in_features, self.dtype, rng))
-        self._parameters["weight"] = self.weight
-        self.bias = None
-        if bias:
-            self.bias = Parameter(kaiming_uniform((self.out_features,), self.in_features,
-                                                  self.dtype, rng))
-            self._parameters["bias"] = self.bias
+        self.bias = (Parameter(kaiming_uniform((self.out_features,), self.in_features,
+                                               self.dtype, rng)) if bias else None)
+
+    def output_shape(self, input_shape):
+        check_shape(self, input_shape, ("N", self.in_features))
+        return (input_shape[0], self.out_features)
 
     def forward(self, x):
         x = as_input(self, x, ("N", self.in_features), self.dtype)
         out = self._output_array((x.shape[0], self.out_features), self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
-        _linear.linear_forward(x, self.weight.data, bias, out,
-                               threads_for(x.shape[0] * self.weight.data.size))
+        with blas_single_threaded():
+            _linear.linear_forward(x, self.weight.data, bias, out,
+                                   threads_for(x.shape[0] * self.weight.data.size))
         self._save_for_backward(x)
         return out
 
@@ -44,9 +46,10 @@ class Linear(Module):
                                      self.dtype)
         grad_input = self._grad_input_array(x.shape, x.dtype) if input_grad else empty(2, self.dtype)
         grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
-        _linear.linear_backward(grad_output, x, self.weight.data, self.weight.grad, grad_bias,
-                                grad_input, input_grad,
-                                threads_for(x.shape[0] * self.weight.data.size))
+        with blas_single_threaded():
+            _linear.linear_backward(grad_output, x, self.weight.data, self.weight.grad,
+                                    grad_bias, grad_input, input_grad,
+                                    threads_for(x.shape[0] * self.weight.data.size))
         return grad_input if input_grad else None
 
     def extra_repr(self):
@@ -57,15 +60,19 @@ class Linear(Module):
 class Flatten(Module):
     """x (N, d1, d2, ...) -> (N, d1*d2*...): a reshape, no copy of contiguous data."""
 
+    def output_shape(self, input_shape):
+        if len(input_shape) < 1:
+            raise ValueError(f"Flatten: expected an array with a batch dimension, got shape "
+                             f"{tuple(input_shape)}")
+        return (input_shape[0], int(np.prod(input_shape[1:], dtype=np.int64)))
+
     def forward(self, x):
         x = as_float_array(self, x)
-        if x.ndim < 1:
-            raise ValueError(f"Flatten: expected an array with a batch dimension, got shape {x.shape}")
+        flat_shape = self.output_shape(x.shape)
         self._save_for_backward(x.shape, x.dtype)
-        return x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))  # N may be 0
+        return x.reshape(flat_shape)  # N may be 0
 
     def backward(self, grad_output, input_grad=True):
         x_shape, dtype = self._saved_for_backward()
-        flat_shape = (x_shape[0], int(np.prod(x_shape[1:], dtype=np.int64)))
-        grad_output = as_grad_output(self, grad_output, flat_shape, dtype)
+        grad_output = as_grad_output(self, grad_output, self.output_shape(x_shape), dtype)
         return grad_output.reshape(x_shape) if input_grad else None

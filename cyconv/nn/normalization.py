@@ -2,7 +2,8 @@
 import numpy as np
 
 from cyconv import _norm
-from cyconv._checks import as_grad_output, as_input, float_dtype, number_in, positive_int
+from cyconv._checks import (as_grad_output, as_input, check_shape, float_dtype, number_in,
+                            positive_int)
 from cyconv._threads import threads_for
 from cyconv.nn.activation import ReLU
 from cyconv.nn.conv import empty
@@ -33,14 +34,17 @@ class BatchNorm2d(Module):
         c = self.num_features
         self.weight = Parameter(np.ones(c, self.dtype))
         self.bias = Parameter(np.zeros(c, self.dtype))
-        self._parameters["weight"] = self.weight
-        self._parameters["bias"] = self.bias
-        self.running_mean = np.zeros(c, self.dtype)
-        self.running_var = np.ones(c, self.dtype)
-        self.num_batches_tracked = np.zeros((), np.int64)
-        self._buffers["running_mean"] = self.running_mean
-        self._buffers["running_var"] = self.running_var
-        self._buffers["num_batches_tracked"] = self.num_batches_tracked
+        self.register_buffer("running_mean", np.zeros(c, self.dtype))
+        self.register_buffer("running_var", np.ones(c, self.dtype))
+        self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+
+    def output_shape(self, input_shape):
+        return check_shape(self, input_shape, ("N", self.num_features, "H", "W"))
+
+    def _state_problem(self, name, value):
+        if name == "running_var" and value.size and value.min() < 0:
+            return f"has a negative variance ({value.min()!r})"
+        return None
 
     def forward(self, x):
         return self._forward(x, False)

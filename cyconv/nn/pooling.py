@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv import _pool
-from cyconv._checks import as_grad_output, as_input, positive_pair
+from cyconv._checks import as_grad_output, as_input, check_shape, positive_pair
 from cyconv._grad_mode import is_grad_enabled
 from cyconv._threads import threads_for
 from cyconv.nn.conv import empty, geometry
@@ -21,10 +21,18 @@ class _Pool2d(Module):
             raise ValueError(f"{type(self).__name__}: padding should be at most half of the "
                              f"kernel size {self.kernel_size}, got {self.padding}")
 
+    def _geometry(self, x_shape):
+        return geometry(self, x_shape, self.kernel_size, self.stride, self.padding, (1, 1))
+
+    def output_shape(self, input_shape):
+        check_shape(self, input_shape, ("N", "C", "H", "W"))
+        g = self._geometry(input_shape)
+        return tuple(input_shape[:2]) + (g["out_height"], g["out_width"])
+
     def _prepare(self, x):
-        """(x checked and contiguous, its geometry, a fresh output array)."""
+        """(x checked and contiguous, its geometry, the output array)."""
         x = as_input(self, x, ("N", "C", "H", "W"))
-        g = geometry(self, x.shape, self.kernel_size, self.stride, self.padding, (1, 1))
+        g = self._geometry(x.shape)
         out = self._output_array(x.shape[:2] + (g["out_height"], g["out_width"]), x.dtype)
         return x, g, out
 
@@ -102,6 +110,10 @@ class AdaptiveAvgPool2d(Module):
             raise ValueError("AdaptiveAvgPool2d: only output_size 1 (global average pooling) "
                              f"is supported, got {output_size!r}")
         self.output_size = (1, 1)
+
+    def output_shape(self, input_shape):
+        check_shape(self, input_shape, ("N", "C", "H", "W"))
+        return tuple(input_shape[:2]) + (1, 1)
 
     def forward(self, x):
         x = as_input(self, x, ("N", "C", "H", "W"))
