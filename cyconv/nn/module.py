@@ -9,7 +9,8 @@ A layer (Module) has
     named_modules()           PyTorch's names and order ("layer1.0.conv1.weight")
     train() / eval()          the mode (BatchNorm and Dropout behave differently)
     state_dict() / load_state_dict(sd)   PyTorch's keys and layouts
-    register_forward_hook(h), register_full_backward_hook(h)   PyTorch's hooks
+    register_forward_hook(h), register_full_backward_hook(h) and their _pre_ forms:
+                              PyTorch's hooks
 
 Sub-modules and Parameters assigned as attributes (``self.conv1 = Conv2d(...)``)
 are registered in the order they were assigned, as in PyTorch.
@@ -137,6 +138,10 @@ def _tracked_backward(backward):
         with _Nested() as depth, _NamingErrors(self, depth == 1):
             if depth == 1:
                 self._check_backward_allowed()
+            for hook in list(self._backward_pre_hooks.values()):
+                result = hook(self, (grad_output,))
+                if result is not None:
+                    grad_output = result[0] if isinstance(result, tuple) else result
             self.__dict__["_in_backward"] = True
             try:
                 grad_input = backward(self, grad_output, input_grad)
@@ -171,7 +176,9 @@ class Module:
         d["_parameters"] = OrderedDict()   # name -> Parameter (or None), assignment order
         d["_buffers"] = OrderedDict()      # name -> ndarray (running statistics)
         d["_modules"] = OrderedDict()      # name -> sub-module, assignment order
+        d["_forward_pre_hooks"] = OrderedDict()
         d["_forward_hooks"] = OrderedDict()
+        d["_backward_pre_hooks"] = OrderedDict()
         d["_backward_hooks"] = OrderedDict()
         d["_workspaces"] = {}              # name -> scratch array reused across calls
         d["_saved"] = None                 # what backward needs, set by forward
@@ -217,6 +224,10 @@ class Module:
         if top:
             _calls.generation = next(_generations)
         with _Nested(), _NamingErrors(self, top):
+            for hook in list(self._forward_pre_hooks.values()):
+                result = hook(self, (x,))
+                if result is not None:
+                    x = result[0] if isinstance(result, tuple) else result
             out = self.forward(x)
             for hook in list(self._forward_hooks.values()):
                 result = hook(self, (x,), out)
@@ -238,23 +249,37 @@ class Module:
         (ValueError, as forward would raise, for a shape the module does not take)."""
         raise NotImplementedError(f"{type(self).__name__} does not define output_shape")
 
+    def register_forward_pre_hook(self, hook):
+        """``hook(module, inputs)`` before every forward; a non-None return value replaces
+        the input.  ``inputs`` is a 1-tuple, as in PyTorch."""
+        return self._add_hook(self._forward_pre_hooks, hook)
+
+    def register_full_backward_pre_hook(self, hook):
+        """``hook(module, grad_output)`` before every backward; a non-None return value
+        replaces grad_output (1-tuples, as in PyTorch)."""
+        return self._add_hook(self._backward_pre_hooks, hook)
+
+    @staticmethod
+    def _add_hook(hooks, hook):
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
     def register_forward_hook(self, hook):
         """``hook(module, inputs, output)`` after every forward; a non-None return value
         replaces the output.  ``inputs`` is a 1-tuple, as in PyTorch."""
-        handle = RemovableHandle(self._forward_hooks)
-        self._forward_hooks[handle.id] = hook
-        return handle
+        return self._add_hook(self._forward_hooks, hook)
 
     def register_full_backward_hook(self, hook):
         """``hook(module, grad_input, grad_output)`` after every backward (1-tuples; the
         gradient is None when input_grad=False); a non-None return value replaces
         grad_input.  After it runs, this module's parameter gradients are final."""
-        handle = RemovableHandle(self._backward_hooks)
-        self._backward_hooks[handle.id] = hook
-        return handle
+        return self._add_hook(self._backward_hooks, hook)
 
     def _hooked(self):
-        return bool(self._forward_hooks or self._backward_hooks)
+        """True when a hook watches this module (it then runs alone, never fused)."""
+        return bool(self._forward_pre_hooks or self._forward_hooks or
+                    self._backward_pre_hooks or self._backward_hooks)
 
     # -- what forward keeps for backward ------------------------------------------
     def _save_for_backward(self, *values):
