@@ -26,14 +26,15 @@ def available_cores():
         return os.cpu_count() or 1
 
 
-def max_threads():
+def max_num_threads():
+    """The most threads set_num_threads accepts: 4 per core this process may use."""
     return THREADS_PER_CORE * available_cores()
 
 
 def _default_num_threads():
     """OMP_NUM_THREADS when it is a usable number, else the available cores."""
     from_env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if from_env.isdigit() and 1 <= int(from_env) <= max_threads():
+    if from_env.isdigit() and 1 <= int(from_env) <= max_num_threads():
         return int(from_env)
     return available_cores()
 
@@ -51,8 +52,8 @@ def set_num_threads(n):
     import numpy as np
     global _num_threads
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) \
-            or not 1 <= n <= max_threads():
-        raise ValueError(f"set_num_threads: expected an int from 1 to {max_threads()} "
+            or not 1 <= n <= max_num_threads():
+        raise ValueError(f"set_num_threads: expected an int from 1 to {max_num_threads()} "
                          f"({THREADS_PER_CORE} per core, {available_cores()} cores here), "
                          f"got {n!r}")
     _num_threads = int(n) if _parallel.openmp_enabled() else 1

@@ -9,26 +9,24 @@ writes it); --split FILE names another split file and --part another part
 in --data (also used, with a note, when there is no split file).  The model's
 stored classes pick the sub-folders of --data.  Prints the accuracy, a table
 of precision, recall and F1 per class and the confusion matrix, and writes
-the matrix as a picture to --out (default confusion_matrix.png).
+the matrix as a picture to --out (default: evaluation_<part>.png next to the
+checkpoint, e.g. runs/animals/evaluation_test.png; the path is printed).
 
 --blur SIGMA first blurs every image (Gaussian, SIGMA pixels at the model's
 input size): a check of what a model relies on.  A model that took "blurred
 background" as a sign of one class names blurred photos of every class so.
 """
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
 
 import cv2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import fail, float_range, int_range, load_model, png_path, run, threads
 
-from cyconv.data import LAYOUT, DataLoader, ImageFolder, Subset, load_split  # noqa: E402
-from cyconv.train import evaluate, format_confusion, plot_confusion  # noqa: E402
-
-from predict import fail, load_model  # noqa: E402
+from cyconv.data import LAYOUT, DataLoader, ImageFolder, Subset, load_split
+from cyconv.train import evaluate, format_confusion, plot_confusion
 
 
 def parse_args(argv=None):
@@ -40,14 +38,15 @@ def parse_args(argv=None):
     p.add_argument("--part", choices=("train", "valid", "test"), default="test",
                    help="part of the split to evaluate (default test)")
     p.add_argument("--all", action="store_true", help="every image in --data, no split")
-    p.add_argument("--out", default="confusion_matrix.png",
-                   help="confusion-matrix picture (default confusion_matrix.png)")
-    p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
+    p.add_argument("--out", type=png_path, help="confusion-matrix picture (default: "
+                   "evaluation_<part>.png next to the checkpoint)")
+    p.add_argument("--blur", type=float_range(0, 1000), default=0.0, metavar="SIGMA",
                    help="Gaussian blur of this sigma in pixels (at the model's input size) "
                         "on every image first (default: none)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="data-loading threads (default 2)")
-    p.add_argument("--threads", type=int, help="kernel threads (default: every core)")
+    p.add_argument("--batch-size", type=int_range(1, 4096), default=64)
+    p.add_argument("--workers", type=int_range(0, 64), default=2,
+                   help="data-loading threads (default 2)")
+    p.add_argument("--threads", type=threads, help="kernel threads (default: every core)")
     return p.parse_args(argv)
 
 
@@ -68,8 +67,6 @@ class Blurred:
 
 def main(argv=None):
     args = parse_args(argv)
-    if not (math.isfinite(args.blur) and args.blur >= 0):
-        fail(f"--blur: expected a sigma >= 0 in pixels, got {args.blur}")
     model = load_model(args.checkpoint, args.threads, require_image_size=True)
     root = Path(args.data)
     if not root.is_dir():
@@ -117,7 +114,9 @@ def main(argv=None):
               f"{result['f1'][i]:10.3f}" + str(sum(result["confusion"][i])).rjust(8))
     print("\nconfusion matrix (rows: true class, columns: predicted):")
     print(format_confusion(result["confusion"], classes))
-    out = Path(args.out)
+    part = "all" if split is None else args.part
+    out = args.out or Path(args.checkpoint).parent / (
+        f"evaluation_{part}" + (f"_blur{args.blur:g}" if args.blur else "") + ".png")
     plot_confusion(result["confusion"], classes, out,
                    f"{Path(args.checkpoint).name}: accuracy {result['accuracy']:.3f}")
     print(f"\nwrote {out}")
@@ -125,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

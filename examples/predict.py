@@ -1,14 +1,15 @@
 """Classify images with a trained checkpoint.
 
-    python examples/predict.py runs/animals/best.safetensors photo.jpg other.png pictures/
+    python examples/predict.py runs/animals/best.safetensors ../shared/datasets/images/dog.jpg
+    python examples/predict.py runs/animals/best.safetensors ../shared/datasets/images/
 
 Loads the model with ``cyconv.load`` (which brings back its classes, input
-size and normalisation), resizes and normalises each image the same way it
-was trained, and prints the top classes with their probabilities.  A folder
-argument predicts every image in it (sorted; add --recursive for sub-folders).
-Images go through the model in batches of --batch-size.  An image that cannot
-be read is reported by name on stderr and the others still run; the exit
-status is then 1 (2 for a bad checkpoint or command line).
+size and preprocessing), prepares each image the way the model was trained,
+and prints the top classes with their probabilities.  A folder argument
+predicts every image in it (sorted; --recursive for sub-folders).  Images go
+through the model in batches of --batch-size.  An image that cannot be read
+is named on stderr and the others still run; the exit status is then 1 (2 for
+a bad checkpoint or command line).
 """
 import argparse
 import sys
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import fail, int_range, load_model, run, threads
 
-import cyconv  # noqa: E402
-from cyconv.checkpoint import CheckpointError  # noqa: E402
-from cyconv.data import IMAGE_EXTENSIONS, CorruptImageError, read_image, resize  # noqa: E402
+import cyconv
+from cyconv.data import IMAGE_EXTENSIONS, CorruptImageError, read_image
+from cyconv.explain import softmax
 
 
 def parse_args(argv=None):
@@ -28,39 +29,19 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .safetensors file written by cyconv (best.safetensors)")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--top", type=int, default=3, help="classes to print per image (default 3)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--top", type=int_range(1), default=3, help="classes per image (default 3)")
+    p.add_argument("--batch-size", type=int_range(1, 4096), default=32,
+                   help="images per forward pass (default 32)")
     p.add_argument("--recursive", action="store_true", help="also look in sub-folders")
-    p.add_argument("--image-size", type=int,
+    p.add_argument("--image-size", type=int_range(8, 4096),
                    help="input side in pixels, for a checkpoint that does not store one")
-    p.add_argument("--threads", type=int, help="kernel threads (default: every core)")
+    p.add_argument("--threads", type=threads, help="kernel threads (default: every core)")
     return p.parse_args(argv)
 
 
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def load_model(path, threads=None, require_image_size=False):
-    """cyconv.load(path) (kernels on `threads` threads when given), or exit with a clear
-    message; require_image_size: the checkpoint must say what size its images were."""
-    try:
-        model = cyconv.load(path)
-    except FileNotFoundError:
-        fail(f"checkpoint {path} does not exist")
-    except (CheckpointError, OSError) as error:
-        fail(f"cannot load checkpoint {path}: {error}")
-    if threads:
-        cyconv.set_num_threads(threads)
-    if require_image_size and model.image_size is None:
-        fail(f"checkpoint {path} stores no image size")
-    return model
-
-
 def expand(paths, recursive=False):
-    """Image files of the arguments, folders expanded (sorted); missing paths are kept
-    (they are reported as unreadable later)."""
+    """Image files of the arguments, folders expanded (sorted); other paths are kept (they
+    are reported as unreadable later)."""
     files = []
     for arg in paths:
         path = Path(arg)
@@ -75,39 +56,30 @@ def expand(paths, recursive=False):
     return files
 
 
-def softmax(logits):
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
-def read(path, size):
-    """The image resized to the model's input, or the reason it cannot be read."""
+def read(path):
+    """(the image, None), or (None, why it cannot be read)."""
+    if not path.exists():
+        return None, "no such file"
     try:
-        if not path.is_file():
-            return None, "no such file" if not path.exists() else "not a file"
-        image = read_image(path)
-    except (CorruptImageError, OSError, ValueError) as error:
+        return read_image(path), None
+    except CorruptImageError as error:
         return None, str(error)
-    return (resize(image, size) if size else image), None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.top < 1 or args.batch_size < 1:
-        fail("--top and --batch-size must be at least 1")
     model = load_model(args.checkpoint, args.threads)
-    size = (args.image_size,) * 2 if args.image_size else model.image_size
-    if size is None:
+    if args.image_size:
+        model.image_size = (args.image_size,) * 2
+    if model.image_size is None:
         fail(f"checkpoint {args.checkpoint} stores no image size: give --image-size")
-    model.image_size = size
     classes = model.classes
     failed = 0
     files = expand(args.images, args.recursive)
     for start in range(0, len(files), args.batch_size):
         batch, names = [], []
         for path in files[start:start + args.batch_size]:
-            image, problem = read(path, size)
+            image, problem = read(path)
             if problem:
                 print(f"error: cannot read {path}: {problem}", file=sys.stderr)
                 failed += 1
@@ -116,7 +88,7 @@ def main(argv=None):
             names.append(path)
         if not batch:
             continue
-        probabilities = softmax(cyconv.predict(model, np.stack(batch), args.batch_size))
+        probabilities = softmax(cyconv.predict(model, batch, args.batch_size))
         for path, p in zip(names, probabilities):
             order = np.argsort(-p, kind="stable")[:args.top]
             text = ", ".join(f"{classes[i] if classes else i} {100 * p[i]:.1f}%" for i in order)
@@ -127,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

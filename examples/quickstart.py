@@ -3,30 +3,31 @@
     python examples/quickstart.py [--out runs/quickstart]
 
 Takes well under a minute on 2 cores and reaches about 0.99 test accuracy.
-The best model is saved to OUT/best.safetensors; cyconv.load rebuilds it.
+The best model is saved to OUT/best.safetensors (the path is printed at the
+end); cyconv.load rebuilds it.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from common import int_range, run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import cyconv  # noqa: E402
-from cyconv import models, optim  # noqa: E402
-from cyconv.data import (ArrayDataset, Augment, DataLoader, Subset,  # noqa: E402
-                         compute_mean_std, make_shapes, split_indices)
-from cyconv.train import LRSchedule, Trainer, evaluate, format_confusion  # noqa: E402
+import cyconv
+from cyconv import models, nn, optim
+from cyconv.data import (ArrayDataset, Augment, DataLoader, Subset, compute_mean_std,
+                         make_shapes, split_indices)
+from cyconv.train import LRSchedule, RunFolder, Trainer, evaluate, format_confusion
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a small CNN on generated shapes.")
-    parser.add_argument("--out", default="runs/quickstart", help="output folder")
-    parser.add_argument("--images", type=int, default=2400, help="number of generated images")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+                        help="output folder (default runs/quickstart)")
+    parser.add_argument("--images", type=int_range(30, 10**6), default=2400,
+                        help="number of generated images (default 2400)")
+    parser.add_argument("--image-size", type=int_range(16, 256), default=32)
+    parser.add_argument("--epochs", type=int_range(1, 1000), default=10)
+    parser.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -44,21 +45,23 @@ def main(argv=None):
     cyconv.manual_seed(args.seed)
     model = models.small(len(classes), args.image_size, widths=(16, 32, 64), dropout=0.1)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    trainer = Trainer(model, opt, train_loader, valid_loader, epochs=args.epochs,
-                      schedule=LRSchedule(0.05, "cosine", warmup_epochs=0.5), out_dir=args.out,
-                      classes=classes, mean=mean, std=std, image_size=(args.image_size,) * 2,
-                      progress=not args.no_progress)
+    folder = RunFolder(args.out, classes=classes, mean=mean, std=std,
+                       image_size=(args.image_size,) * 2)
+    trainer = Trainer(model, opt, nn.CrossEntropyLoss(), train_loader, valid_loader,
+                      epochs=args.epochs, schedule=LRSchedule(0.05, "cosine", warmup_epochs=0.5),
+                      run=folder, progress=not args.no_progress)
     trainer.fit()
     if trainer.interrupted:
-        sys.exit(1)
+        return 1
 
-    best = cyconv.load(Path(args.out) / "best.safetensors")
+    best = cyconv.load(folder.best)
     result = evaluate(best, test_loader, len(classes))
     print(format_confusion(result["confusion"], classes))
     print(f"test accuracy: {result['accuracy']:.4f} ({len(test)} images, "
           f"{time.perf_counter() - start:.0f} s)")
-    return result["accuracy"]
+    print(f"the model is in {folder.best} (cyconv.load rebuilds it)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

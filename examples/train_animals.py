@@ -5,24 +5,24 @@
 The data folder holds one sub-folder per class (DIR/dog/*.jpg, DIR/panda/*.jpg ...).
 The images are split 80/10/10 (stratified, seeded) into train/valid/test; the
 model is trained on train, the best epoch is chosen by valid accuracy, and that
-model is evaluated on test.  Everything goes under --out:
+model is evaluated on test, once, at the end.  Everything goes under --out:
 
     best.safetensors, last.safetensors   checkpoints (cyconv.load(path) rebuilds the model;
                                           torch loads best.safetensors' state_dict)
-    history.jsonl, history.csv, curves.png, confusion_matrix.png (valid, best epoch)
+    history.jsonl, history.csv, curves.png
+    confusion_matrix.png                 the valid split's, at the best epoch
     split.json                           the split (file names per part)
     test_metrics.json                    test accuracy, confusion matrix, precision/recall
                                          and the prediction for every test image
-    test_confusion_matrix.png
+    test_confusion_matrix.png            the test split's
 
 Ctrl-C (or SIGTERM) saves a resumable checkpoint; run the same command with
---resume to continue exactly where it stopped.  The defaults are the recipe
-that gave the best result; --model reference trains the reference network.
+--resume to continue exactly where it stopped (the run keeps its own settings).
+A folder that holds a run is never overwritten unless --overwrite is given.
+--model chooses the network and its recipe: small (the default), resnet, reference.
 """
 import argparse
-import inspect
 import json
-import os
 import shlex
 import signal
 import sys
@@ -31,35 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import fail, float_range, int_range, run, threads
 
-import cyconv  # noqa: E402
-from cyconv import checkpoint, models, optim  # noqa: E402
-from cyconv.data import (LAYOUT, Augment, DataLoader, ImageFolder, Subset,  # noqa: E402
-                         compute_mean_std, load_split, save_split, split_indices)
-from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, evaluate,  # noqa: E402
+import cyconv
+from cyconv import checkpoint, models, nn, optim
+from cyconv.data import (LAYOUT, Augment, DataLoader, ImageFolder, Subset, compute_mean_std,
+                         load_split, save_split, split_indices)
+from cyconv.files import atomic_write
+from cyconv.train import (LRSchedule, RunFolder, Trainer, TrainingDiverged, evaluate,
                           format_confusion, plot_confusion)
+from recipes import RECIPES, RUN_SETTINGS, augment_settings, ema_decay
 
-# The default recipe (see the module docstring); --model reference changes the defaults
-# marked below.  Both validate and save a moving average of the weights (ema): the
-# weights of single epochs jump around, and the epoch with the best valid accuracy
-# (300 images) did worse on the test images than the last epoch (README.rst).
-DEFAULTS = dict(model="small", epochs=70, batch_size=32, lr=0.05, image_size=128,
-                weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
-                label_smoothing=0.1, ema=0.998, seed=0,
-                augment=dict(hflip=0.5, crop=0.5, crop_scale=[0.75, 1.0], rotate=0.3,
-                             max_angle=15.0, color=0.5))
-# The reference network has no normalisation or dropout and overfits: every training
-# image gets a random resized crop of 0.7-1.0 of the side, as the reference did, half
-# of them a random erasing (README.rst: without erasing and the average, test
-# accuracy 0.893).
-REFERENCE_DEFAULTS = dict(image_size=224, lr=0.02, epochs=140,
-                          augment=dict(hflip=0.5, crop=1.0, crop_scale=[0.7, 1.0], rotate=0.5,
-                                       max_angle=15.0, color=0.5, erase=0.5))
-# settings that a resumed run takes from its checkpoint (the others may change)
-RESUMED = ("classes", "model", "augment", "epochs", "batch_size", "lr", "image_size",
-           "weight_decay", "momentum", "warmup", "schedule", "step_size", "label_smoothing",
-           "ema", "seed", "limit", "mean", "std")
+OUTPUTS = ("split.json", "test_metrics.json", "test_confusion_matrix.png")
 
 
 def parse_args(argv=None):
@@ -67,125 +50,128 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help=f"image folder, layout {LAYOUT}")
     p.add_argument("--classes", help="comma-separated class names (default: every sub-folder)")
-    p.add_argument("--model", choices=sorted(models.ARCHITECTURES),
-                   help=f"architecture (default {DEFAULTS['model']})")
-    p.add_argument("--epochs", type=int, help=f"default {DEFAULTS['epochs']} "
-                   f"({REFERENCE_DEFAULTS['epochs']} for --model reference)")
-    p.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; "
-                   f"{REFERENCE_DEFAULTS['lr']} for --model reference)")
-    p.add_argument("--image-size", type=int, help=f"side in pixels (default "
-                   f"{DEFAULTS['image_size']}; {REFERENCE_DEFAULTS['image_size']} for reference)")
-    p.add_argument("--weight-decay", type=float, help=f"default {DEFAULTS['weight_decay']}")
-    p.add_argument("--momentum", type=float, help=f"default {DEFAULTS['momentum']}")
-    p.add_argument("--warmup", type=float, help=f"warm-up epochs (default {DEFAULTS['warmup']})")
+    p.add_argument("--model", choices=sorted(RECIPES), help="network and its recipe "
+                   "(default small)")
+    p.add_argument("--epochs", type=int_range(1, 10000), help="epochs (recipe's default)")
+    p.add_argument("--batch-size", type=int_range(1, 4096), help="default 32")
+    p.add_argument("--lr", type=float_range(0, 10, low_open=True), help="peak learning rate")
+    p.add_argument("--image-size", type=int_range(16, 1024), help="side in pixels")
+    p.add_argument("--weight-decay", type=float_range(0, 1), help="default 5e-4")
+    p.add_argument("--momentum", type=float_range(0, 1, high_open=True), help="default 0.9")
+    p.add_argument("--warmup", type=float_range(0, 10000), help="warm-up epochs (default 1)")
     p.add_argument("--schedule", choices=LRSchedule.KINDS, help="default cosine")
-    p.add_argument("--step-size", type=int, default=10, help="epochs per x0.1 of --schedule step")
-    p.add_argument("--label-smoothing", type=float,
-                   help=f"default {DEFAULTS['label_smoothing']}")
+    p.add_argument("--step-size", type=int_range(1, 10000),
+                   help="epochs per x0.1 of --schedule step (default 10)")
+    p.add_argument("--label-smoothing", type=float_range(0, 1, high_open=True),
+                   help="default 0.1")
     p.add_argument("--ema", type=ema_decay, metavar="DECAY",
                    help="validate and save a moving average of the weights with this decay "
-                        f"per step; 0: off (default {DEFAULTS['ema']})")
+                        "per step; 0: off (default 0.998)")
     p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
                    help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
                    "(keys: the arguments of cyconv.data.Augment)")
-    p.add_argument("--seed", type=int, help="seed of the split, weights, order and augmentation")
-    p.add_argument("--limit", type=int, help="use at most this many images per class (quick runs)")
-    p.add_argument("--out", default="runs/animals", help="output folder (default runs/animals)")
+    p.add_argument("--seed", type=int_range(0, 2**31 - 1),
+                   help="seed of the split, weights, order and augmentation (default 0)")
+    p.add_argument("--limit", type=int_range(3),
+                   help="use at most this many images per class (quick runs; at least 3)")
+    p.add_argument("--out", type=Path, default=Path("runs/animals"),
+                   help="output folder (default runs/animals)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--workers", type=int, default=2, help="data-loading threads (default 2)")
-    p.add_argument("--threads", type=int, help="kernel threads (default: every core)")
-    p.add_argument("--save-every", type=int, help="also save last.safetensors every N steps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (its files are deleted first)")
+    p.add_argument("--workers", type=int_range(0, 64), default=2,
+                   help="data-loading threads (default 2)")
+    p.add_argument("--threads", type=threads, help="kernel threads (default: every core)")
+    p.add_argument("--save-every", type=int_range(1),
+                   help="also save last.safetensors every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    if args.classes is not None:
+        args.classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if not args.classes:
+            p.error("argument --classes: expected comma-separated class names")
+    return args
 
 
-def augment_settings(text):
-    """'defocus=0.3,crop_scale=0.6:1.0' -> {'defocus': 0.3, 'crop_scale': [0.6, 1.0]}."""
-    known = inspect.signature(Augment).parameters
-    settings = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in known:
-            raise argparse.ArgumentTypeError(
-                f"unknown augmentation setting {key!r}; known: {', '.join(known)}")
-        is_range = isinstance(known[key].default, tuple)
-        try:
-            numbers = [float(v) for v in value.split(":")]
-            if len(numbers) != (2 if is_range else 1):
-                raise ValueError
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{key}: expected {'low:high' if is_range else 'a number'}, got {value!r}") from None
-        settings[key] = numbers if is_range else numbers[0]
-    return settings
-
-
-def ema_decay(text):
-    """A decay in [0, 1) for --ema (0: no moving average)."""
-    try:
-        decay = float(text)
-    except ValueError:
-        decay = None
-    if decay is None or not 0 <= decay < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return decay
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def settings(args, out):
-    """The run's settings: the command line over the defaults, or the checkpoint's on --resume."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if isinstance(given.get("classes"), str):
-        given["classes"] = [c.strip() for c in given["classes"].split(",") if c.strip()]
-    if args.resume:
-        last = out / "last.safetensors"
-        if not last.is_file():
-            fail(f"--resume: there is no checkpoint {last} to resume")
-        try:
-            saved = checkpoint.read(last).metadata["config"]
-        except (checkpoint.CheckpointError, KeyError) as error:
-            fail(f"--resume: cannot read the run's settings from {last}: {error}")
-        # a setting newer than the run keeps its default; runs from before --ema had none
-        config = dict(DEFAULTS, **dict({"ema": 0.0}, **saved))
-        for key in RESUMED:
-            if key in given and key != "epochs" and given[key] != saved.get(key):
-                print(f"note: --resume keeps the run's {key}={saved.get(key)!r} "
-                      f"(ignoring {given[key]!r})", file=sys.stderr)
-        if "epochs" in given:
-            config["epochs"] = given["epochs"]
+def run_settings(args, folder):
+    """The run's settings: the recipe under the command line, or the saved run's on --resume."""
+    given = {k: v for k, v in vars(args).items() if k in RUN_SETTINGS and v is not None}
+    if not args.resume:
+        config = dict(RECIPES[given.get("model", "small")], model=given.get("model", "small"))
+        config.update({k: v for k, v in given.items() if k != "augment"})
+        config["augment"] = dict(config["augment"], **given.get("augment", {}))
         return config
-    config = dict(DEFAULTS)
-    if given.get("model") == "reference":
-        config.update(REFERENCE_DEFAULTS)
-    config.update({k: v for k, v in given.items()
-                   if k != "augment" and (k in RESUMED or k in DEFAULTS)})
-    config["augment"] = dict(config["augment"], **given.get("augment", {}))
+    if not folder.last.is_file():
+        fail(f"--resume: there is no checkpoint {folder.last} to resume")
+    try:
+        config = checkpoint.read(folder.last).metadata["config"]
+    except (checkpoint.CheckpointError, KeyError) as error:
+        fail(f"--resume: cannot read the run's settings from {folder.last}: {error}")
+    changed = [f"--{k.replace('_', '-')} {v!r} (the run has {config.get(k)!r})"
+               for k, v in given.items()
+               if (dict(config.get(k, {}), **v) if k == "augment" else v) != config.get(k)]
+    if changed:
+        fail("--resume continues the run with its own settings; these differ: "
+             + "; ".join(changed))
     return config
+
+
+def prepare_folder(args, folder):
+    """Refuse to mix a new run with the files of another one (unless --overwrite: then they go)."""
+    existing = folder.existing_outputs(OUTPUTS)
+    if args.resume or not existing:
+        return
+    if not args.overwrite:
+        fail(f"{folder.path} already holds a run ({', '.join(existing)}): add --resume to continue "
+             "it, --overwrite to replace it, or choose another --out")
+    for name in existing:
+        (folder.path / name).unlink()
 
 
 def open_data(args, config):
     if not args.data:
         fail(f"--data DIR is required: a folder with one sub-folder of images per class, "
              f"i.e. {LAYOUT}, e.g. DIR/dog/*.jpg, DIR/panda/*.jpg, DIR/bird/*.jpg")
-    root = Path(args.data)
-    if not root.is_dir():
-        fail(f"--data {root} does not exist or is not a folder; expected {LAYOUT}, "
-             "e.g. DIR/dog/*.jpg, DIR/panda/*.jpg, DIR/bird/*.jpg")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unreadable files are listed below instead
-            data = ImageFolder(root, config.get("classes"), config["image_size"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = ImageFolder(args.data, config.get("classes"), config["image_size"])
     except (FileNotFoundError, ValueError) as error:
-        fail(f"--data {root}: {error}")
-    if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0]}",
-              file=sys.stderr)
+        fail(f"--data {args.data}: {error}")
+    for warning in caught[:5]:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if len(caught) > 5:
+        print(f"warning: ... {len(caught) - 5} more unreadable files skipped", file=sys.stderr)
+    if len(data.classes) < 2:
+        fail(f"--data {args.data}: one class ({data.classes[0]}) cannot be told apart from "
+             "anything: give at least two classes")
     return data
+
+
+def choose_split(data, config, folder, resume):
+    split_path = folder.path / "split.json"
+    if resume and split_path.is_file():
+        try:
+            return load_split(split_path, data)
+        except (FileNotFoundError, ValueError) as error:
+            fail(f"the run's split {split_path} does not match the data: {error}")
+    labels = np.array([label for _, label in data.samples])
+    indices = np.arange(len(labels))
+    if config.get("limit"):
+        rng = np.random.default_rng(config["seed"])
+        indices = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))
+                                          [:config["limit"]] for c in np.unique(labels)]))
+    counts = np.bincount(labels[indices], minlength=len(data.classes))
+    few = [f"{name} ({count})" for name, count in zip(data.classes, counts) if count < 3]
+    if few:
+        fail(f"class(es) with fewer than 3 readable images: {', '.join(few)}; an 8:1:1 split "
+             "needs one each for train, valid and test")
+    parts = split_indices(labels[indices], seed=config["seed"])
+    train, valid, test = (indices[p] for p in parts)
+    save_split(split_path, data, train, valid, test)
+    return train, valid, test
 
 
 class Decoded:
@@ -206,71 +192,82 @@ class Decoded:
         return item
 
 
-def choose_split(data, config, out, resume):
-    split_path = out / "split.json"
-    if resume and split_path.is_file():
-        return load_split(split_path, data)
-    labels = np.array([label for _, label in data.samples])
-    indices = np.arange(len(labels))
-    if config.get("limit"):
-        rng = np.random.default_rng(config["seed"])
-        indices = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))
-                                          [:config["limit"]] for c in np.unique(labels)]))
-    parts = split_indices(labels[indices], seed=config["seed"])
-    train, valid, test = (indices[p] for p in parts)
-    save_split(split_path, data, train, valid, test)
-    return train, valid, test
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    config = settings(args, out)
-    if not args.resume and (out / "last.safetensors").exists():
-        fail(f"{out} already holds a run: add --resume to continue it, or choose another --out")
-    data = open_data(args, config)
-    config["classes"] = data.classes
-    if args.threads:
-        cyconv.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        train_idx, valid_idx, test_idx = choose_split(data, config, out, args.resume)
-    except (FileNotFoundError, ValueError) as error:
-        fail(f"the run's split {out / 'split.json'} does not match --data {args.data}: {error}")
-    print(f"{len(data.classes)} classes {data.classes}; train {len(train_idx)}, "
-          f"valid {len(valid_idx)}, test {len(test_idx)} images of "
-          f"{config['image_size']}x{config['image_size']}")
-
+def loaders(data, config, split, workers):
+    """(train loader, valid loader, test loader) and (mean, std) of the train split."""
+    train_idx, valid_idx, test_idx = split
     decoded = Decoded(data)
     if "mean" not in config:
-        mean, std = compute_mean_std(decoded, train_idx, num_workers=args.workers)
+        mean, std = compute_mean_std(decoded, train_idx, num_workers=workers)
         config["mean"], config["std"] = mean.tolist(), std.tolist()
     mean, std = np.float32(config["mean"]), np.float32(config["std"])
-    seed = config["seed"]
     augment = Augment(**{k: tuple(v) if isinstance(v, list) else v
                          for k, v in config["augment"].items()})
-    train_loader = DataLoader(Subset(decoded, train_idx), config["batch_size"], shuffle=True,
-                              augment=augment, seed=seed, drop_last=len(train_idx) >
-                              config["batch_size"], mean=mean, std=std, num_workers=args.workers,
-                              cache=False)
-    eval_loaders = [DataLoader(Subset(decoded, idx), 64, mean=mean, std=std, cache=False,
-                               num_workers=args.workers) for idx in (valid_idx, test_idx)]
+    train = DataLoader(Subset(decoded, train_idx), config["batch_size"], shuffle=True,
+                       augment=augment, seed=config["seed"],
+                       drop_last=len(train_idx) > config["batch_size"], mean=mean, std=std,
+                       num_workers=workers, cache=False)
+    valid, test = (DataLoader(Subset(decoded, idx), 64, mean=mean, std=std, cache=False,
+                              num_workers=workers) for idx in (valid_idx, test_idx))
+    return (train, valid, test), (mean, std)
 
-    cyconv.manual_seed(seed)
-    model = models.create(config["model"], len(data.classes), config["image_size"])
+
+def trainer_for(config, data, loaders_, folder, args, argv):
+    cyconv.manual_seed(config["seed"])
+    try:
+        model = models.create(config["model"], len(data.classes), config["image_size"])
+        model.output_shape((1, 3, config["image_size"], config["image_size"]))
+    except ValueError as error:
+        fail(f"--image-size {config['image_size']} does not suit --model {config['model']}: "
+             f"{error}")
     opt = optim.SGD(model.parameters(), config["lr"], momentum=config["momentum"],
                     weight_decay=config["weight_decay"], nesterov=config["momentum"] > 0)
     schedule = LRSchedule(config["lr"], config["schedule"], warmup_epochs=config["warmup"],
-                          step_size=config.get("step_size", 10))
+                          step_size=config["step_size"])
     average = optim.ExponentialMovingAverage(model, config["ema"]) if config["ema"] else None
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     hint = (f"python {shlex.quote(sys.argv[0])} {argv_text}"
             + ("" if args.resume else " --resume"))
-    trainer = Trainer(model, opt, train_loader, eval_loaders[0], epochs=config["epochs"],
-                      schedule=schedule, out_dir=out, classes=data.classes, mean=mean, std=std,
-                      image_size=(config["image_size"],) * 2, metadata={"config": config},
-                      label_smoothing=config["label_smoothing"], progress=not args.no_progress,
-                      save_every=args.save_every, resume_hint=hint, average=average)
+    return Trainer(model, opt, nn.CrossEntropyLoss(config["label_smoothing"]), loaders_[0],
+                   loaders_[1], epochs=config["epochs"], schedule=schedule, average=average,
+                   run=folder, save_every=args.save_every, progress=not args.no_progress,
+                   resume_hint=hint)
+
+
+def test_once(folder, data, test_loader, split, trainer):
+    """Evaluate best.safetensors on the test split (once, at the end) and write the report."""
+    best = cyconv.load(folder.best)
+    result = evaluate(best, test_loader, len(data.classes))
+    files = [data.samples[i][0].relative_to(data.root).as_posix() for i in split[2]]
+    report = {k: v for k, v in result.items() if k not in ("predictions", "labels")}
+    report.update(best_epoch=trainer.position.best["epoch"],
+                  valid_accuracy=trainer.position.best["accuracy"],
+                  classes=data.classes, predictions=[
+                      {"file": f, "label": int(t), "predicted": int(p)}
+                      for f, t, p in zip(files, result["labels"], result["predictions"])])
+    atomic_write(folder.path / "test_metrics.json", json.dumps(report, indent=1).encode())
+    plot_confusion(result["confusion"], data.classes, folder.path / "test_confusion_matrix.png",
+                   f"test, epoch {trainer.position.best['epoch']}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    folder = RunFolder(args.out)
+    config = run_settings(args, folder)
+    prepare_folder(args, folder)
+    data = open_data(args, config)
+    config["classes"] = data.classes
+    if args.threads:
+        cyconv.set_num_threads(args.threads)
+    split = choose_split(data, config, folder, args.resume)
+    print(f"{len(data.classes)} classes {data.classes}; train {len(split[0])}, valid "
+          f"{len(split[1])}, test {len(split[2])} images of {config['image_size']}x"
+          f"{config['image_size']}; model {config['model']}")
+    loaders_, (mean, std) = loaders(data, config, split, args.workers)
+    folder.metadata = {"config": config}
+    folder.preprocessing = dict(classes=data.classes, mean=mean, std=std,
+                             image_size=(config["image_size"],) * 2)
+    trainer = trainer_for(config, data, loaders_, folder, args, argv)
     try:
         trainer.fit(resume=args.resume)
     except TrainingDiverged as error:
@@ -278,28 +275,18 @@ def main(argv=None):
     except checkpoint.CheckpointError as error:
         fail(f"cannot resume: {error}")
     if trainer.interrupted:
-        sys.exit(128 + signal.Signals[trainer.interrupted].value)
-
-    best = cyconv.load(out / "best.safetensors")
-    result = evaluate(best, eval_loaders[1], len(data.classes))
-    files = [data.samples[i][0].relative_to(data.root).as_posix() for i in test_idx]
-    report = {k: v for k, v in result.items() if k not in ("predictions", "labels")}
-    report.update(best_epoch=trainer.best["epoch"], valid_accuracy=trainer.best["accuracy"],
-                  classes=data.classes, predictions=[
-                      {"file": f, "label": int(t), "predicted": int(p)}
-                      for f, t, p in zip(files, result["labels"], result["predictions"])])
-    checkpoint.atomic_write(out / "test_metrics.json", json.dumps(report, indent=1).encode())
-    plot_confusion(result["confusion"], data.classes, out / "test_confusion_matrix.png",
-                   f"test, epoch {trainer.best['epoch']}")
-    print(f"\nbest epoch {trainer.best['epoch']} (valid accuracy {trainer.best['accuracy']:.4f})")
-    print(f"test accuracy: {result['accuracy']:.4f} ({len(test_idx)} images)")
+        return 128 + signal.Signals[trainer.interrupted].value
+    result = test_once(folder, data, loaders_[2], split, trainer)
+    print(f"\nbest epoch {trainer.position.best['epoch']} (valid accuracy "
+          f"{trainer.position.best['accuracy']:.4f})")
+    print(f"test accuracy: {result['accuracy']:.4f} ({len(split[2])} images)")
     print("test confusion matrix:")
     print(format_confusion(result["confusion"], data.classes))
     if data.skipped:  # found while scanning, or unreadable later (each warned once)
         print(f"skipped {len(data.skipped)} unreadable image file(s) in all", file=sys.stderr)
-    print(f"outputs in {out}{os.sep}")
-    return result
+    print(f"the model is in {folder.best} (cyconv.load rebuilds it); all outputs in {folder.path}/")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -145,18 +145,32 @@ def test_sigterm_saves_a_resumable_checkpoint(shapes_folder, tmp_path):
     assert cyconv.load(out / "last.safetensors") is not None
 
 
+def wait_for_new_checkpoint(path, since, proc, timeout=120):
+    """Until ``path`` was written after ``since`` (the process is saving by then)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_mtime_ns > since):
+        assert proc.poll() is None, "the training process ended before saving"
+        assert time.monotonic() < deadline, f"no checkpoint {path} within {timeout} s"
+        time.sleep(0.02)
+
+
 def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(shapes_folder, tmp_path):
+    """The process saves after every step; it is killed at a random moment of the saving,
+    once its first checkpoint is there (not after a guessed time)."""
     out = tmp_path / "run"
     rng = random.Random(0)
     checked = 0
     for attempt in range(4):
-        resume = ["--resume"] if (out / "last.safetensors").exists() else []
+        last = out / "last.safetensors"
+        resume = ["--resume"] if last.exists() else []
+        since = last.stat().st_mtime_ns if last.exists() else 0
         proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(shapes_folder),
                                  "--epochs", "200", "--image-size", str(SIZE), "--batch-size", "8",
                                  "--save-every", "1", "--out", str(out), "--no-progress",
                                  *resume], env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 3.0))
+        wait_for_new_checkpoint(last, since, proc)
+        time.sleep(rng.uniform(0.0, 0.3))   # a few steps, each of them writing a checkpoint
         proc.kill()
         proc.wait()
         for path in out.glob("*.safetensors"):
@@ -167,13 +181,16 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(shapes_folder
     assert (out / "last.safetensors").exists()
 
 
-def test_quickstart_runs(tmp_path, capsys, threads):
+def test_quickstart_runs(tmp_path, capsys, threads, monkeypatch):
     threads(1)
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
-    accuracy = quickstart.main(["--out", str(tmp_path), "--images", "1500", "--epochs", "8",
-                                "--no-progress"])
-    assert "test accuracy" in capsys.readouterr().out
+    assert quickstart.main(["--out", str(tmp_path), "--images", "1500", "--epochs", "8",
+                            "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("test accuracy: ")[1].split()[0])
     assert accuracy >= 0.95
+    assert f"the model is in {tmp_path / 'best.safetensors'}" in out
     assert cyconv.load(tmp_path / "best.safetensors").classes == ["circle", "square", "triangle"]

@@ -6,8 +6,7 @@ import cyconv
 import reference as ref
 from conftest import num_threads
 from cyconv import models, nn
-from cyconv.feature_maps import feature_grid, features
-from cyconv.gradcam import default_layer, gradcam, overlay
+from cyconv.explain import default_layer, feature_grid, features, gradcam, overlay
 
 F64 = np.float64
 
@@ -42,7 +41,7 @@ def bilinear(a, size):
 
 def numpy_gradcam(net, x, layer, classes=None):
     """Grad-CAM of tiny_net written with tests/reference.py: (heatmaps, raw, weights, A, dA)."""
-    c0, _, _, c3, bn, _, _, lin = net.layers
+    c0, _, _, c3, bn, _, _, lin = list(net)
     a = {}
     a[0] = ref.conv2d_forward(x, c0.weight.data, c0.bias.data, padding=1)
     a[1] = ref.relu_forward(a[0])
@@ -77,7 +76,7 @@ def test_matches_numpy_reference(rng, layer):
     x = rng.standard_normal((3, 3, 8, 8))
     result = gradcam(net, x, layer=layer, details=True)
     expected, raw, weights, A, dA = numpy_gradcam(net, x, 5 if layer is None else layer)
-    assert result.layer == (5 if layer is None else layer)
+    assert result.layer == str(5 if layer is None else layer)
     np.testing.assert_allclose(result.activations, A, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(result.gradients, dA, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(result.weights, weights, rtol=1e-10, atol=1e-12)
@@ -163,22 +162,28 @@ def test_no_side_effects(rng):
 def test_default_layer():
     cyconv.manual_seed(0)
     small = models.small(3, 32)
-    assert default_layer(small) == 14 and type(small[14]).__name__ == "ReLU"
+    x32, x64, x8 = (np.zeros((1, 3, s, s), np.float32) for s in (32, 64, 8))
+    assert default_layer(small, x32) == "14" and type(small[14]).__name__ == "ReLU"
     ref_net = models.reference(3, 64)
-    assert default_layer(ref_net) == 8                        # ReLU after the last conv
+    assert default_layer(ref_net, x64) == "8"                 # ReLU after the last conv
     fused = nn.Sequential(nn.Conv2d(3, 4, 3, fuse_relu=True), nn.Flatten(), nn.Linear(4 * 36, 2))
-    assert default_layer(fused) == 0
+    assert default_layer(fused, x8) == "0"
     bare = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 2))
-    assert default_layer(bare) == 0
+    assert default_layer(bare, x8) == "0"
+    assert default_layer(models.resnet18(3), x64) == "layer4.1.relu_out"   # the block's output
+    assert default_layer(models.mobilenet_v2(3), x64) == "features.18.2"   # its ReLU6
 
 
 def test_errors(rng):
     net = tiny_net(rng)
     x = rng.standard_normal((1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"layer 6 \(Flatten\) is not a convolutional layer"):
+    with pytest.raises(ValueError, match=r"layer 6 \(Flatten\) outputs shape \(1, 80\), not "
+                                         r"\(N, C, H, W\) feature maps.*0, 1, 2, 3, 4, 5"):
         gradcam(net, x, layer=6)
-    with pytest.raises(ValueError, match=r"Linear.*not a convolutional layer.*0\.\.5"):
+    with pytest.raises(ValueError, match=r"7 \(Linear\) outputs shape \(1, 3\), not"):
         gradcam(net, x, layer=-1)
+    with pytest.raises(ValueError, match="has no sub-module 'layer9'"):
+        gradcam(net, x, layer="layer9")
     with pytest.raises(IndexError, match="out of range.*8 top-level layers"):
         gradcam(net, x, layer=8)
     with pytest.raises(ValueError, match="not a layer of this model"):
@@ -237,18 +242,18 @@ def test_features_match_layer_outputs(rng):
     net.train()
     x = rng.standard_normal((2, 3, 8, 8))
     acts = features(net, x, layers=[1, 5, -1])
-    assert sorted(acts) == [1, 5, 7] and net.training
+    assert list(acts) == ["1", "5", "7"] and net.training
     net.eval()
-    np.testing.assert_allclose(acts[1], net[:2](x))
-    np.testing.assert_allclose(acts[5], net[:6](x))
-    np.testing.assert_allclose(acts[7], net(x))
+    np.testing.assert_allclose(acts["1"], net[:2](x))
+    np.testing.assert_allclose(acts["5"], net[:6](x))
+    np.testing.assert_allclose(acts["7"], net(x))
     logits, only = features(net, x, layers=net[3], output=True)
-    assert list(only) == [3]
+    assert list(only) == ["3"]
     np.testing.assert_allclose(logits, net(x))
-    kept = acts[1].copy()
+    kept = acts["1"].copy()
     features(net, -x, layers=[1, 5])                   # copies: not overwritten by a later run
     net(-x)
-    np.testing.assert_array_equal(acts[1], kept)
+    np.testing.assert_array_equal(acts["1"], kept)
     assert len(features(net, x)) == len(net)
     with pytest.raises(IndexError, match="out of range"):
         features(net, x, layers=[9])
@@ -270,7 +275,7 @@ def torch_gradcam(torch, net, x, layer):
     twin.load_state_dict({k: torch.from_numpy(np.asarray(v, F64))
                           for k, v in net.state_dict().items()})
     kept = {}
-    twin[layer].register_forward_hook(lambda m, i, o: kept.update(A=o))
+    twin.get_submodule(str(layer)).register_forward_hook(lambda m, i, o: kept.update(A=o))
     logits = twin(torch.from_numpy(np.asarray(x, F64)))
     A = kept["A"]
     (dA,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), A)
@@ -292,5 +297,43 @@ def test_matches_pytorch_autograd(rng):
     x = rng.standard_normal((2, 3, 40, 40)).astype(np.float32)
     for layer in (None, 7, 4):
         ours = gradcam(net, x, layer=layer)
-        theirs = torch_gradcam(torch, net, x, default_layer(net) if layer is None else layer)
+        theirs = torch_gradcam(torch, net, x, default_layer(net, x) if layer is None else layer)
         np.testing.assert_allclose(ours, theirs, atol=2e-4)
+
+
+@pytest.mark.parametrize("layer", [None, "layer4.1.conv2", "layer3", "layer2.0.bn1"])
+def test_resnet_named_layers_match_pytorch_autograd(rng, layer):
+    """Grad-CAM at any named layer of a ResNet (inside its blocks too), through hooks."""
+    torch = pytest.importorskip("torch")
+    cyconv.manual_seed(4)
+    net = models.resnet18(3).eval()
+    for name, module in net.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean[...] = rng.uniform(-0.2, 0.2, module.num_features)
+            module.running_var[...] = rng.uniform(0.5, 2, module.num_features)
+    x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    ours = gradcam(net, x, layer=layer, details=True)
+    assert ours.layer == (layer or "layer4.1.relu_out")
+    theirs = torch_gradcam(torch, net, x, ours.layer)
+    np.testing.assert_allclose(ours.heatmap, theirs, atol=2e-4)
+
+
+def test_features_at_named_layers_of_a_resnet(rng):
+    cyconv.manual_seed(4)
+    net = models.resnet18(3)
+    x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    acts = features(net, x, layers=["layer1.0.conv1", "layer4", "avgpool"])
+    assert [a.shape for a in acts.values()] == [(1, 64, 16, 16), (1, 512, 2, 2), (1, 512, 1, 1)]
+    with cyconv.no_grad():
+        stem = net.maxpool(net.relu(net.bn1.eval()(net.conv1(x))))
+        np.testing.assert_allclose(acts["layer1.0.conv1"], net.layer1[0].conv1(stem), rtol=1e-5)
+
+
+def test_photo_from_a_file_is_read_as_rgb(tmp_path, rng):
+    """A file name gives the same map as the RGB array (cv2.imread's BGR is converted)."""
+    import cv2
+    net = tiny_net(rng)
+    net.image_size = (8, 8)
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    np.testing.assert_array_equal(gradcam(net, tmp_path / "photo.png"), gradcam(net, photo))

@@ -69,10 +69,11 @@ def test_sequential_container():
 def test_sequential_forward_backward_is_composition(rng):
     model = wide_net()
     x = rng.standard_normal((2, 3, 11, 13))
-    y = model(x)
-    h = x
-    for layer in model:
-        h = layer(h)
+    with cyconv.no_grad():   # forwards that are not backpropagated
+        y = model(x)
+        h = x
+        for layer in model:
+            h = layer(h)
     np.testing.assert_array_equal(y, h)
     assert y.shape == (2, 3)
     dy = rng.standard_normal(y.shape)
@@ -480,14 +481,16 @@ def test_sequential_conv_relu_matches_layer_by_layer(rng):
                           nn.Conv2d(3, 2, 3, stride=2, dtype=np.float64), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8, 2, dtype=np.float64))
     x = rng.standard_normal((2, 2, 5, 5))
-    y = model(x)
-    h = x
-    for layer in model:
-        h = layer(h)
-    np.testing.assert_array_equal(y, h)
-    conv0 = model[0].parameters()
-    a0 = R.conv2d_forward(x, conv0[0].data, conv0[1].data, padding=1)
-    np.testing.assert_allclose(model[1](model[0](x)), R.relu_forward(a0), rtol=1e-12, atol=1e-14)
+    with cyconv.no_grad():   # forwards that are not backpropagated
+        y = model(x)
+        h = x
+        for layer in model:
+            h = layer(h)
+        np.testing.assert_array_equal(y, h)
+        conv0 = model[0].parameters()
+        a0 = R.conv2d_forward(x, conv0[0].data, conv0[1].data, padding=1)
+        np.testing.assert_allclose(model[1](model[0](x)), R.relu_forward(a0), rtol=1e-12,
+                                   atol=1e-14)
     loss_fn = nn.CrossEntropyLoss()
     labels = np.array([1, 0])
     model.zero_grad()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import cyconv
-from cyconv import checkpoint, models, optim
+from cyconv import checkpoint, models, nn, optim
 from cyconv.data import ArrayDataset, Augment, DataLoader, Subset, make_shapes, split_indices
-from cyconv.train import (LRSchedule, Trainer, TrainingDiverged, confusion_matrix, evaluate,
-                          format_confusion, metrics_from_confusion)
+from cyconv.train import (LRSchedule, RunFolder, Trainer, TrainingDiverged, confusion_matrix,
+                          evaluate, format_confusion, metrics_from_confusion)
 
 SIZE = 16
 
@@ -30,7 +30,7 @@ def shapes():
 
 
 def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, average_decay=None,
-                 **kwargs):
+                 momentum=0.9, **kwargs):
     """A small run with every kind of training state: BN, dropout, momentum, augmentation
     (and a moving average of the weights with ``average_decay``)."""
     data, train, valid = shapes
@@ -38,13 +38,15 @@ def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, avera
     model = models.small(3, SIZE, widths=(8, 16), dropout=0.3)
     if average_decay is not None:
         kwargs["average"] = optim.ExponentialMovingAverage(model, average_decay)
-    opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    opt = optim.SGD(model.parameters(), 0.05, momentum=momentum, weight_decay=5e-4,
+                    nesterov=True)
     train_loader = DataLoader(Subset(data, train), 16, shuffle=True, seed=seed,
                               augment=Augment(), drop_last=True, num_workers=2)
     valid_loader = DataLoader(Subset(data, valid), 32, num_workers=0)
     kwargs.setdefault("schedule", LRSchedule(0.05, "cosine", warmup_epochs=1))
-    return trainer_class(model, opt, train_loader, valid_loader, epochs=epochs, out_dir=out_dir,
-                         classes=data.classes, progress=False, verbose=False, **kwargs)
+    run = None if out_dir is None else RunFolder(out_dir, classes=data.classes)
+    return trainer_class(model, opt, nn.CrossEntropyLoss(), train_loader, valid_loader,
+                         epochs=epochs, run=run, progress=False, verbose=False, **kwargs)
 
 
 def assert_same_run(a, b):
@@ -64,8 +66,8 @@ def assert_same_run(a, b):
         for key, value in a.average.averages.items():
             assert value.tobytes() == b.average.averages[key].tobytes(), key
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa
-    assert strip(a.history) == strip(b.history)
-    assert a.global_step == b.global_step
+    assert strip(a.position.history) == strip(b.position.history)
+    assert a.position.global_step == b.position.global_step
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +123,7 @@ def test_fit_writes_outputs(shapes, tmp_path):
     best = checkpoint.read(tmp_path / "best.safetensors")
     assert set(best.tensors) == set(trainer.model.state_dict())
     best_epoch = max(history, key=lambda r: r["valid_acc"])["epoch"]
-    assert best.metadata["epoch"] == best_epoch == trainer.best["epoch"]
+    assert best.metadata["epoch"] == best_epoch == trainer.position.best["epoch"]
     assert best.metadata["metrics"]["accuracy"] == history[best_epoch - 1]["valid_acc"]
     model = cyconv.load(tmp_path / "best.safetensors")
     assert model.classes == ["circle", "square", "triangle"]
@@ -149,8 +151,8 @@ class StopAfterEpoch(Trainer):
 
     def _end_epoch(self):
         super()._end_epoch()
-        if self.epoch == self.stop_epoch:
-            self._signal = "SIGINT"   # as if Ctrl-C came during the epoch's evaluation
+        if self.position.epoch == self.stop_epoch:
+            signal.raise_signal(signal.SIGINT)   # as if Ctrl-C came during the evaluation
 
 
 class SignalAtStep(Trainer):
@@ -167,7 +169,7 @@ def test_exact_resume_after_epoch(shapes, tmp_path):
     straight.fit()
     first = make_trainer(shapes, tmp_path / "b", trainer_class=StopAfterEpoch)
     first.fit()
-    assert first.interrupted == "SIGINT" and len(first.history) == 2
+    assert first.interrupted == "SIGINT" and len(first.position.history) == 2
     resumed = make_trainer(shapes, tmp_path / "b", seed=99)   # another init: all is restored
     resumed.fit(resume=True)
     assert_same_run(straight, resumed)
@@ -183,7 +185,7 @@ def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys, average_d
     assert first.steps_per_epoch == 9
     first.fit()
     assert first.interrupted == "SIGINT"
-    assert (first.epoch, first.step_in_epoch) == (1, 4)
+    assert (first.position.epoch, first.position.step_in_epoch) == (1, 4)
     err = capsys.readouterr().err
     assert "Interrupted by SIGINT" in err and "resume" in err and "last.safetensors" in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
@@ -194,21 +196,36 @@ def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys, average_d
         own = evaluate(straight.model, straight.valid_loader)
         with straight.average.averaged():
             averaged = evaluate(straight.model, straight.valid_loader)
-        assert averaged["loss"] == straight.history[-1]["valid_loss"] != own["loss"]
+        assert averaged["loss"] == straight.position.history[-1]["valid_loss"] != own["loss"]
         keys = checkpoint.read(tmp_path / "a" / "last.safetensors").tensors
         assert {f"average.{key}" for key in straight.average.averages} <= set(keys)
 
 
 def test_resume_needs_the_same_averaging(shapes, tmp_path):
     make_trainer(shapes, tmp_path, epochs=1, average_decay=0.9).fit()
-    with pytest.raises(checkpoint.CheckpointError, match="with a moving average"):
-        make_trainer(shapes, tmp_path, epochs=2).fit(resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match="average_decay: saved 0.9, now None"):
+        make_trainer(shapes, tmp_path, epochs=1).fit(resume=True)
     with pytest.raises(ValueError, match="ExponentialMovingAverage of the model being trained"):
         data, train, _ = shapes
         model = models.small(3, SIZE, widths=(8, 16))
-        Trainer(model, optim.SGD(model.parameters(), 0.1),
+        Trainer(model, optim.SGD(model.parameters(), 0.1), nn.CrossEntropyLoss(),
                 DataLoader(Subset(data, train), 16), epochs=1,
                 average=optim.ExponentialMovingAverage(models.small(3, SIZE, widths=(8, 16))))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(epochs=3), "epochs: saved 2, now 3"),
+    (dict(momentum=0.5), "optimizer_settings: saved .*'momentum': 0.9.*now .*'momentum': 0.5"),
+    (dict(schedule=LRSchedule(0.05, "step", warmup_epochs=1)), "schedule: saved .*'cosine'"),
+])
+def test_resume_refuses_other_settings_and_says_which(shapes, tmp_path, change, message):
+    """A resumed run keeps its optimizer settings, schedule and length: another value would
+    make another run, so the resume is refused with the differences named."""
+    make_trainer(shapes, tmp_path, epochs=2).fit()
+    other = make_trainer(shapes, tmp_path, **dict(dict(epochs=2), **change))
+    with pytest.raises(checkpoint.CheckpointError, match="other settings.*" + message):
+        other.fit(resume=True)
+    assert other.position.epoch == 0 and not other.position.history
 
 
 def test_same_seed_same_run_whatever_the_thread_count(shapes, threads):
@@ -226,9 +243,10 @@ def test_resume_refuses_another_architecture(shapes, tmp_path):
     data, train, valid = shapes
     model = models.small(3, SIZE, widths=(8, 32), dropout=0.3)
     opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
-    other = Trainer(model, opt, DataLoader(Subset(data, train), 16, drop_last=True), epochs=2,
-                    out_dir=tmp_path, progress=False, verbose=False)
-    with pytest.raises(checkpoint.CheckpointError, match="another architecture.*layer 4"):
+    other = Trainer(model, opt, nn.CrossEntropyLoss(),
+                    DataLoader(Subset(data, train), 16, drop_last=True), epochs=2,
+                    run=RunFolder(tmp_path), progress=False, verbose=False)
+    with pytest.raises(checkpoint.CheckpointError, match=r"another architecture.*4 \(Conv2d\)"):
         other.fit(resume=True)
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         make_trainer(shapes, tmp_path / "nothing").fit(resume=True)
@@ -251,20 +269,20 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(shapes, tmp_path)
     assert last.metadata["training_state"]["epoch"] == 1
     model = cyconv.load(tmp_path / "last.safetensors")   # finite, loads
     assert all(np.isfinite(v).all() for v in model.state_dict().values())
-    assert len(trainer.history) == 1
+    assert len(trainer.position.history) == 1
 
 
 def test_best_epoch_ties_go_to_the_lower_valid_loss(shapes, tmp_path, monkeypatch):
     # scripted valid results: accuracy 0.5, 0.75, 0.75 (lower loss), 0.75 (higher loss)
     scripted = iter([(0.5, 1.0), (0.75, 0.9), (0.75, 0.6), (0.75, 0.8)])
 
-    def fake_evaluate(model, loader, num_classes=None):
+    def fake_evaluate(model, loader, num_classes=None, loss_fn=None):
         accuracy, loss = next(scripted)
         return {"accuracy": accuracy, "loss": loss, "confusion": np.eye(3, dtype=int).tolist(),
                 "precision": [1.0] * 3, "recall": [1.0] * 3, "f1": [1.0] * 3}
 
-    monkeypatch.setattr("cyconv.train.evaluate", fake_evaluate)
+    monkeypatch.setattr("cyconv.train.loop.evaluate", fake_evaluate)
     trainer = make_trainer(shapes, tmp_path, epochs=4)
     trainer.fit()
-    assert trainer.best["epoch"] == 3 and trainer.best["loss"] == 0.6
+    assert trainer.position.best["epoch"] == 3 and trainer.position.best["loss"] == 0.6
     assert checkpoint.read(tmp_path / "best.safetensors").metadata["epoch"] == 3

@@ -13,7 +13,7 @@ import pytest
 import cyconv
 from cyconv import checkpoint, models
 from cyconv.data import ImageFolder, read_image, save_split
-from cyconv.gradcam import overlay
+from cyconv.explain import overlay
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -38,7 +38,7 @@ def call(capsys, script, *args):
         spec.loader.exec_module(module)
         capsys.readouterr()
         try:
-            code = module.main([str(a) for a in args])
+            module.run(lambda: module.main([str(a) for a in args]))
         except SystemExit as exit:
             code = exit.code
     finally:
@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
     run_dir = tmp / "run"
     run_dir.mkdir()
     ckpt = run_dir / "best.safetensors"
-    checkpoint.save(ckpt, model, classes=CLASSES, mean=[0.3, 0.3, 0.3], std=[0.3, 0.3, 0.3],
+    checkpoint.save(model, ckpt, classes=CLASSES, mean=[0.3, 0.3, 0.3], std=[0.3, 0.3, 0.3],
                     image_size=(SIZE, SIZE))
     folder = ImageFolder(data, CLASSES, SIZE)
     idx = np.arange(len(folder.samples))
@@ -133,7 +133,7 @@ def test_grad_cam(setup, capsys):
     assert w == 100 + 4 + 100 and 80 < h < 120     # enlarged x2, photo | overlay, caption strip
     code, _, err = call(capsys, "grad_cam.py", setup["ckpt"], photo, "--out", out,
                         "--layer", "17")
-    assert code == 2 and "layer 17 (Flatten) is not a convolutional layer" in err
+    assert code == 2 and "layer 17 (Flatten) outputs shape" in err and "not (N, C, H, W)" in err
 
 
 def test_feature_maps(setup):
@@ -141,7 +141,7 @@ def test_feature_maps(setup):
     r = run("feature_maps.py", setup["ckpt"], setup["photos"] / "a.png", "--out", out,
             "--layer", "4", "--cell", "32")
     assert r.returncode == 0, r.stderr
-    assert "layer 4 Conv2d: 4 channels of 12x12" in r.stdout
+    assert "layer 4: 4 channels of 12x12" in r.stdout
     picture = read_image(out)
     assert picture.shape[0] > 2 * 32 and picture.shape[1] >= 3 * 32
 

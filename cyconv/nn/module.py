@@ -136,25 +136,13 @@ def _tracked_backward(backward):
         if self._in_backward:   # a subclass calling super().backward(...)
             return backward(self, grad_output, input_grad)
         with _Nested() as depth, _NamingErrors(self, depth == 1):
-            if depth == 1:
-                self._check_backward_allowed()
-            for hook in list(self._backward_pre_hooks.values()):
-                result = hook(self, (grad_output,))
-                if result is not None:
-                    grad_output = result[0] if isinstance(result, tuple) else result
-            self.__dict__["_in_backward"] = True
             try:
-                grad_input = backward(self, grad_output, input_grad)
+                if depth == 1:
+                    self._check_backward_allowed()
+                grad_input = self._backward_with_hooks(backward, grad_output, input_grad)
             finally:
-                self.__dict__["_in_backward"] = False
-            if self._saved is not None:   # used: a second backward must raise
-                self.__dict__.update(_saved=None, _saved_status="used")
-            for hook in list(self._backward_hooks.values()):
-                result = hook(self, (grad_input,), (grad_output,))
-                if result is not None:
-                    grad_input = result[0] if isinstance(result, tuple) else result
-            if depth == 1:
-                self.__dict__["_forwards_pending"] = 0
+                if depth == 1:   # the forwards before this backward are settled either way
+                    self.__dict__["_forwards_pending"] = 0
         return grad_input
 
     tracked._cyconv_tracked = True
@@ -313,6 +301,26 @@ class Module:
             "discarded": f"{where}: the state of the last forward was discarded (by "
                          "discard_saved() or a refused backward); run forward again",
         }[self._saved_status]
+
+    def _backward_with_hooks(self, backward, grad_output, input_grad):
+        """The subclass's backward between the backward pre-hooks and hooks; marks the state
+        of the forward as used."""
+        for hook in list(self._backward_pre_hooks.values()):
+            result = hook(self, (grad_output,))
+            if result is not None:
+                grad_output = result[0] if isinstance(result, tuple) else result
+        self.__dict__["_in_backward"] = True
+        try:
+            grad_input = backward(self, grad_output, input_grad)
+        finally:
+            self.__dict__["_in_backward"] = False
+        if self._saved is not None:   # used: a second backward must raise
+            self.__dict__.update(_saved=None, _saved_status="used")
+        for hook in list(self._backward_hooks.values()):
+            result = hook(self, (grad_input,), (grad_output,))
+            if result is not None:
+                grad_input = result[0] if isinstance(result, tuple) else result
+        return grad_input
 
     def _check_backward_allowed(self):
         """At a top-level backward, before any gradient changes: refuse a backward after
