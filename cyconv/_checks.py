@@ -3,6 +3,8 @@
 Every message says what was expected and what came, e.g.
 ``Conv2d: expected input of shape (N, 3, H, W), got (8, 4, 32, 32)``.
 """
+import math
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -43,12 +45,13 @@ def positive_int(name, value):
 
 
 def number_in(where, name, value, low, high, none_ok=False):
-    """float(value) when it is a real number in [low, high] (None too when none_ok)."""
+    """float(value) when it is a finite real number in [low, high] (None too when none_ok)."""
     if value is None and none_ok:
         return None
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not low <= value <= high:
-        raise ValueError(f"{where}: expected {name} in [{low}, {high}]"
+    if isinstance(value, (bool, str, np.bool_)) or \
+            not isinstance(value, (int, float, np.integer, np.floating)) or \
+            not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{where}: expected {name} to be a finite number in [{low}, {high}]"
                          f"{' or None' if none_ok else ''}, got {value!r}")
     return float(value)
 

@@ -4,6 +4,9 @@ For one row z (C logits) with label y and smoothing eps, the target is
 t = (1 - eps) * onehot(y) + eps / C and
     loss = logsumexp(z) - sum_j t_j z_j,   logsumexp(z) = m + log(sum_j exp(z_j - m)), m = max z
 The batch loss is the mean over rows; its gradient is (softmax(z) - t) / N.
+As in PyTorch, a logit of -inf for a class other than the target is a class the
+model rules out: the loss stays finite without smoothing (the sum over j is
+taken only when eps > 0; with smoothing the loss is then +inf, the gradient finite).
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -33,12 +36,14 @@ def softmax_cross_entropy_forward(const floating[:, ::1] logits,   # IN  (N, C)
                 e = exp(logits[n, j] - top)
                 probs[n, j] = <floating> e
                 total = total + e
-                weighted = weighted + logits[n, j]
+                if label_smoothing > 0:
+                    weighted = weighted + logits[n, j]
             for j in range(C):
                 probs[n, j] = <floating> (probs[n, j] / total)
             log_sum_exp = top + log(total)
-            losses[n] = log_sum_exp - ((1 - label_smoothing) * logits[n, labels[n]]
-                                       + label_smoothing / C * weighted)
+            losses[n] = log_sum_exp - (1 - label_smoothing) * logits[n, labels[n]]
+            if label_smoothing > 0:
+                losses[n] = losses[n] - label_smoothing / C * weighted
         for n in range(N):
             mean += losses[n]
     return mean / N

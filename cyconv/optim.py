@@ -10,26 +10,47 @@ from contextlib import contextmanager
 import numpy as np
 
 from cyconv import _optim
+from cyconv._checks import number_in
 from cyconv._threads import threads_for
 from cyconv.nn.module import Parameter
 
 
 class Optimizer:
-    """Shared bookkeeping: the parameters, zero_grad, and the state that a checkpoint keeps."""
+    """Shared bookkeeping: the parameters, zero_grad, and the state that a checkpoint keeps.
 
-    def __init__(self, params, lr):
+    ``check_finite=True``: ``step()`` first checks every gradient and raises
+    FloatingPointError, with the weights unchanged, when one holds NaN or inf (one NaN
+    pixel in a batch otherwise turns every weight into NaN).  It costs one pass over
+    the gradients.
+    """
+
+    def __init__(self, params, lr, check_finite=False):
+        where = type(self).__name__
         self.params = list(params)
         if not self.params:
-            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+            raise ValueError(f"{where}: got an empty parameter list")
+        seen = {}
         for i, p in enumerate(self.params):
             if not isinstance(p, Parameter):
-                raise TypeError(f"{type(self).__name__}: expected Parameter objects, got "
+                raise TypeError(f"{where}: expected Parameter objects, got "
                                 f"{type(p).__name__} at position {i}")
-        if not lr >= 0:
-            raise ValueError(f"{type(self).__name__}: expected lr >= 0, got {lr!r}")
-        self.lr = float(lr)
+            if id(p) in seen:
+                raise ValueError(f"{where}: the parameter at position {i} is the one at "
+                                 f"position {seen[id(p)]} again; it would be stepped twice")
+            seen[id(p)] = i
+        self.lr = number_in(where, "lr", lr, 0, float("inf"))
+        self.check_finite = bool(check_finite)
         self.step_count = 0
         self.state = [{} for _ in self.params]   # per parameter: name -> ndarray
+
+    def _check_gradients(self):
+        if not self.check_finite:
+            return
+        for i, p in enumerate(self.params):
+            if not np.isfinite(p.grad).all():
+                raise FloatingPointError(
+                    f"{type(self).__name__}.step: the gradient of parameter {i} (shape "
+                    f"{p.grad.shape}) holds NaN or inf; no weight was changed")
 
     def zero_grad(self):
         for p in self.params:
@@ -84,19 +105,17 @@ class SGD(Optimizer):
     HYPERPARAMETERS = ("momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False):
-        super().__init__(params, lr)
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: expected momentum >= 0 and weight_decay >= 0, "
-                             f"got {momentum!r} and {weight_decay!r}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("SGD: Nesterov momentum requires momentum > 0 and zero dampening")
-        self.momentum = float(momentum)
-        self.dampening = float(dampening)
-        self.weight_decay = float(weight_decay)
+                 nesterov=False, check_finite=False):
+        super().__init__(params, lr, check_finite)
+        self.momentum = number_in("SGD", "momentum", momentum, 0, float("inf"))
+        self.dampening = number_in("SGD", "dampening", dampening, 0, 1)
+        self.weight_decay = number_in("SGD", "weight_decay", weight_decay, 0, float("inf"))
         self.nesterov = bool(nesterov)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("SGD: Nesterov momentum requires momentum > 0 and zero dampening")
 
     def step(self):
+        self._check_gradients()
         for i, p in enumerate(self.params):
             threads = threads_for(p.data.size)
             first_step = "momentum_buffer" not in self.state[i]
@@ -114,18 +133,18 @@ class Adam(Optimizer):
     decoupled_weight_decay = False
     HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, lr)
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"{type(self).__name__}: expected betas in [0, 1), got {betas!r}")
-        if not eps > 0 or weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: expected eps > 0 and weight_decay >= 0, "
-                             f"got {eps!r} and {weight_decay!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = float(eps)
-        self.weight_decay = float(weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 check_finite=False):
+        super().__init__(params, lr, check_finite)
+        where = type(self).__name__
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{where}: expected betas to be a pair, got {betas!r}")
+        self.betas = tuple(number_in(where, "betas", b, 0, 1 - 1e-12) for b in betas)
+        self.eps = number_in(where, "eps", eps, 1e-300, float("inf"))
+        self.weight_decay = number_in(where, "weight_decay", weight_decay, 0, float("inf"))
 
     def step(self):
+        self._check_gradients()
         self.step_count += 1
         for i, p in enumerate(self.params):
             threads = threads_for(p.data.size)
@@ -141,8 +160,9 @@ class AdamW(Adam):
 
     decoupled_weight_decay = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        super().__init__(params, lr, betas, eps, weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 check_finite=False):
+        super().__init__(params, lr, betas, eps, weight_decay, check_finite)
 
 
 class ExponentialMovingAverage:
@@ -160,9 +180,11 @@ class ExponentialMovingAverage:
     """
 
     def __init__(self, model, decay=0.999):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ExponentialMovingAverage: decay must lie in [0, 1), got {decay!r}")
-        self.model, self.decay, self.updates = model, float(decay), 0
+        decay = number_in("ExponentialMovingAverage", "decay", decay, 0.0, 1.0)
+        if decay == 1.0:
+            raise ValueError("ExponentialMovingAverage: decay must be below 1 (1 would never "
+                             "move the average)")
+        self.model, self.decay, self.updates = model, decay, 0
         self.averages = model.state_dict()
 
     def update(self):

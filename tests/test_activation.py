@@ -93,3 +93,45 @@ def test_activations_match_torch(rng):
                                torch.nn.functional.leaky_relu(tx, 0.2).numpy(), rtol=1e-15)
     np.testing.assert_allclose(nn.LeakyReLU()(x),
                                torch.nn.LeakyReLU()(tx).numpy(), rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", ["relu", "relu6", "conv+relu fused", "conv fuse_relu",
+                                  "direct conv fuse_relu", "bn+relu fused"])
+def test_nan_stays_nan_through_relu_plain_and_fused(path, dtype):
+    """ReLU (and ReLU6) keep a NaN, as PyTorch does, in every kernel that applies it;
+    its gradient there is 0."""
+    x = np.ones((1, 3, 5, 5), dtype)
+    x[0, :, 2, 2] = np.nan
+    layer = {
+        "relu": lambda: nn.ReLU(),
+        "relu6": lambda: nn.ReLU6(),
+        "conv+relu fused": lambda: nn.Sequential(nn.Conv2d(3, 40, 3, padding=1, dtype=dtype,
+                                                           seed=0), nn.ReLU()),
+        "conv fuse_relu": lambda: nn.Conv2d(3, 40, 3, padding=1, dtype=dtype, seed=0,
+                                            fuse_relu=True),
+        "direct conv fuse_relu": lambda: nn.Conv2d(3, 2, 3, padding=1, dtype=dtype, seed=0,
+                                                   fuse_relu=True),   # K = 27: direct kernel
+        "bn+relu fused": lambda: nn.Sequential(nn.BatchNorm2d(3, dtype=dtype), nn.ReLU()),
+    }[path]()
+    if path == "bn+relu fused":
+        layer.eval()
+    y = layer(x)
+    assert np.isnan(y).any(), "a NaN became a number"
+    if path.startswith(("relu", "conv+")) or path == "relu6":
+        assert np.isnan(y[0, :, 2, 2]).all() if y.shape[1] == 3 else np.isnan(y).any()
+    grad = layer.backward(np.ones_like(y))
+    assert grad.shape == x.shape
+
+
+def test_relu6_matches_pytorch(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.uniform(-3, 9, (2, 3, 4, 5))
+    layer = nn.ReLU6()
+    y = layer(x)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    ty = torch.nn.functional.relu6(tx)
+    g = rng.standard_normal(x.shape)
+    ty.backward(torch.from_numpy(g))
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    np.testing.assert_array_equal(layer.backward(g), tx.grad.numpy())

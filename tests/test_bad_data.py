@@ -14,8 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
-from cyconv.data import (Augment, CorruptImageError, DataLoader, ImageFolder, Subset,
-                         read_image)
+from cyconv.data import (Augment, CorruptImageError, DataLoader, ImageFolder, ImageTooLargeError,
+                         Subset, read_image, set_max_image_pixels)
+from cyconv.data.io import check_image_file
+
+
+def _png(path):
+    write(path, np.full((6, 6, 3), 90, np.uint8))
 
 
 def write(path, image):
@@ -263,3 +268,108 @@ def test_root_that_is_a_file_or_missing(tmp_path):
 def test_hidden_folders_are_not_classes(tmp_path):
     good_images(tmp_path, {"a": 1, ".cache": 1, "b": 1})
     assert ImageFolder(tmp_path, image_size=4).classes == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------
+# Hostile files: pipes, huge images, sparse giants, unreadable files and folders
+# ---------------------------------------------------------------------------
+def test_a_fifo_named_jpg_is_refused_at_once(tmp_path):
+    """A pipe would block a reader forever: only regular files are read."""
+    import os
+    fifo = tmp_path / "a" / "pipe.jpg"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(CorruptImageError, match="not a regular file"):
+        read_image(fifo)
+    _png(tmp_path / "a" / "ok.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = ImageFolder(tmp_path, image_size=8)
+    assert [p.name for p, _ in folder.samples] == ["ok.png"]
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path):
+    """A small PNG that decodes to 20000x20000 pixels is refused before decoding."""
+    import zlib
+    width = height = 20000
+    row = b"\x00" + bytes(width)     # filter byte + one grey row
+    raw = zlib.compress(row * height, 9)
+
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", width.to_bytes(4, "big") + height.to_bytes(4, "big")
+                                       + bytes([8, 0, 0, 0, 0]))
+           + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png)
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(ImageTooLargeError, match="20000x20000 pixels, over the limit of"):
+        read_image(path)
+    set_max_image_pixels(500_000_000)
+    try:
+        assert check_image_file(path) is None     # the cap can be raised
+    finally:
+        set_max_image_pixels(100_000_000)
+    assert "over the limit" in check_image_file(path)
+
+
+def test_the_folder_scan_reads_at_most_two_megabytes_per_file(tmp_path, monkeypatch):
+    """A 4 GB sparse file named .jpg costs no memory: the scan reads its two ends only."""
+    big = tmp_path / "a" / "big.jpg"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0")
+        f.truncate(4 * 1024**3)
+    _png(tmp_path / "a" / "ok.png")
+    reads = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "b" in mode and str(path).endswith("big.jpg"):
+            original = handle.read
+            handle.read = lambda n=-1: reads.append(n) or original(n)
+        return handle
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = ImageFolder(tmp_path, image_size=8)
+    assert [p.name for p, _ in folder.samples] == ["ok.png"]
+    assert reads and all(0 < n <= 1 << 20 for n in reads)
+    assert any("big.jpg" in str(w.message) for w in caught)
+
+
+def test_unreadable_images_are_skipped_and_an_unreadable_class_folder_is_named(tmp_path):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root reads files without read permission")
+    _png(tmp_path / "a" / "ok.png")
+    _png(tmp_path / "a" / "locked.png")
+    _png(tmp_path / "b" / "ok.png")
+    (tmp_path / "a" / "locked.png").chmod(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = ImageFolder(tmp_path, image_size=8)
+    assert sorted(p.name for p, _ in folder.samples) == ["ok.png", "ok.png"]
+    assert any("locked.png" in str(w.message) for w in caught)
+    (tmp_path / "b").chmod(0)
+    try:
+        with pytest.raises(FileNotFoundError, match="cannot list class folder"):
+            ImageFolder(tmp_path, classes=["a", "b"], image_size=8)
+    finally:
+        (tmp_path / "b").chmod(0o755)
+
+
+def test_header_dimensions_match_the_decoded_size(tmp_path):
+    from cyconv.data.io import image_dimensions
+    rng = np.random.default_rng(0)
+    for suffix in (".png", ".jpg", ".bmp", ".webp", ".tif"):
+        image = rng.integers(0, 256, (13, 21, 3), dtype=np.uint8)
+        write(tmp_path / f"x{suffix}", image)
+        assert image_dimensions((tmp_path / f"x{suffix}").read_bytes()) == (21, 13), suffix
+    photos = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "images"
+    for photo in sorted(photos.glob("*.jpg")):   # real camera JPEGs, EXIF and all
+        assert image_dimensions(photo.read_bytes()) == cv2.imread(str(photo)).shape[1::-1]

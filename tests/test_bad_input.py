@@ -164,7 +164,7 @@ for name, (make, shape, typed, channels, four_d) in LAYERS.items():
                 x = arr(shape, dtype, 0.5)
                 x.reshape(-1)[::3] = fill
                 y, dx = _forward_backward(layer, x)
-                # (ReLU maps NaN to 0, where PyTorch keeps NaN: see the report)
+                # (ReLU keeps a NaN, as PyTorch does: tests/test_activation.py)
                 if isinstance(layer, (nn.MaxPool2d, nn.ReLU)) and fill == np.inf:
                     assert not np.all(np.isfinite(y))   # the non-finite value came through
             legal(f"{name}-values-{fill}-{np.dtype(dtype).name}", nonfinite)

@@ -102,3 +102,26 @@ def test_matches_torch(rng):
         loss_fn = nn.CrossEntropyLoss(label_smoothing=ls)
         assert abs(loss_fn(z, labels) - tl.item()) < 1e-12
         np.testing.assert_allclose(loss_fn.backward(), tz.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_ruled_out_class_matches_pytorch(smoothing, dtype):
+    """A non-target logit of -inf: finite loss without smoothing (PyTorch 0.4741 here),
+    +inf with it (the smoothed target puts mass on that class), finite gradients."""
+    torch = pytest.importorskip("torch")
+    logits = np.array([[1.0, -np.inf, 0.5], [0.2, 0.1, -0.3]], dtype)
+    labels = np.array([0, 2])
+    loss_fn = nn.CrossEntropyLoss(smoothing)
+    loss = loss_fn(logits, labels)
+    grad = loss_fn.backward()
+    t = torch.from_numpy(logits.copy()).requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(t, torch.from_numpy(labels),
+                                                 label_smoothing=smoothing)
+    expected.backward()
+    if smoothing:
+        assert loss == np.inf and expected.item() == np.inf
+    else:
+        assert np.isfinite(loss) and loss == pytest.approx(expected.item(), rel=1e-5)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-5, atol=1e-7)

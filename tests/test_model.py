@@ -502,3 +502,17 @@ def test_sequential_conv_relu_matches_layer_by_layer(rng):
     p0 = model.parameters()[0]
     np.testing.assert_allclose(grads[0], finite_difference(lambda _: f(x), p0.data),
                                rtol=1e-5, atol=1e-8)
+
+
+def test_predict_keeps_the_model_dtype_and_mode(rng):
+    """cyconv.predict on a float64 model gives float64 logits, and leaves the model in the
+    mode it found it in (review finding 3)."""
+    model = wide_net(np.float64)
+    x = rng.standard_normal((3, 3, 11, 13))
+    logits = cyconv.predict(model, x)
+    assert logits.dtype == np.float64 and model.training
+    model.eval()
+    np.testing.assert_array_equal(logits, model(x))
+    photos = rng.integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+    model.image_size = (11, 13)
+    assert cyconv.predict(model, photos).shape == (2, 3) and not model.training

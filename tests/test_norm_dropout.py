@@ -11,11 +11,14 @@ from cyconv import nn
 BN_SHAPES = [(2, 1, 1, 1), (1, 3, 2, 2), (2, 3, 5, 7), (3, 4, 6, 6), (4, 2, 1, 3), (3, 4, 12, 11)]
 
 
-def _bn(C, dtype, rng, momentum=None, eps=None):
+DEFAULT = object()   # a keyword left out (momentum=None is a setting of its own)
+
+
+def _bn(C, dtype, rng, momentum=DEFAULT, eps=DEFAULT):
     kw = {}
-    if momentum is not None:
+    if momentum is not DEFAULT:
         kw["momentum"] = momentum
-    if eps is not None:
+    if eps is not DEFAULT:
         kw["eps"] = eps
     layer = nn.BatchNorm2d(C, dtype=dtype, **kw)
     w, b = layer.parameters()
@@ -98,15 +101,17 @@ def test_reference_bn_backward_matches_finite_differences(rng):
     np.testing.assert_allclose(db, finite_difference(lambda v: f(x, w, v), b), **FD_TOL)
 
 
-@pytest.mark.parametrize("momentum", [None, 0.3, 1.0])
+@pytest.mark.parametrize("momentum", [DEFAULT, None, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_running_stats_over_several_batches(momentum, dtype, rng):
+    """momentum left out: 0.1; None: a cumulative average (momentum 1/k at batch k)."""
     C = 3
     layer = _bn(C, dtype, rng, momentum=momentum)
-    m = 0.1 if momentum is None else momentum
+    assert layer.momentum == (0.1 if momentum is DEFAULT else momentum)
     w, b = (p.data.copy() for p in layer.parameters())
     rm, rv = np.zeros(C), np.ones(C)
     for step in range(1, 5):
+        m = {DEFAULT: 0.1, None: 1 / step}.get(momentum, momentum)
         x = (rng.standard_normal((2, C, 3, 4)) * (step + 1) + step).astype(dtype)
         y = layer(x)
         ry, rm, rv = R.batch_norm2d_train_forward(x, w, b, rm, rv, momentum=m)

@@ -290,7 +290,7 @@ def test_moving_average_state_round_trip_and_errors():
     assert (other.decay, other.updates) == (0.9, 1)
     for key in ema.averages:
         np.testing.assert_array_equal(other.averages[key], ema.averages[key])
-    with pytest.raises(ValueError, match=r"decay must lie in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match="decay must be below 1"):
         optim.ExponentialMovingAverage(model, decay=1.0)
     state = ema.state_dict()
     del state["averages"]["0.bias"]
@@ -300,3 +300,33 @@ def test_moving_average_state_round_trip_and_errors():
     state["averages"]["0.bias"] = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match=r"'0.bias' expected shape \(3,\), got \(5,\)"):
         other.load_state_dict(state)
+
+
+def test_a_parameter_listed_twice_is_refused():
+    layer = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="position 2 is the one at position 0 again"):
+        optim.SGD([layer.weight, layer.bias, layer.weight], lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_check_finite_refuses_a_nan_gradient_and_changes_no_weight(name):
+    layer = nn.Linear(3, 2, dtype=np.float64, seed=0)
+    opt = getattr(optim, name)(layer.parameters(), lr=0.1, check_finite=True)
+    before = [p.data.copy() for p in layer.parameters()]
+    layer.bias.grad[1] = np.nan
+    with pytest.raises(FloatingPointError, match="parameter 1 .* holds NaN or inf; no weight"):
+        opt.step()
+    for p, b in zip(layer.parameters(), before):
+        np.testing.assert_array_equal(p.data, b)
+    assert opt.step_count == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr="0.1"), "lr to be a finite number"), (dict(lr=float("nan")), "lr"),
+    (dict(lr=float("inf")), "lr"), (dict(lr=-1.0), "lr"),
+    (dict(lr=0.1, momentum="0.9"), "momentum"), (dict(lr=0.1, weight_decay=float("nan")),
+                                                 "weight_decay"),
+])
+def test_optimizer_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        optim.SGD(nn.Linear(3, 2).parameters(), **kwargs)

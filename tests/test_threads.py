@@ -128,3 +128,47 @@ def test_linear_loss_optim_bitwise_thread_invariant(dtype):
             results.append([np.array(loss), dx] + grads + [p.data.copy() for p in layer.parameters()])
     for a, b in zip(*results):
         assert np.array_equal(a, b)
+
+
+def test_thread_count_is_bounded_and_accepts_numpy_ints(threads):
+    limit = cyconv.max_num_threads()
+    assert limit == 4 * len(__import__("os").sched_getaffinity(0))
+    for bad in (0, -1, limit + 1, 100000, 10**9, 2.0, "2", True, None):
+        with pytest.raises(ValueError, match=f"expected an int from 1 to {limit}"):
+            cyconv.set_num_threads(bad)
+    threads(np.int64(2))
+    assert cyconv.get_num_threads() == 2 and type(cyconv.get_num_threads()) is int
+
+
+def test_importing_cyconv_changes_neither_the_environment_nor_numpy_blas(tmp_path):
+    """A fresh interpreter: os.environ and the thread count of every BLAS that numpy and
+    scipy loaded are the same before and after `import cyconv` (and after a training step
+    on several threads: the kernels hold BLAS at one thread only while they run)."""
+    import subprocess
+    import sys
+    script = """
+import os, json
+import numpy, scipy.linalg
+from threadpoolctl import threadpool_info
+before = (dict(os.environ), {i["filepath"]: i["num_threads"] for i in threadpool_info()})
+import cyconv
+from cyconv import nn
+model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 2))
+cyconv.set_num_threads(2)
+out = model(numpy.ones((2, 3, 8, 8), numpy.float32))
+model.backward(numpy.ones_like(out))
+after = (dict(os.environ), {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                            if i["filepath"] in before[1]})
+print(json.dumps([before == after, sorted(set(before[0]) ^ set(after[0])), before[1], after[1]]))
+"""
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
+                        "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(__import__("pathlib").Path(cyconv.__file__).parents[1])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    same, changed_keys, before, after = __import__("json").loads(result.stdout)
+    assert same, (changed_keys, before, after)
+    assert any(count > 1 for count in before.values()) or len(
+        __import__("os").sched_getaffinity(0)) == 1   # BLAS really had several threads

@@ -1,5 +1,5 @@
 """Training augmentation of single images and the background swap between images."""
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv.data.io import resize

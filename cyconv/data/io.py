@@ -9,7 +9,7 @@ import os
 import stat
 from io import BytesIO
 
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -89,7 +89,15 @@ def _read_regular_file(path):
 
 
 def image_dimensions(data):
-    """(width, height) from an image's header, without decoding it (None: unknown format)."""
+    """(width, height) from an image's header, without decoding it (None: unknown format).
+
+    PNG and JPEG headers are read here (Pillow refuses to report the size of a very
+    large image); the other formats through Pillow's lazy open.
+    """
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_dimensions(data)
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -97,6 +105,21 @@ def image_dimensions(data):
             return image.size
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def _jpeg_dimensions(data):
+    """(width, height) from the first start-of-frame marker of a JPEG (None: none found)."""
+    pos = 2
+    while pos + 9 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # SOF0..SOF15
+            return (int.from_bytes(data[pos + 7:pos + 9], "big"),
+                    int.from_bytes(data[pos + 5:pos + 7], "big"))
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 def decode_image(data, where="image"):

@@ -1,5 +1,5 @@
 """Foreground segmentation (GrabCut) and the blending helpers of the augmentations."""
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv.data.io import resize

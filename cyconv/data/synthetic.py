@@ -1,5 +1,5 @@
 """A generated data set of circles, squares and triangles (nothing to download)."""
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv.data.io import as_size

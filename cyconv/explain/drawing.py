@@ -1,5 +1,5 @@
 """Pictures of what a model computed: heat maps over photos, text bands, softmax."""
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 

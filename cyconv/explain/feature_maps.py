@@ -13,7 +13,7 @@ an image file name, an ``(H, W, 3)`` uint8 RGB photo (or a list / ``(N, H, W, 3)
 array of them), resized and normalised with the model's preprocessing, or an
 already normalised float ``(3, H, W)`` / ``(N, 3, H, W)`` array, used as it is.
 """
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv._grad_mode import no_grad

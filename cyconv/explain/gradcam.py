@@ -30,7 +30,7 @@ gradients (nor its weights, running statistics or dropout streams).
 """
 from dataclasses import dataclass
 
-import cv2
+from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv._grad_mode import enable_grad

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cyconv._checks import as_float_array, as_grad_output, shape_text
-from cyconv.nn.module import Module
+from cyconv.nn.module import Module, naming_errors
 
 
 def forward_chain(layers, x):
@@ -81,7 +81,8 @@ class Sequential(Module):
     def output_shape(self, input_shape):
         shape = tuple(input_shape)
         for layer in self._modules.values():
-            shape = layer.output_shape(shape)
+            with naming_errors(layer):
+                shape = layer.output_shape(shape)
         return shape
 
     def forward(self, x):
@@ -122,7 +123,10 @@ class Residual(Module):
         self.shortcut = Identity() if shortcut is None else shortcut
 
     def output_shape(self, input_shape):
-        main, side = self.body.output_shape(input_shape), self.shortcut.output_shape(input_shape)
+        with naming_errors(self.body):
+            main = self.body.output_shape(input_shape)
+        with naming_errors(self.shortcut):
+            side = self.shortcut.output_shape(input_shape)
         if main != side:
             raise ValueError(f"Residual: the body gives {shape_text(main)} but the shortcut "
                              f"{shape_text(side)} for input {shape_text(input_shape)}; they must "
@@ -172,7 +176,10 @@ class Concat(Module):
             self._modules[str(i)] = branch
 
     def output_shape(self, input_shape):
-        shapes = [branch.output_shape(input_shape) for branch in self._modules.values()]
+        shapes = []
+        for branch in self._modules.values():
+            with naming_errors(branch):
+                shapes.append(branch.output_shape(input_shape))
         _check_side_by_side(shapes)
         return (shapes[0][0], sum(s[1] for s in shapes)) + tuple(shapes[0][2:])
 

@@ -106,6 +106,13 @@ class _Nested:
         return False
 
 
+def naming_errors(module):
+    """Context: an error raised inside is attributed to ``module`` (unless a module deeper
+    inside claimed it), so that the top-level call names its path.  Containers use it
+    around the output_shape of their children."""
+    return _NamingErrors(module, False)
+
+
 class _NamingErrors:
     """An error raised inside a model names the module it came from: the innermost
     module is noted on the way out, and the top-level call prefixes its dotted name
