@@ -1,18 +1,25 @@
 """Build script for cyconv's Cython kernels.
 
-Compiler directives are set here, once, for every extension:
-language_level 3, wraparound off, cdivision on, initializedcheck off;
-bounds checking is off unless the environment variable CYCONV_DEBUG=1 asks for
-a debug build (then boundscheck and initializedcheck are on, -O0 -g).
+Compiler directives are set here, once, for every extension: language_level 3,
+wraparound off, cdivision on, and bounds, initialisation and None checks off
+unless a debug build is asked for.  Builds, chosen by environment variables:
 
-OpenMP flags are chosen per compiler; when the compiler cannot build an
-OpenMP program the kernels are compiled serially (prange becomes range).
+    (default)                  -O3, OpenMP when the compiler has it
+    CYCONV_DEBUG=1             bounds-checked memoryviews, -O0 -g
+    CYCONV_SANITIZE=address,undefined
+                               AddressSanitizer / UBSan (-O1 -g); run Python with
+                               LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+    CYCONV_NO_OPENMP=1         serial kernels (prange becomes range), as a compiler
+                               without OpenMP would build them
+
+The kernels are compiled once per change of their sources or of these settings:
+a later install (``pip install -e ".[test]"`` after ``pip install -e .``)
+reuses the extensions already built in place, as a make rule would.
 """
+import json
 import os
 import shutil
-import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import numpy as np
@@ -21,8 +28,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("CYCONV_DEBUG", "0") not in ("", "0")
+SANITIZE = os.environ.get("CYCONV_SANITIZE", "")
+NO_OPENMP = os.environ.get("CYCONV_NO_OPENMP", "0") not in ("", "0")
 
-# One module per layer family; each has a .pxd declaring its kernels.
+# One module per layer family (plus _parallel, which reports whether OpenMP is on).
 MODULES = ["_parallel", "_conv", "_pool", "_activation", "_linear",
            "_norm", "_dropout", "_loss", "_optim"]
 
@@ -34,6 +43,8 @@ DIRECTIVES = {
     "initializedcheck": DEBUG,
     "nonecheck": DEBUG,
 }
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(HERE, "cyconv", "_build_info.json")
 
 
 def _openmp_flags(compiler_type):
@@ -61,30 +72,91 @@ def _compiles_with_openmp(compiler, compile_flags, link_flags):
     return True
 
 
+def _optimisation_flags(compiler_type):
+    if compiler_type == "msvc":
+        return ["/Od", "/Zi"] if DEBUG else ["/O2"], []
+    if SANITIZE:
+        sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer",
+                    "-fno-sanitize-recover=all"]
+        return ["-O1", "-g"] + sanitize, sanitize
+    # No kernel relies on floating-point traps; without -fno-trapping-math the compiler
+    # keeps selects over floats (max-pool, ReLU masks) as branches instead of vector
+    # blends.  Results are unchanged.
+    flags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-fno-trapping-math"]
+    return flags + ["-Wno-unused-function", "-Wno-unreachable-code"], []
+
+
 class BuildExt(build_ext):
-    """build_ext that adds optimisation and (when available) OpenMP flags."""
+    """build_ext with optimisation and (when available) OpenMP flags, compiling in
+    parallel and reusing up-to-date extensions built in place with the same settings."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):
         ctype = self.compiler.compiler_type
-        if ctype == "msvc":
-            opt = ["/Od", "/Zi"] if DEBUG else ["/O2"]
-        else:
-            opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-            # No kernel relies on floating-point traps; without this flag the
-            # compiler keeps selects over floats (max-pool, ReLU masks) as
-            # branches instead of vector blends.  Results are unchanged.
-            opt += ["-fno-trapping-math"]
-            opt += ["-Wno-unused-function", "-Wno-unreachable-code"]
+        compile_flags, link_flags = _optimisation_flags(ctype)
         omp_compile, omp_link = _openmp_flags(ctype)
-        with_openmp = os.environ.get("CYCONV_NO_OPENMP", "0") in ("", "0") and \
-            _compiles_with_openmp(self.compiler, omp_compile, omp_link)
+        with_openmp = not NO_OPENMP and _compiles_with_openmp(self.compiler, omp_compile,
+                                                              omp_link)
         if not with_openmp:
-            print("cyconv: OpenMP not available; building serial kernels", file=sys.stderr)
+            print("cyconv: building serial kernels (no OpenMP)", file=sys.stderr)
             omp_compile, omp_link = [], []
         for ext in self.extensions:
-            ext.extra_compile_args = opt + omp_compile
-            ext.extra_link_args = omp_link
+            ext.extra_compile_args = compile_flags + omp_compile
+            ext.extra_link_args = link_flags + omp_link
+        self.settings = {"debug": DEBUG, "sanitize": SANITIZE, "openmp": with_openmp,
+                         "flags": compile_flags + omp_compile}
+        self.previous = _read_build_info()
+        if os.path.exists(BUILD_INFO):   # an interrupted build must not look finished
+            os.remove(BUILD_INFO)
+        print("cyconv: compiling the kernels (about a minute on 2 cores)", file=sys.stderr)
         super().build_extensions()
+        with open(BUILD_INFO, "w") as f:
+            json.dump(self.settings, f)
+
+    def build_extension(self, ext):
+        built = os.path.join(HERE, *ext.name.split(".")[:-1], self.get_ext_filename(
+            ext.name.split(".")[-1]))
+        target = self.get_ext_fullpath(ext.name)
+        if self._up_to_date(built, ext):
+            if os.path.abspath(built) != os.path.abspath(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copy2(built, target)
+            print(f"cyconv: {ext.name} is up to date", file=sys.stderr)
+            return
+        super().build_extension(ext)
+
+    def _up_to_date(self, built, ext):
+        """True when ``built`` exists, is newer than every source it may depend on, and was
+        compiled with the same settings."""
+        try:
+            newest = max(os.path.getmtime(p) for p in _kernel_sources(ext))
+            return (self.previous == self.settings and not self.force
+                    and os.path.getmtime(built) > newest)
+        except (OSError, ValueError):
+            return False
+
+
+def _read_build_info():
+    try:
+        with open(BUILD_INFO) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _kernel_sources(ext):
+    """The extension's .pyx, its generated C file, every .pxd / .h of the package and
+    this script."""
+    folder = os.path.join(HERE, "cyconv")
+    shared = [os.path.join(folder, name) for name in os.listdir(folder)
+              if name.endswith((".pxd", ".h"))]
+    pyx = os.path.join(folder, ext.name.split(".")[-1] + ".pyx")
+    return [pyx, os.path.abspath(__file__)] + [os.path.join(HERE, s) for s in ext.sources] \
+        + shared
 
 
 extensions = [
@@ -95,7 +167,9 @@ extensions = [
 ]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,
-                          include_path=["cyconv"]),
+    # the C files of a debug build (other directives) are kept apart from the others'
+    ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, include_path=["cyconv"],
+                          build_dir="build/cython-debug" if DEBUG else "build/cython",
+                          quiet=True),
     cmdclass={"build_ext": BuildExt},
 )
