@@ -78,9 +78,10 @@ def export(model, path, *, classes=None, mean=None, std=None, image_size=None,
     given = dict(classes=classes, mean=mean, std=std, image_size=image_size,
                  channel_order=channel_order, interpolation=interpolation)
     meta = _preprocessing(model, given)
+    shapes = _io_shapes(model, meta["image_size"])
     graph = _Graph(onnx, model.state_dict(keep_vars=True))
     graph.finish(graph.emit(describe(model), "", INPUT))
-    proto = graph.model(type(model).__name__, *_io_shapes(model, meta["image_size"]))
+    proto = graph.model(type(model).__name__, *shapes)
     onnx.helper.set_model_props(proto, {name: json.dumps(meta[name]) for name in PREPROCESSING})
     onnx.checker.check_model(proto)
     atomic_write(path, proto.SerializeToString())
@@ -113,10 +114,17 @@ def _preprocessing(model, given):
     meta = {}
     for name in PREPROCESSING:
         value = given[name] if given[name] is not None else getattr(model, name, None)
-        if name == "image_size" and value is not None and np.isscalar(value):
-            value = (value, value)
-        if value is not None and name in ("classes", "mean", "std", "image_size"):
-            value = np.asarray(value).tolist() if name != "classes" else list(value)
+        if value is None or isinstance(value, str):
+            pass
+        elif name == "classes":
+            value = list(value)
+        elif name == "image_size":
+            value = np.asarray((value, value) if np.isscalar(value) else value).tolist()
+        elif name in ("mean", "std"):   # float32 values written as short as they read back
+            try:
+                value = [float(str(v)) for v in np.asarray(value, np.float32).reshape(-1)]
+            except (TypeError, ValueError):
+                raise ExportError(f"export: {name} must be 3 numbers, got {value!r:.80}") from None
         meta[name] = value
     try:
         checked = checked_preprocessing("export", meta, model)

@@ -228,9 +228,10 @@ def test_metadata_keywords_and_defaults(ort, tmp_path):
     assert stored == {"classes": None, "mean": None, "std": None, "image_size": None,
                       "channel_order": "RGB", "interpolation": "area"}
     stored = metadata(cyconv.onnx.export(model, tmp_path / "b.onnx", classes=("a", "b"),
-                                         image_size=224, mean=np.array([0.1, 0.2, 0.3])))
+                                         image_size=224,
+                                         mean=np.array([0.1, 0.2, 0.3], np.float32)))
     assert stored["classes"] == ["a", "b"] and stored["image_size"] == [224, 224]
-    assert stored["mean"] == pytest.approx([0.1, 0.2, 0.3])
+    assert stored["mean"] == [0.1, 0.2, 0.3]   # float32 values, written as short as they read
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -238,6 +239,8 @@ def test_metadata_keywords_and_defaults(ort, tmp_path):
     (dict(image_size=20), ["does not take", "20"]),
     (dict(channel_order="RBG"), ["channel_order"]),
     (dict(std=[1, 0, 1]), ["std"]),
+    (dict(mean=["a", "b", "c"]), ["mean must be 3 numbers"]),
+    (dict(classes="abc"), ["classes"]),
 ])
 def test_bad_preprocessing_is_refused_and_nothing_written(ort, tmp_path, kwargs, words):
     with pytest.raises(cyconv.onnx.ExportError) as info:
