@@ -14,18 +14,16 @@ file is then written but not trustworthy), 2 for a bad command line, checkpoint
 or image, a model that cannot be exported, or a missing package.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import fail, float_range, int_range, load_model, run
 
-import cyconv  # noqa: E402
-import cyconv.onnx  # noqa: E402
-from cyconv.checkpoint import CheckpointError  # noqa: E402
-from cyconv.data import IMAGE_EXTENSIONS, CorruptImageError  # noqa: E402
-from cyconv.inference import prepare_input  # noqa: E402
+import cyconv
+import cyconv.onnx
+from cyconv.data import IMAGE_EXTENSIONS, CorruptImageError
+from cyconv.inference import prepare_input
 
 BATCH = 16
 
@@ -38,34 +36,12 @@ def parse_args(argv=None):
                                             "with .onnx)")
     p.add_argument("--images", nargs="+", default=[], help="photos (files or folders) to compare "
                                                            "onnxruntime and cyconv on")
-    p.add_argument("--image-size", type=int,
+    p.add_argument("--image-size", type=int_range(8, 4096),
                    help="input side in pixels, for a checkpoint that does not store one")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=float_range(0, 1e6), default=1e-4,
                    help="largest |output difference| allowed (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="write the file without checking it")
-    args = p.parse_args(argv)
-    if args.image_size is not None and args.image_size < 1:
-        p.error(f"--image-size must be at least 1, got {args.image_size}")
-    if not args.tolerance >= 0:
-        p.error(f"--tolerance must be >= 0, got {args.tolerance}")
-    return args
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def load(path, image_size):
-    try:
-        model = cyconv.load(path)
-    except FileNotFoundError:
-        fail(f"checkpoint {path} does not exist")
-    except (CheckpointError, OSError) as error:
-        fail(f"cannot load checkpoint {path}: {error}")
-    if image_size:
-        model.image_size = (image_size, image_size)
-    return model
+    return p.parse_args(argv)
 
 
 def photo_files(paths):
@@ -126,7 +102,9 @@ def check(model, out, x):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = load(args.checkpoint, args.image_size)
+    model = load_model(args.checkpoint)
+    if args.image_size:
+        model.image_size = (args.image_size, args.image_size)
     out = args.out or Path(args.checkpoint).with_suffix(".onnx")
     x, where = (None, None) if args.no_check else inputs(model, args.images)
     try:
@@ -137,7 +115,7 @@ def main(argv=None):
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, ONNX opset {cyconv.onnx.OPSET}, "
           f"input (batch, 3, {h}, {w}))")
     if args.no_check:
-        return
+        return 0
     try:
         worst, agree = check(model, out, x)
     except ImportError as error:
@@ -147,7 +125,8 @@ def main(argv=None):
     if worst > args.tolerance:
         fail(f"onnxruntime's outputs differ from cyconv's by {worst:.2e}, more than "
              f"{args.tolerance:g}", 1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

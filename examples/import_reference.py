@@ -13,14 +13,13 @@ reference model for these classes (the message says the expected and actual
 sizes), 1 when the checkpoint cannot be written.
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import fail, int_range, run
 
-import cyconv  # noqa: E402
-from cyconv.files import OutputError  # noqa: E402
-from cyconv.models.reference_import import ReferenceFormatError, load_reference  # noqa: E402
+import cyconv
+from cyconv.files import OutputError
+from cyconv.models.reference_import import ReferenceFormatError, load_reference
 
 
 def parse_args(argv=None):
@@ -32,22 +31,14 @@ def parse_args(argv=None):
                         "(e.g. dog,panda,bird)")
     p.add_argument("--out", type=Path, required=True, help="the checkpoint to write "
                                                            "(.safetensors)")
-    p.add_argument("--image-size", type=int, default=224,
+    p.add_argument("--image-size", type=int_range(47, 4096), default=224,
                    help="the side the project resized photos to (default 224)")
     args = p.parse_args(argv)
     args.classes = [name.strip() for name in args.classes.split(",")]
     if not all(args.classes) or len(set(args.classes)) != len(args.classes):
         p.error(f"--classes must be distinct, non-empty names separated by commas, got "
                 f"{','.join(args.classes)!r}")
-    if args.image_size < 47:
-        p.error(f"--image-size must be at least 47 (the network's smallest input), got "
-                f"{args.image_size}")
     return args
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main(argv=None):
@@ -65,7 +56,8 @@ def main(argv=None):
     print(f"wrote {args.out}: the reference network for {len(args.classes)} classes "
           f"({', '.join(args.classes)}); preprocessing: BGR, resized to {args.image_size}x"
           f"{args.image_size} (bilinear), pixels / 255")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
