@@ -15,12 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cyconv  # noqa: E402
 from cyconv import models, nn, optim  # noqa: E402
-from cyconv.data import (Augment, DataLoader, ImageFolder, Subset,  # noqa: E402
-                         compute_mean_std, split_indices)
+from cyconv.data import Augment, DataLoader, ImageFolder, Subset, compute_mean_std, split_indices  # noqa: E402
 
 
 def train_step(model, loss_fn, opt, x, y):

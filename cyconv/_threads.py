@@ -84,9 +84,8 @@ class _KernelBlas:
         """The BLAS libraries the kernels' calls reach: scipy's own OpenBLAS when its
         wheel ships one (under scipy.libs), else every BLAS in the process (a system
         scipy shares numpy's)."""
-        from threadpoolctl import ThreadpoolController
-
         import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS the kernels call)
+        from threadpoolctl import ThreadpoolController
         blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
         return [lib for lib in blas if "scipy.libs" in lib.filepath] or blas
 

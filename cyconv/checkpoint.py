@@ -219,10 +219,10 @@ def _decode_metadata(path, raw, verify):
     if version not in ("1", FORMAT_VERSION):
         raise CheckpointError(f"{path}: format_version {version!r} is not one this cyconv "
                               f"reads (1 or {FORMAT_VERSION})")
-    if verify and version != "1":   # version 1 files (cyconv 0.1) have no metadata checksum
-        if raw.get("metadata_checksum") != str(_metadata_crc(raw)):
-            raise CheckpointError(f"{path}: the metadata is corrupted (its CRC-32 does not "
-                                  "match the one stored when it was saved)")
+    # version 1 files (cyconv 0.1) have no metadata checksum
+    if verify and version != "1" and raw.get("metadata_checksum") != str(_metadata_crc(raw)):
+        raise CheckpointError(f"{path}: the metadata is corrupted (its CRC-32 does not "
+                              "match the one stored when it was saved)")
     metadata = dict(raw)
     for key, value in raw.items():
         if key in ("format", "format_version", "metadata_checksum"):

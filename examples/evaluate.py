@@ -23,10 +23,10 @@ from pathlib import Path
 
 import cv2
 
-from common import fail, float_range, int_range, load_model, png_path, run, threads
-
 from cyconv.data import LAYOUT, DataLoader, ImageFolder, Subset, load_split
 from cyconv.train import evaluate, format_confusion, plot_confusion
+
+from common import fail, float_range, int_range, load_model, png_path, run, threads
 
 
 def parse_args(argv=None):

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fail, float_range, int_range, load_model, run
-
 import cyconv
 import cyconv.onnx
 from cyconv.data import IMAGE_EXTENSIONS, CorruptImageError
 from cyconv.inference import prepare_input
+
+from common import fail, float_range, int_range, load_model, run
 
 BATCH = 16
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import fail, int_range, layer_name, load_model, png_path, run, write_picture
-
 from cyconv.data import read_image, resize
 from cyconv.explain import feature_grid, features, put_label
 from cyconv.explain.feature_maps import output_shapes
 from cyconv.nn import BatchNorm2d, Conv2d, LeakyReLU, ReLU, ReLU6
+
+from common import fail, int_range, layer_name, load_model, png_path, run, write_picture
 
 
 def parse_args(argv=None):

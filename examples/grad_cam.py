@@ -20,11 +20,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import (fail, float_range, int_range, layer_name, load_model, png_path, run,
-                    threads, write_picture)
-
 from cyconv.data import CorruptImageError, read_image
 from cyconv.explain import gradcam, overlay, put_label
+
+from common import (
+    fail,
+    float_range,
+    int_range,
+    layer_name,
+    load_model,
+    png_path,
+    run,
+    threads,
+    write_picture,
+)
 
 
 def parse_args(argv=None):

@@ -15,11 +15,11 @@ sizes), 1 when the checkpoint cannot be written.
 import argparse
 from pathlib import Path
 
-from common import fail, int_range, run
-
 import cyconv
 from cyconv.files import OutputError
 from cyconv.models.reference_import import ReferenceFormatError, load_reference
+
+from common import fail, int_range, run
 
 
 def parse_args(argv=None):

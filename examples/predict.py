@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fail, int_range, load_model, run, threads
-
 import cyconv
 from cyconv.data import IMAGE_EXTENSIONS, CorruptImageError, read_image
 from cyconv.explain import softmax
+
+from common import fail, int_range, load_model, run, threads
 
 
 def parse_args(argv=None):

@@ -10,13 +10,20 @@ import argparse
 import time
 from pathlib import Path
 
-from common import int_range, run
-
 import cyconv
 from cyconv import models, nn, optim
-from cyconv.data import (ArrayDataset, Augment, DataLoader, Subset, compute_mean_std,
-                         make_shapes, split_indices)
+from cyconv.data import (
+    ArrayDataset,
+    Augment,
+    DataLoader,
+    Subset,
+    compute_mean_std,
+    make_shapes,
+    split_indices,
+)
 from cyconv.train import LRSchedule, RunFolder, Trainer, evaluate, format_confusion
+
+from common import int_range, run
 
 
 def main(argv=None):

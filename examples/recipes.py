@@ -52,8 +52,8 @@ def augment_settings(text):
             if len(numbers) != (2 if is_range else 1):
                 raise ValueError
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{key}: expected {'low:high' if is_range else 'a number'}, got {value!r}") from None
+            expected = "low:high" if is_range else "a number"
+            raise argparse.ArgumentTypeError(f"{key}: expected {expected}, got {value!r}") from None
         settings[key] = numbers if is_range else numbers[0]
     try:
         Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})

@@ -31,15 +31,31 @@ from pathlib import Path
 
 import numpy as np
 
-from common import fail, float_range, int_range, run, threads
-
 import cyconv
 from cyconv import checkpoint, models, nn, optim
-from cyconv.data import (LAYOUT, Augment, DataLoader, ImageFolder, Subset, compute_mean_std,
-                         load_split, save_split, split_indices)
+from cyconv.data import (
+    LAYOUT,
+    Augment,
+    DataLoader,
+    ImageFolder,
+    Subset,
+    compute_mean_std,
+    load_split,
+    save_split,
+    split_indices,
+)
 from cyconv.files import atomic_write
-from cyconv.train import (LRSchedule, RunFolder, Trainer, TrainingDiverged, evaluate,
-                          format_confusion, plot_confusion)
+from cyconv.train import (
+    LRSchedule,
+    RunFolder,
+    Trainer,
+    TrainingDiverged,
+    evaluate,
+    format_confusion,
+    plot_confusion,
+)
+
+from common import fail, float_range, int_range, run, threads
 from recipes import RECIPES, RUN_SETTINGS, augment_settings, ema_decay
 
 OUTPUTS = ("split.json", "test_metrics.json", "test_confusion_matrix.png")

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
+from cyconv import nn
+
 import reference as R
 from conftest import DTYPES, FD_TOL, distinct, finite_difference
-
-from cyconv import nn
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 4, 12, 11), (2, 4, 8, 8), (5, 7)]
 

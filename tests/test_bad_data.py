@@ -14,8 +14,16 @@ import cv2
 import numpy as np
 import pytest
 
-from cyconv.data import (Augment, CorruptImageError, DataLoader, ImageFolder, ImageTooLargeError,
-                         Subset, read_image, set_max_image_pixels)
+from cyconv.data import (
+    Augment,
+    CorruptImageError,
+    DataLoader,
+    ImageFolder,
+    ImageTooLargeError,
+    Subset,
+    read_image,
+    set_max_image_pixels,
+)
 from cyconv.data.io import check_image_file
 
 

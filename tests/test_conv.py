@@ -3,13 +3,12 @@ differences, PyTorch, and assorted properties."""
 import numpy as np
 import pytest
 
-import reference as R
-from conftest import (DTYPES, FD_TOL, assert_close, finite_difference,
-                      random_projection_loss)
-
 import cyconv
 from cyconv import _conv, nn
 from cyconv.nn import conv as conv_module
+
+import reference as R
+from conftest import DTYPES, FD_TOL, assert_close, finite_difference, random_projection_loss
 
 
 def _case(N, C, O, H, W, k, s=1, p=0, d=1, bias=True):

@@ -12,9 +12,21 @@ import cv2
 import numpy as np
 import pytest
 
-from cyconv.data import (Augment, ArrayDataset, DataLoader, ImageFolder, Subset, compute_mean_std,
-                         load_split, make_shapes, normalize, read_image, save_split,
-                         segment_foreground, split_indices)
+from cyconv.data import (
+    ArrayDataset,
+    Augment,
+    DataLoader,
+    ImageFolder,
+    Subset,
+    compute_mean_std,
+    load_split,
+    make_shapes,
+    normalize,
+    read_image,
+    save_split,
+    segment_foreground,
+    split_indices,
+)
 
 DATASETS = Path(os.environ.get("CYCONV_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
@@ -437,7 +449,7 @@ def test_animals_folder():
     assert len(batches) == 2
     for x, y in batches:
         assert x.shape == (16, 3, 64, 64) and x.dtype == np.float32
-        assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+        assert x.min() >= 0.0 and x.max() <= 1.0 and x.std() > 0.05
     labels = np.concatenate([y for _, y in batches])
     assert sorted(labels.tolist()) == sorted(data.samples[i][1] for i in picked)
 

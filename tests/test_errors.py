@@ -4,9 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from conftest import assert_msg_mentions, shape_regex
-
 from cyconv import nn, optim
+
+from conftest import assert_msg_mentions, shape_regex
 
 
 def _msg(ei):

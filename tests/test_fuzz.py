@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cyconv import nn, optim
+
 import reference as ref
 from conftest import TOL, assert_close, num_threads
-
-from cyconv import nn, optim
 
 INT_MAX = 2**31 - 1
 COUNTS = Counter()          # (test, "legal" | "illegal") -> draws

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 
 import cyconv
-import reference as ref
-from conftest import num_threads
 from cyconv import models, nn
 from cyconv.explain import default_layer, feature_grid, features, gradcam, overlay
+
+import reference as ref
+from conftest import num_threads
 
 F64 = np.float64
 

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import reference as R
-from conftest import DTYPES, FD_TOL, assert_close, finite_difference
-
 import cyconv
 from cyconv import nn
+
+import reference as R
+from conftest import DTYPES, FD_TOL, assert_close, finite_difference
 
 
 def _cases(n=20, seed=99):

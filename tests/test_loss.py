@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
+from cyconv import nn
+
 import reference as R
 from conftest import DTYPES, FD_TOL, assert_close, finite_difference
-
-from cyconv import nn
 
 CASES = [(1, 1), (1, 4), (3, 2), (8, 4), (5, 10), (16, 3), (2, 7)]
 SMOOTHING = [0.0, 0.1, 0.35]

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import reference as R
-from conftest import assert_msg_mentions, finite_difference
-
 import cyconv
 from cyconv import nn, optim
+
+import reference as R
+from conftest import assert_msg_mentions, finite_difference
 
 
 def small_net(dtype=np.float32, seed=None):
@@ -276,9 +276,8 @@ def test_no_grad_single_layer_and_nesting(rng):
 def test_no_grad_restored_after_exception(rng):
     layer = nn.Linear(3, 2, dtype=np.float64, seed=0)
     x = rng.standard_normal((2, 3))
-    with pytest.raises(ZeroDivisionError):
-        with cyconv.no_grad():
-            1 / 0
+    with pytest.raises(ZeroDivisionError), cyconv.no_grad():
+        1 / 0
     layer(x)
     layer.backward(np.ones((2, 2)))  # must not raise
 

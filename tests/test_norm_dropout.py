@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import reference as R
-from conftest import DTYPES, FD_TOL, assert_close, finite_difference
-
 import cyconv
 from cyconv import nn
+
+import reference as R
+from conftest import DTYPES, FD_TOL, assert_close, finite_difference
 
 BN_SHAPES = [(2, 1, 1, 1), (1, 3, 2, 2), (2, 3, 5, 7), (3, 4, 6, 6), (4, 2, 1, 3), (3, 4, 12, 11)]
 

@@ -4,10 +4,10 @@ import copy
 import numpy as np
 import pytest
 
+from cyconv import nn, optim
+
 import reference as R
 from conftest import DTYPES
-
-from cyconv import nn, optim
 
 SGD_CONFIGS = [
     dict(lr=0.1),

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import reference as R
-from conftest import DTYPES, FD_TOL, assert_close, distinct, finite_difference
-
 from cyconv import nn
 from cyconv.nn import array_pool
+
+import reference as R
+from conftest import DTYPES, FD_TOL, assert_close, distinct, finite_difference
 
 
 def _random_cases(n=24, seed=777):

@@ -11,13 +11,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import reference as ref
-from conftest import assert_close
 
 import cyconv
 from cyconv import nn
 from cyconv.models import reference
 from cyconv.models.reference_import import ReferenceFormatError, expected_bytes, load_reference
+
+import reference as ref
+from conftest import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["dog", "panda", "bird"]

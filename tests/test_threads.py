@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from conftest import num_threads
-
 import cyconv
 from cyconv import nn, optim
+
+from conftest import num_threads
 
 
 def test_set_get_num_threads(threads):

@@ -9,8 +9,16 @@ import pytest
 import cyconv
 from cyconv import checkpoint, models, nn, optim
 from cyconv.data import ArrayDataset, Augment, DataLoader, Subset, make_shapes, split_indices
-from cyconv.train import (LRSchedule, RunFolder, Trainer, TrainingDiverged, confusion_matrix,
-                          evaluate, format_confusion, metrics_from_confusion)
+from cyconv.train import (
+    LRSchedule,
+    RunFolder,
+    Trainer,
+    TrainingDiverged,
+    confusion_matrix,
+    evaluate,
+    format_confusion,
+    metrics_from_confusion,
+)
 
 SIZE = 16
 

@@ -13,9 +13,16 @@ It needs only numpy and OpenCV, never the compiled part of cyconv.  Typical use:
 """
 from cyconv.data.augment import Augment
 from cyconv.data.datasets import LAYOUT, ArrayDataset, ImageFolder, Subset
-from cyconv.data.io import (IMAGE_EXTENSIONS, CorruptImageError, ImageTooLargeError,
-                            max_image_pixels, normalize, read_image, resize,
-                            set_max_image_pixels)
+from cyconv.data.io import (
+                            IMAGE_EXTENSIONS,
+                            CorruptImageError,
+                            ImageTooLargeError,
+                            max_image_pixels,
+                            normalize,
+                            read_image,
+                            resize,
+                            set_max_image_pixels,
+)
 from cyconv.data.loader import DataLoader, compute_mean_std
 from cyconv.data.segment import segment_foreground
 from cyconv.data.split import load_split, save_split, split_indices

@@ -1,7 +1,7 @@
 """Training augmentation of single images and the background swap between images."""
-from cyconv._opencv import cv2
 import numpy as np
 
+from cyconv._opencv import cv2
 from cyconv.data.io import resize
 from cyconv.data.segment import blend, middle_ellipse
 
@@ -78,7 +78,8 @@ class Augment:
             image = cv2.flip(image, 0)
         if color:
             gain = rng.uniform(1 - self.contrast, 1 + self.contrast)
-            offset = rng.uniform(-self.brightness, self.brightness) * 255 + (1 - gain) * image.mean()
+            offset = (rng.uniform(-self.brightness, self.brightness) * 255
+                      + (1 - gain) * image.mean())
             table = np.clip(np.rint(np.arange(256) * gain + offset), 0, 255).astype(np.uint8)
             image = cv2.LUT(image, table)
         if defocus:

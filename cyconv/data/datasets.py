@@ -6,8 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cyconv.data.io import (IMAGE_EXTENSIONS, CorruptImageError, as_size, check_image_file,
-                            read_image)
+from cyconv.data.io import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    as_size,
+    check_image_file,
+    read_image,
+)
 
 LAYOUT = "root/<class>/*.jpg (one sub-folder per class holding its images)"
 
@@ -120,7 +125,8 @@ class ArrayDataset:
     def __init__(self, images, labels, classes):
         images, labels = np.asarray(images), np.asarray(labels)
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+            raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} "
+                             f"{images.dtype}")
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):

@@ -9,8 +9,9 @@ import os
 import stat
 from io import BytesIO
 
-from cyconv._opencv import cv2
 import numpy as np
+
+from cyconv._opencv import cv2
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 # Images larger than this are refused before decoding (an 8000x8000 photo is 64 million).
@@ -201,7 +202,7 @@ def check_image_file(path):
 
 
 def normalize(images, mean=None, std=None, channel_order="RGB"):
-    """``(B, H, W, 3)`` uint8 RGB -> ``(B, 3, H, W)`` float32 C-contiguous ``(images/255 - mean)/std``.
+    """``(B, H, W, 3)`` uint8 RGB -> ``(B, 3, H, W)`` float32 ``(images/255 - mean)/std``.
 
     ``mean``/``std``: per-channel (3,) values in 0-1 scale, in ``channel_order``; None
     means 0 and 1.  ``channel_order="BGR"`` reverses the channels first (a model

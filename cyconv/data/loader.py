@@ -122,7 +122,8 @@ class DataLoader:
         epoch = self.epoch
         self.epoch += 1
         n = len(self.dataset)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
         batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
         if self.num_workers == 0:
             for batch in batches:

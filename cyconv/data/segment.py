@@ -1,7 +1,7 @@
 """Foreground segmentation (GrabCut) and the blending helpers of the augmentations."""
-from cyconv._opencv import cv2
 import numpy as np
 
+from cyconv._opencv import cv2
 from cyconv.data.io import resize
 
 

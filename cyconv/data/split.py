@@ -20,7 +20,8 @@ def split_indices(labels, ratios=(0.8, 0.1, 0.1), seed=0):
     """
     ratios = np.asarray(ratios, dtype=float)
     if ratios.shape != (3,) or ratios.min() < 0 or not math.isclose(ratios.sum(), 1.0):
-        raise ValueError(f"ratios must be 3 non-negative numbers summing to 1, got {ratios.tolist()}")
+        raise ValueError(f"ratios must be 3 non-negative numbers summing to 1, "
+                         f"got {ratios.tolist()}")
     labels = np.asarray(labels).reshape(-1)
     rng = np.random.default_rng(seed)
     parts = ([], [], [])
@@ -51,7 +52,8 @@ def save_split(path, dataset, train, valid, test):
     so the split stays valid when the folder moves.
     """
     def relative(indices):
-        return [dataset.samples[i][0].relative_to(dataset.root).as_posix() for i in np.asarray(indices)]
+        return [dataset.samples[i][0].relative_to(dataset.root).as_posix()
+                for i in np.asarray(indices)]
 
     split = {"classes": dataset.classes, "train": relative(train),
              "valid": relative(valid), "test": relative(test)}
@@ -74,12 +76,13 @@ def load_split(path, dataset):
         raise ValueError(f"split {path} is not a split file (expected the lists 'classes', "
                          "'train', 'valid' and 'test')")
     if split["classes"] != dataset.classes:
-        raise ValueError(f"split {path} has classes {split['classes']}, the dataset {dataset.classes}")
+        raise ValueError(f"split {path} has classes {split['classes']}, the dataset "
+                         f"{dataset.classes}")
     index = {p.relative_to(dataset.root).as_posix(): i for i, (p, _) in enumerate(dataset.samples)}
     missing = [f for name in ("train", "valid", "test") for f in split[name] if f not in index]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} file(s) of split {path} are not in {dataset.root}, "
-                                f"e.g. {missing[:5]}")
+        raise FileNotFoundError(f"{len(missing)} file(s) of split {path} are not in "
+                                f"{dataset.root}, e.g. {missing[:5]}")
     return tuple(np.array([index[f] for f in split[name]], dtype=np.int64)
                  for name in ("train", "valid", "test"))
 

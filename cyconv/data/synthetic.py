@@ -1,7 +1,7 @@
 """A generated data set of circles, squares and triangles (nothing to download)."""
-from cyconv._opencv import cv2
 import numpy as np
 
+from cyconv._opencv import cv2
 from cyconv.data.io import as_size
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
@@ -24,7 +24,8 @@ def _draw_shape(label, h, w, rng):
         corners = 4 if SHAPE_CLASSES[label] == "square" else 3
         angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(corners) / corners
         points = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-        cv2.fillPoly(image, [np.rint(points * 2 ** shift).astype(np.int32)], colour, cv2.LINE_AA, shift)
+        cv2.fillPoly(image, [np.rint(points * 2 ** shift).astype(np.int32)], colour, cv2.LINE_AA,
+                     shift)
     return image
 
 

@@ -1,6 +1,7 @@
 """Pictures of what a model computed: heat maps over photos, text bands, softmax."""
-from cyconv._opencv import cv2
 import numpy as np
+
+from cyconv._opencv import cv2
 
 
 def softmax(logits):

@@ -13,10 +13,10 @@ an image file name, an ``(H, W, 3)`` uint8 RGB photo (or a list / ``(N, H, W, 3)
 array of them), resized and normalised with the model's preprocessing, or an
 already normalised float ``(3, H, W)`` / ``(N, 3, H, W)`` array, used as it is.
 """
-from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv._grad_mode import no_grad
+from cyconv._opencv import cv2
 from cyconv.explain.layers import execution_order, resolve
 from cyconv.inference import model_dtype, prepare_input
 

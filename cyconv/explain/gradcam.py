@@ -30,10 +30,10 @@ gradients (nor its weights, running statistics or dropout streams).
 """
 from dataclasses import dataclass
 
-from cyconv._opencv import cv2
 import numpy as np
 
 from cyconv._grad_mode import enable_grad
+from cyconv._opencv import cv2
 from cyconv.explain.drawing import softmax
 from cyconv.explain.layers import describe, execution_order, resolve
 from cyconv.inference import prepare_input

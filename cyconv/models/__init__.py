@@ -14,8 +14,7 @@ it (checkpoints store it); :func:`to_torch` builds the equivalent PyTorch model.
 from cyconv.models.mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2
 from cyconv.models.resnet import BasicBlock, ResNet, resnet18, resnet34, resnet_small
 from cyconv.models.simple import reference, small
-from cyconv.models.spec import (ArchitectureError, build, describe, difference, known_types,
-                                register)
+from cyconv.models.spec import ArchitectureError, build, describe, difference, known_types, register
 from cyconv.models.torch import to_torch
 
 architecture = describe

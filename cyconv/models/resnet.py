@@ -84,7 +84,8 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: stem must be 'imagenet' or 'small', got {stem!r}")
         if len(layers) != 4 or len(widths) != 4:
             raise ValueError(f"ResNet: expected 4 stages, got layers {layers} and widths {widths}")
-        self.layers, self.widths, self.stem = [int(n) for n in layers], [int(w) for w in widths], stem
+        self.layers, self.widths = [int(n) for n in layers], [int(w) for w in widths]
+        self.stem = stem
         kernel = 7 if stem == "imagenet" else 3
         self.conv1 = nn.Conv2d(3, widths[0], kernel, stride=2, padding=kernel // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

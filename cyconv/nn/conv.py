@@ -2,8 +2,15 @@
 import numpy as np
 
 from cyconv import _conv
-from cyconv._checks import (as_grad_output, as_input, check_shape, fits_int32, float_dtype,
-                            positive_int, positive_pair)
+from cyconv._checks import (
+    as_grad_output,
+    as_input,
+    check_shape,
+    fits_int32,
+    float_dtype,
+    positive_int,
+    positive_pair,
+)
 from cyconv._random import generator
 from cyconv._threads import blas_single_threaded, get_num_threads
 from cyconv.nn._init import kaiming_uniform
@@ -63,7 +70,7 @@ def empty(ndim, dtype):
 
 
 class Conv2d(Module):
-    """y[n, o] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * x_pad[n, g(o)*C/G + c, s*h + d*i, s*w + d*j]
+    """y[n, o] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * x_pad[n, g(o)*C/G + c, s*h+d*i, s*w+d*j]
 
     Shapes: x (N, C_in, H, W) -> y (N, C_out, OH, OW) with
     OH = floor((H + 2*padding - dilation*(kernel - 1) - 1) / stride) + 1 (likewise OW);

@@ -2,8 +2,14 @@
 import numpy as np
 
 from cyconv import _linear
-from cyconv._checks import (as_float_array, as_grad_output, as_input, check_shape, float_dtype,
-                            positive_int)
+from cyconv._checks import (
+    as_float_array,
+    as_grad_output,
+    as_input,
+    check_shape,
+    float_dtype,
+    positive_int,
+)
 from cyconv._random import generator
 from cyconv._threads import blas_single_threaded, threads_for
 from cyconv.nn._init import kaiming_uniform
@@ -44,7 +50,8 @@ class Linear(Module):
         (x,) = self._saved_for_backward()
         grad_output = as_grad_output(self, grad_output, (x.shape[0], self.out_features),
                                      self.dtype)
-        grad_input = self._grad_input_array(x.shape, x.dtype) if input_grad else empty(2, self.dtype)
+        grad_input = (self._grad_input_array(x.shape, x.dtype) if input_grad
+                      else empty(2, self.dtype))
         grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
         with blas_single_threaded():
             _linear.linear_backward(grad_output, x, self.weight.data, self.weight.grad,

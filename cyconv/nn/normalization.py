@@ -2,8 +2,14 @@
 import numpy as np
 
 from cyconv import _norm
-from cyconv._checks import (as_grad_output, as_input, check_shape, float_dtype, number_in,
-                            positive_int)
+from cyconv._checks import (
+    as_grad_output,
+    as_input,
+    check_shape,
+    float_dtype,
+    number_in,
+    positive_int,
+)
 from cyconv._threads import threads_for
 from cyconv.nn.activation import ReLU
 from cyconv.nn.conv import empty

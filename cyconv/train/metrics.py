@@ -13,7 +13,8 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def metrics_from_confusion(matrix):
-    """accuracy, per-class precision, recall and f1 (lists; 0 where undefined) of a confusion matrix."""
+    """accuracy, per-class precision, recall and f1 (lists; 0 where undefined) of a
+    confusion matrix."""
     m = np.asarray(matrix, dtype=np.float64)
     tp = np.diag(m)
     with np.errstate(invalid="ignore", divide="ignore"):
