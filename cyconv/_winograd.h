@@ -31,6 +31,10 @@
 /* Input channels per block of the weight-gradient product (its rows are padded to it). */
 #define WINOGRAD_GRAD_BLOCK 4
 #define WINOGRAD_VECTOR_BYTES 64
+/* Elements a row of the transforms' workspace extends past the tiles it holds
+ * (vector loads read up to a vector past the end; also the slack the forward's
+ * product block needs past its end, read by the output transform). */
+#define WINOGRAD_ROW_SLACK (WINOGRAD_VECTOR_BYTES / 4)
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
     defined(__linux__)
@@ -39,17 +43,28 @@
 #else
 #define WINOGRAD_MULTIVERSION
 #endif
+/* The helpers of the multiversioned kernels are inlined into them: a function
+ * they call is compiled for baseline x86-64 only. */
+#if defined(__GNUC__)
+#define WINOGRAD_INLINE static inline __attribute__((always_inline))
+#else
+#define WINOGRAD_INLINE static inline
+#endif
 
 #define WT float
+#define WMASK int
 #define WSUF(name) name##_float
 #include "_winograd_kernels.h"
 #undef WT
+#undef WMASK
 #undef WSUF
 
 #define WT double
+#define WMASK long long
 #define WSUF(name) name##_double
 #include "_winograd_kernels.h"
 #undef WT
+#undef WMASK
 #undef WSUF
 
 #endif

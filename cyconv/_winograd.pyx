@@ -37,6 +37,7 @@ cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_TILE_BLOCK
     enum: WINOGRAD_CHANNEL_BLOCK
     enum: WINOGRAD_GRAD_BLOCK
+    enum: WINOGRAD_ROW_SLACK
     void winograd_transform_float(const float* plane, const float* mask, Py_ssize_t image_stride,
                                   int H, int W, int pad_h, int pad_w, int TH, int TW,
                                   Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t padded, int grad,
@@ -68,6 +69,7 @@ cdef extern from "_winograd.h" nogil:
 TILE_BLOCK = WINOGRAD_TILE_BLOCK
 CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
 GRAD_BLOCK = WINOGRAD_GRAD_BLOCK
+ROW_SLACK = WINOGRAD_ROW_SLACK
 
 
 cdef inline void transform(const floating* plane, const floating* mask, Py_ssize_t image_stride,
@@ -141,8 +143,8 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
                      const floating[::1] bias,             # IN   (M,), or empty for no bias
                      floating[:, :, ::1] packed,           # WORK (16, Mp, C)
                      floating[:, ::1] v,                   # WORK (threads, 16 * C * tile_range)
-                     floating[:, ::1] y,                   # WORK (threads, 16 * Mp * tile_range)
-                     floating[:, ::1] rows,                # WORK (threads, 8 * (TW + 2))
+                     floating[:, ::1] y,                   # WORK (threads, 16 * Mp * tile_range + ROW_SLACK)
+                     floating[:, ::1] rows,                # WORK (threads, 8 * (TW + 1 + ROW_SLACK))
                      floating[:, :, :, ::1] out,           # OUT  (N, M, OH, OW)
                      int pad_h, int pad_w, bint transposed, Py_ssize_t tile_range,
                      bint fuse_relu, int num_threads):
@@ -220,7 +222,7 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                          floating[::1] d,                        # WORK  (16 * Mg * tile_range)
                          floating[:, :, ::1] dw,                 # WORK  (16, Mg, Cg)
                          double[::1] bias_sums,                  # WORK  (Mg,)
-                         floating[:, ::1] rows,                  # WORK  (threads, 8 * (TW + 2))
+                         floating[:, ::1] rows,                  # WORK  (threads, 8 * (TW + 1 + ROW_SLACK))
                          int pad_h, int pad_w, Py_ssize_t tile_range, int num_threads):
     """grad_weight += the gradient of sum(grad_out * conv3x3(x, weight)); grad_bias += sum
     of grad_out over (N, OH, OW).  With out given, grad_out counts only where out > 0 (the

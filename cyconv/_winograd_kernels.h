@@ -2,44 +2,123 @@
  * includes this file with WT = float and WT = double (WSUF names each copy).
  * A tile range [t0, t1) is walked one tile row (n, th, tw0..tw1) at a time. */
 
-/* rows[(2*i + p) * half + m] = plane[row0 + i, col0 + 2*m + p] for i < nrows, p < 2,
+#if defined(__GNUC__)
+typedef WT WSUF(wvec) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES), aligned(sizeof(WT))));
+typedef WMASK WSUF(wmask) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES)));
+#define WLANES ((int)(WINOGRAD_VECTOR_BYTES / sizeof(WT)))
+
+/* max(v, 0) keeping NaN: clear the lanes that are <= 0 */
+WINOGRAD_INLINE WSUF(wvec) WSUF(wrelu)(WSUF(wvec) v)
+{
+    return (WSUF(wvec))((WSUF(wmask))v & ~(WSUF(wmask))(v <= 0));
+}
+#else
+typedef WT WSUF(wvec); /* other compilers: one lane */
+#define WLANES 1
+
+WINOGRAD_INLINE WT WSUF(wrelu)(WT v)
+{
+    return v <= 0 ? 0 : v;
+}
+#endif
+
+WINOGRAD_INLINE WSUF(wvec) WSUF(wload)(const WT *p)
+{
+    return *(const WSUF(wvec) *)p;
+}
+
+/* p[l] = v[l] for l < n (all lanes when n >= WLANES) */
+WINOGRAD_INLINE void WSUF(wstore)(WT *p, WSUF(wvec) v, int n)
+{
+    if (n >= WLANES)
+        *(WSUF(wvec) *)p = v;
+    else
+        memcpy(p, &v, n * sizeof(WT));
+}
+
+/* the value a transform reads at column col of a row (src; msk: the mask's row, or
+ * NULL): 0 outside [0, W) or where the mask is <= 0 */
+WINOGRAD_INLINE WT WSUF(winograd_read)(const WT *src, const WT *msk, int col, int W)
+{
+    if (col < 0 || col >= W)
+        return 0;
+    return msk && !(msk[col] > 0) ? 0 : src[col];
+}
+
+/* even[m] = s[2*m], odd[m] = s[2*m + 1] for m in [m, hi); returns hi */
+WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT *restrict even,
+                                         WT *restrict odd)
+{
+#if defined(__GNUC__) && !defined(__clang__)
+    WSUF(wmask) pick_even, pick_odd; /* GCC's two-vector shuffle: whole vectors at a time */
+    for (int l = 0; l < WLANES; l++) {
+        pick_even[l] = 2 * l;
+        pick_odd[l] = 2 * l + 1;
+    }
+    for (; m + WLANES <= hi; m += WLANES) {
+        WSUF(wvec) a = WSUF(wload)(s + 2 * m), b = WSUF(wload)(s + 2 * m + WLANES);
+        *(WSUF(wvec) *)(even + m) = __builtin_shuffle(a, b, pick_even);
+        *(WSUF(wvec) *)(odd + m) = __builtin_shuffle(a, b, pick_odd);
+    }
+#endif
+    for (; m < hi; m++) {
+        even[m] = s[2 * m];
+        odd[m] = s[2 * m + 1];
+    }
+    return hi;
+}
+
+/* rows[(2*i + p) * width + m] = plane[row0 + i, col0 + 2*m + p] for i < nrows, p < 2,
  * m < half: the rows a run of tiles reads, split into even and odd columns so that
  * every tap is a unit-stride run; 0 outside the (H, W) plane, and 0 where
- * mask <= 0 when a mask (the forward output of a fused ReLU) is given. */
-static void WSUF(winograd_load_rows)(const WT *plane, const WT *mask, int H, int W, int row0,
-                                     int nrows, int col0, int half, WT *rows)
+ * mask <= 0 when a mask (the forward output of a fused ReLU) is given.  Elements
+ * [half, width) of each row are left as they are (vector loads read them, and the
+ * lanes that do are dropped). */
+WINOGRAD_INLINE void WSUF(winograd_load_rows)(const WT *plane, const WT *mask, int H, int W,
+                                              int row0, int nrows, int col0, int half,
+                                              int width, WT *rows)
 {
+    /* m in [lo, hi): both columns col0 + 2*m and col0 + 2*m + 1 inside the row */
+    int lo = col0 >= 0 ? 0 : (1 - col0) / 2, hi = (W - col0) / 2;
+    hi = hi < half ? hi : half;
+    lo = lo < hi ? lo : hi;
     for (int i = 0; i < nrows; i++) {
         int r = row0 + i;
-        for (int p = 0; p < 2; p++) {
-            WT *dst = rows + (2 * i + p) * half;
-            if (r < 0 || r >= H) {
-                memset(dst, 0, half * sizeof(WT));
-                continue;
-            }
-            const WT *src = plane + (ptrdiff_t)r * W;
-            const WT *msk = mask ? mask + (ptrdiff_t)r * W : NULL;
-            for (int m = 0; m < half; m++) {
-                int col = col0 + 2 * m + p;
-                WT v = (col >= 0 && col < W) ? src[col] : 0;
-                dst[m] = (msk && !(col >= 0 && col < W && msk[col] > 0)) ? 0 : v;
-            }
+        WT *restrict even = rows + 2 * i * width, *restrict odd = even + width;
+        if (r < 0 || r >= H) {
+            memset(even, 0, half * sizeof(WT));
+            memset(odd, 0, half * sizeof(WT));
+            continue;
+        }
+        const WT *src = plane + (ptrdiff_t)r * W, *msk = mask ? mask + (ptrdiff_t)r * W : NULL;
+        for (int m = 0; m < half; m++) {
+            if (m == lo && !msk) /* the interior: no bounds checks */
+                m = WSUF(winograd_split)(src + col0, m, hi, even, odd);
+            else if (m == lo)
+                for (; m < hi; m++) {
+                    even[m] = msk[col0 + 2 * m] > 0 ? src[col0 + 2 * m] : 0;
+                    odd[m] = msk[col0 + 2 * m + 1] > 0 ? src[col0 + 2 * m + 1] : 0;
+                }
+            if (m == half)
+                break;
+            even[m] = WSUF(winograd_read)(src, msk, col0 + 2 * m, W);
+            odd[m] = WSUF(winograd_read)(src, msk, col0 + 2 * m + 1, W);
         }
     }
 }
 
 /* dst[xi * xi_stride + k] = (B^T d_k B)[xi] for the count tiles of one tile row,
- * d_k[i][j] = rows[i][2*k + j] (rows as winograd_load_rows made them, nrows 4). */
-static void WSUF(winograd_input_row)(const WT *rows, int half, int count, WT *dst,
+ * d_k[i][j] = rows[i][2*k + j] (rows as winograd_load_rows made them, nrows 4),
+ * WLANES tiles at a time. */
+WINOGRAD_INLINE void WSUF(winograd_input_row)(const WT *rows, int width, int count, WT *dst,
                                      ptrdiff_t xi_stride)
 {
-    for (int k = 0; k < count; k++) {
-        WT r[4][4];
+    for (int k = 0; k < count; k += WLANES) {
+        WSUF(wvec) r[4][4];
         for (int j = 0; j < 4; j++) { /* B^T d: combine the patch's rows */
-            WT d0 = rows[(0 + (j & 1)) * half + k + (j >> 1)];
-            WT d1 = rows[(2 + (j & 1)) * half + k + (j >> 1)];
-            WT d2 = rows[(4 + (j & 1)) * half + k + (j >> 1)];
-            WT d3 = rows[(6 + (j & 1)) * half + k + (j >> 1)];
+            const WT *tap = rows + (j & 1) * width + k + (j >> 1);
+            WSUF(wvec) d0 = WSUF(wload)(tap), d1 = WSUF(wload)(tap + 2 * width);
+            WSUF(wvec) d2 = WSUF(wload)(tap + 4 * width), d3 = WSUF(wload)(tap + 6 * width);
             r[0][j] = d0 - d2;
             r[1][j] = d1 + d2;
             r[2][j] = d2 - d1;
@@ -47,23 +126,24 @@ static void WSUF(winograd_input_row)(const WT *rows, int half, int count, WT *ds
         }
         for (int a = 0; a < 4; a++) { /* (B^T d) B: then its columns */
             WT *out = dst + 4 * a * xi_stride + k;
-            out[0] = r[a][0] - r[a][2];
-            out[xi_stride] = r[a][1] + r[a][2];
-            out[2 * xi_stride] = r[a][2] - r[a][1];
-            out[3 * xi_stride] = r[a][1] - r[a][3];
+            WSUF(wstore)(out, r[a][0] - r[a][2], count - k);
+            WSUF(wstore)(out + xi_stride, r[a][1] + r[a][2], count - k);
+            WSUF(wstore)(out + 2 * xi_stride, r[a][2] - r[a][1], count - k);
+            WSUF(wstore)(out + 3 * xi_stride, r[a][1] - r[a][3], count - k);
         }
     }
 }
 
 /* dst[xi * xi_stride + k] = (A y_k A^T)[xi] for the count tiles of one tile row,
  * y_k[i][j] = rows[i][2*k + j] (the 2x2 output gradient of tile k; nrows 2). */
-static void WSUF(winograd_grad_row)(const WT *rows, int half, int count, WT *dst,
+WINOGRAD_INLINE void WSUF(winograd_grad_row)(const WT *rows, int width, int count, WT *dst,
                                     ptrdiff_t xi_stride)
 {
-    for (int k = 0; k < count; k++) {
-        WT e[4][2];
+    for (int k = 0; k < count; k += WLANES) {
+        WSUF(wvec) e[4][2];
         for (int j = 0; j < 2; j++) { /* A y */
-            WT y0 = rows[j * half + k], y1 = rows[(2 + j) * half + k];
+            WSUF(wvec) y0 = WSUF(wload)(rows + j * width + k);
+            WSUF(wvec) y1 = WSUF(wload)(rows + (2 + j) * width + k);
             e[0][j] = y0;
             e[1][j] = y0 + y1;
             e[2][j] = y0 - y1;
@@ -71,10 +151,10 @@ static void WSUF(winograd_grad_row)(const WT *rows, int half, int count, WT *dst
         }
         for (int a = 0; a < 4; a++) { /* (A y) A^T */
             WT *out = dst + 4 * a * xi_stride + k;
-            out[0] = e[a][0];
-            out[xi_stride] = e[a][0] + e[a][1];
-            out[2 * xi_stride] = e[a][0] - e[a][1];
-            out[3 * xi_stride] = -e[a][1];
+            WSUF(wstore)(out, e[a][0], count - k);
+            WSUF(wstore)(out + xi_stride, e[a][0] + e[a][1], count - k);
+            WSUF(wstore)(out + 2 * xi_stride, e[a][0] - e[a][1], count - k);
+            WSUF(wstore)(out + 3 * xi_stride, -e[a][1], count - k);
         }
     }
 }
@@ -83,7 +163,8 @@ static void WSUF(winograd_grad_row)(const WT *rows, int half, int count, WT *dst
  * image 0 at plane, images image_stride apart; mask likewise, or NULL), and zeros
  * for t in [t1, t0 + padded).  grad: the 2x2 output-gradient transform (rows
  * 2*th - pad_h + i, i < 2), else the 4x4 input transform (i < 4).  rows: a
- * workspace of 8 * (TW + 2) elements. */
+ * workspace of WINOGRAD_ROWS(TW) elements. */
+WINOGRAD_MULTIVERSION
 static void WSUF(winograd_transform)(const WT *plane, const WT *mask, ptrdiff_t image_stride,
                                      int H, int W, int pad_h, int pad_w, int TH, int TW,
                                      ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t padded, int grad,
@@ -94,24 +175,36 @@ static void WSUF(winograd_transform)(const WT *plane, const WT *mask, ptrdiff_t 
         ptrdiff_t n = t / image_tiles;
         int th = (int)(t / TW % TH), tw0 = (int)(t % TW);
         int count = (int)(t1 - t < TW - tw0 ? t1 - t : TW - tw0);
-        int half = count + 1;
+        int width = count + 1 + WINOGRAD_ROW_SLACK; /* vector loads may read past count + 1 */
         WSUF(winograd_load_rows)(plane + n * image_stride, mask ? mask + n * image_stride : NULL,
-                                 H, W, 2 * th - pad_h, grad ? 2 : 4, 2 * tw0 - pad_w, half,
-                                 rows);
+                                 H, W, 2 * th - pad_h, grad ? 2 : 4, 2 * tw0 - pad_w, count + 1,
+                                 width, rows);
         if (grad)
-            WSUF(winograd_grad_row)(rows, half, count, dst + (t - t0), xi_stride);
+            WSUF(winograd_grad_row)(rows, width, count, dst + (t - t0), xi_stride);
         else
-            WSUF(winograd_input_row)(rows, half, count, dst + (t - t0), xi_stride);
+            WSUF(winograd_input_row)(rows, width, count, dst + (t - t0), xi_stride);
         t += count;
     }
     for (int xi = 0; xi < 16; xi++)
         memset(dst + xi * xi_stride + (t1 - t0), 0, (padded - (t1 - t0)) * sizeof(WT));
 }
 
+/* y[2*l + j] = o[j][l] for 2*l + j < n: the two output columns of WLANES tiles */
+WINOGRAD_INLINE void WSUF(winograd_store_pairs)(WT *y, WSUF(wvec) even, WSUF(wvec) odd, int n)
+{
+    WT pairs[2 * WLANES];
+    for (int l = 0; l < WLANES; l++) {
+        pairs[2 * l] = even[l];
+        pairs[2 * l + 1] = odd[l];
+    }
+    memcpy(y, pairs, (n < 2 * WLANES ? n : 2 * WLANES) * sizeof(WT));
+}
+
 /* out[n, 2*th + i, 2*tw + j] = act(bias + (A^T m A)[i][j]) for tiles t in [t0, t1) of
- * one channel, m[xi] = src[xi * xi_stride + t - t0]; outputs past (OH, OW) are
- * dropped; act = max(., 0) keeping NaN when relu.  out: channel c of image 0,
- * images image_stride apart. */
+ * one channel, m[xi] = src[xi * xi_stride + t - t0] (src is read up to WLANES - 1
+ * elements past t1 - t0); outputs past (OH, OW) are dropped; act = max(., 0)
+ * keeping NaN when relu.  out: channel c of image 0, images image_stride apart. */
+WINOGRAD_MULTIVERSION
 static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, int relu,
                                   int OH, int OW, int TH, int TW, ptrdiff_t t0, ptrdiff_t t1,
                                   WT *out, ptrdiff_t image_stride)
@@ -123,27 +216,27 @@ static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, i
         int count = (int)(t1 - t < TW - tw0 ? t1 - t : TW - tw0);
         int rows = 2 * th + 1 < OH ? 2 : 1;
         const WT *m = src + (t - t0);
-        for (int k = 0; k < count; k++) {
-            WT s[2][4], o[2][2];
+        for (int k = 0; k < count; k += WLANES) {
+            WSUF(wvec) s[2][4];
             for (int b = 0; b < 4; b++) { /* A^T m */
-                WT m0 = m[b * xi_stride + k], m1 = m[(4 + b) * xi_stride + k];
-                WT m2 = m[(8 + b) * xi_stride + k], m3 = m[(12 + b) * xi_stride + k];
+                WSUF(wvec) m0 = WSUF(wload)(m + b * xi_stride + k);
+                WSUF(wvec) m1 = WSUF(wload)(m + (4 + b) * xi_stride + k);
+                WSUF(wvec) m2 = WSUF(wload)(m + (8 + b) * xi_stride + k);
+                WSUF(wvec) m3 = WSUF(wload)(m + (12 + b) * xi_stride + k);
                 s[0][b] = m0 + m1 + m2;
                 s[1][b] = m1 - m2 - m3;
             }
-            for (int i = 0; i < 2; i++) { /* (A^T m) A */
-                o[i][0] = bias + (s[i][0] + s[i][1] + s[i][2]);
-                o[i][1] = bias + (s[i][1] - s[i][2] - s[i][3]);
-                for (int j = 0; j < 2; j++)
-                    if (relu)
-                        o[i][j] = o[i][j] <= 0 ? 0 : o[i][j];
-            }
-            int ow = 2 * (tw0 + k);
-            for (int i = 0; i < rows; i++) {
-                WT *y = out + n * image_stride + (ptrdiff_t)(2 * th + i) * OW + ow;
-                y[0] = o[i][0];
-                if (ow + 1 < OW)
-                    y[1] = o[i][1];
+            int ow = 2 * (tw0 + k), columns = 2 * (count - k) < OW - ow ? 2 * (count - k)
+                                                                         : OW - ow;
+            for (int i = 0; i < rows; i++) { /* (A^T m) A */
+                WSUF(wvec) even = bias + (s[i][0] + s[i][1] + s[i][2]);
+                WSUF(wvec) odd = bias + (s[i][1] - s[i][2] - s[i][3]);
+                if (relu) {
+                    even = WSUF(wrelu)(even);
+                    odd = WSUF(wrelu)(odd);
+                }
+                WSUF(winograd_store_pairs)(out + n * image_stride + (ptrdiff_t)(2 * th + i) * OW
+                                           + ow, even, odd, columns);
             }
         }
         t += count;
@@ -191,13 +284,10 @@ static void WSUF(winograd_filter_grad)(const WT *src, ptrdiff_t xi_stride, WT *g
 }
 
 #if defined(__GNUC__)
-typedef WT WSUF(wvec) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES), aligned(sizeof(WT))));
-#define WLANES ((int)(WINOGRAD_VECTOR_BYTES / sizeof(WT)))
-
 /* c[i * ldc + j] = sum_k a[k * CHANNEL_BLOCK + i] * b[k * ldb + j] for
  * i < WINOGRAD_CHANNEL_BLOCK, j < TILE_BLOCK: one register block of the forward
  * product (outer products, two vectors of tiles per row). */
-static inline __attribute__((always_inline)) void WSUF(winograd_block)(
+WINOGRAD_INLINE void WSUF(winograd_block)(
     const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c, ptrdiff_t ldc)
 {
     enum { MR = WINOGRAD_CHANNEL_BLOCK, NV = WINOGRAD_TILE_BLOCK / WLANES };
@@ -219,7 +309,7 @@ static inline __attribute__((always_inline)) void WSUF(winograd_block)(
 }
 
 /* sum of the lanes of x, in a fixed order */
-static inline WT WSUF(winograd_lane_sum)(WSUF(wvec) x)
+WINOGRAD_INLINE WT WSUF(winograd_lane_sum)(WSUF(wvec) x)
 {
     WT s = 0;
     for (int l = 0; l < WLANES; l++)
@@ -230,7 +320,7 @@ static inline WT WSUF(winograd_lane_sum)(WSUF(wvec) x)
 /* m[i * ldm + j] += sum_k a[i * lda + k] * b[j * ldb + k] for i, j < GRAD_BLOCK,
  * k < K (a multiple of the vector lanes): one register block of the weight-gradient
  * product (dot products along tiles, lanes summed at the end). */
-static inline __attribute__((always_inline)) void WSUF(winograd_dot_block)(
+WINOGRAD_INLINE void WSUF(winograd_dot_block)(
     const WT *a, ptrdiff_t lda, const WT *b, ptrdiff_t ldb, ptrdiff_t K, WT *m, ptrdiff_t ldm)
 {
     enum { R = WINOGRAD_GRAD_BLOCK };
@@ -252,7 +342,6 @@ static inline __attribute__((always_inline)) void WSUF(winograd_dot_block)(
         for (int j = 0; j < R; j++)
             m[i * ldm + j] += WSUF(winograd_lane_sum)(acc[i][j]);
 }
-#undef WLANES
 #else
 /* Other compilers: the same blocks as plain loops. */
 static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c,
@@ -303,3 +392,4 @@ static void WSUF(winograd_grad_product)(const WT *a, const WT *b, ptrdiff_t ld, 
     for (int j = 0; j < N; j += WINOGRAD_GRAD_BLOCK)
         WSUF(winograd_dot_block)(a, ld, b + j * ld, ld, K, m + j, ldm);
 }
+#undef WLANES
