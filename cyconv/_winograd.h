@@ -30,7 +30,7 @@
 #define WINOGRAD_CHANNEL_BLOCK 8
 /* Input channels per block of the weight-gradient product (its rows are padded to it). */
 #define WINOGRAD_GRAD_BLOCK 4
-#define WINOGRAD_VECTOR_BYTES 64
+#define WINOGRAD_VECTOR_BYTES 64 /* winograd_lane_sum assumes 64 */
 /* Elements a row of the transforms' workspace extends past the tiles it holds
  * (vector loads read up to a vector past the end; also the slack the forward's
  * product block needs past its end, read by the output transform). */

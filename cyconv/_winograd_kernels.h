@@ -308,12 +308,17 @@ WINOGRAD_INLINE void WSUF(winograd_block)(
             *(WSUF(wvec) *)(c + i * ldc + v * WLANES) = acc[i][v];
 }
 
-/* sum of the lanes of x, in a fixed order */
+/* sum of the lanes of x (64 bytes): halves added pairwise down to 16 bytes, then lane
+ * by lane; a fixed order */
+typedef WT WSUF(wvec32) __attribute__((vector_size(32), aligned(sizeof(WT))));
+typedef WT WSUF(wvec16) __attribute__((vector_size(16), aligned(sizeof(WT))));
 WINOGRAD_INLINE WT WSUF(winograd_lane_sum)(WSUF(wvec) x)
 {
+    WSUF(wvec32) h32 = *(WSUF(wvec32) *)&x + *(WSUF(wvec32) *)((char *)&x + 32);
+    WSUF(wvec16) h16 = *(WSUF(wvec16) *)&h32 + *(WSUF(wvec16) *)((char *)&h32 + 16);
     WT s = 0;
-    for (int l = 0; l < WLANES; l++)
-        s += x[l];
+    for (int l = 0; l < (int)(16 / sizeof(WT)); l++)
+        s += h16[l];
     return s;
 }
 
