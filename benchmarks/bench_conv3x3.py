@@ -13,6 +13,7 @@ is measured in the same run, with the same threads.
 
     python benchmarks/bench_conv3x3.py                       # 2 threads, all layers
     python benchmarks/bench_conv3x3.py --threads 1 --repeats 9 --layers small
+    python benchmarks/bench_conv3x3.py --im2col    # also cyconv's im2col + GEMM path
 """
 import argparse
 import statistics
@@ -31,6 +32,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cyconv  # noqa: E402
 from cyconv import nn  # noqa: E402
+from cyconv.nn import winograd  # noqa: E402
 
 # (name, in channels, out channels, input size)
 LAYERS = {
@@ -55,6 +57,17 @@ def timed(task):
     start = time.perf_counter()
     task()
     return time.perf_counter() - start
+
+
+def im2col_only(task):
+    """task run with Conv2d's Winograd path switched off (cyconv's previous kernels)."""
+    def run():
+        saved, winograd.MIN_CHANNELS = winograd.MIN_CHANNELS, float("inf")
+        try:
+            return task()
+        finally:
+            winograd.MIN_CHANNELS = saved
+    return run
 
 
 def cyconv_passes(c_in, c_out, x, dy):
@@ -91,13 +104,17 @@ def torch_passes(layer, x, dy, channels_last):
     return forward, backward
 
 
-def measure_layer(c_in, c_out, size, batch, repeats):
+def measure_layer(c_in, c_out, size, batch, repeats, im2col):
     """{(implementation, pass): [seconds]}, the implementations taking turns."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, c_in, size, size)).astype(np.float32)
     dy = rng.standard_normal((batch, c_out, size, size)).astype(np.float32)
     forward, backward, layer = cyconv_passes(c_in, c_out, x, dy)
     tasks = {("cyconv", "forward"): forward, ("cyconv", "backward"): backward}
+    if im2col:
+        forward, backward, _ = cyconv_passes(c_in, c_out, x, dy)
+        tasks[("im2col", "forward")] = im2col_only(forward)
+        tasks[("im2col", "backward")] = im2col_only(backward)
     if torch is not None:
         for label, channels_last in (("torch NCHW", False), ("torch NHWC", True)):
             fwd, bwd = torch_passes(layer, x, dy, channels_last)
@@ -120,7 +137,8 @@ def report(name, flop, times, peak):
             if p == pass_name:
                 cells[impl] = (statistics.median(seconds), min(seconds), max(seconds))
         ours = cells["cyconv"][0]
-        best_torch = min((v[0] for k, v in cells.items() if k != "cyconv"), default=None)
+        best_torch = min((v[0] for k, v in cells.items() if k.startswith("torch")),
+                         default=None)
         text = " | ".join(f"{1e3 * m:.2f} [{1e3 * lo:.2f}-{1e3 * hi:.2f}]"
                           for m, lo, hi in cells.values())
         gflops = passes * flop / ours / 1e9
@@ -136,6 +154,8 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", choices=["all", *LAYERS], default="all")
+    parser.add_argument("--im2col", action="store_true",
+                        help="also time cyconv's im2col + GEMM kernels on these layers")
     args = parser.parse_args()
     cyconv.set_num_threads(args.threads)
     if torch is not None:
@@ -143,14 +163,15 @@ def main():
     peak = gemm_peak(args.threads)
     print(f"threads {args.threads}, batch {args.batch}, {args.repeats} repeats; "
           f"numpy sgemm 2048^3: {peak:.0f} GFLOP/s")
-    impls = ["cyconv"] + (["torch NCHW", "torch NHWC"] if torch is not None else [])
+    impls = (["cyconv"] + (["im2col"] if args.im2col else [])
+             + (["torch NCHW", "torch NHWC"] if torch is not None else []))
     print("| layer | pass | " + " | ".join(f"{i} ms [range]" for i in impls)
           + " | cyconv GFLOP/s | of peak | faster torch / cyconv |")
     print("|---" * (len(impls) + 5) + "|")
     groups = LAYERS if args.layers == "all" else {args.layers: LAYERS[args.layers]}
     for layers in groups.values():
         for name, c_in, c_out, size in layers:
-            times = measure_layer(c_in, c_out, size, args.batch, args.repeats)
+            times = measure_layer(c_in, c_out, size, args.batch, args.repeats, args.im2col)
             flop = 2 * args.batch * c_out * c_in * 9 * size * size
             for row in report(name, flop, times, peak):
                 print(row, flush=True)
