@@ -30,9 +30,9 @@ except ImportError:
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cyconv  # noqa: E402
-from cyconv import nn  # noqa: E402
-from cyconv.nn import winograd  # noqa: E402
+import cyconv
+from cyconv import nn
+from cyconv.nn import winograd
 
 # (name, in channels, out channels, input size)
 LAYERS = {

@@ -2,7 +2,6 @@
 the numpy reference, finite differences, PyTorch, fused ReLU and thread invariance."""
 import numpy as np
 import pytest
-
 import reference as R
 from conftest import DTYPES, FD_TOL, assert_close, finite_difference, num_threads
 
@@ -37,7 +36,7 @@ def every_channel_count(monkeypatch):
 
 
 def make(case, dtype, fuse_relu=False, seed=0):
-    n, c, m, h, w, p, bias = case
+    _, c, m, _, _, p, bias = case
     layer = nn.Conv2d(c, m, 3, padding=p, bias=bias, dtype=dtype, seed=seed, fuse_relu=fuse_relu)
     assert winograd.applies(layer)
     return layer
@@ -173,9 +172,9 @@ def test_matches_torch(case, dtype, rng):
     y = layer(x)
     dy = rng.standard_normal(y.shape).astype(dtype)
     ty.backward(torch.from_numpy(dy))
-    tol = dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
-    scale = lambda a: max(1.0, float(np.abs(a).max()))  # noqa: E731
-    for ours, theirs in [(y, ty.detach().numpy()), (layer.backward(dy), tx.grad.numpy())] + [
-            (p.grad, q.grad.numpy()) for p, q in zip(layer.parameters(), tconv.parameters())]:
-        np.testing.assert_allclose(ours, theirs, rtol=tol["rtol"],
-                                   atol=tol["atol"] * scale(theirs))
+    tol = 2e-4 if dtype == np.float32 else 1e-10  # relative; absolute scaled by the size
+    pairs = [(y, ty.detach().numpy()), (layer.backward(dy), tx.grad.numpy())] + [
+        (p.grad, q.grad.numpy()) for p, q in zip(layer.parameters(), tconv.parameters())]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours, theirs, rtol=tol,
+                                   atol=tol * max(1.0, float(np.abs(theirs).max())))

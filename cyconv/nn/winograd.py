@@ -84,7 +84,7 @@ def forward(layer, x, bias, out, fuse_relu):
 def backward(layer, grad_output, x, out, grad_input):
     """Accumulate the weight (and bias) gradients; grad_input (or None) <- the input
     gradient.  out: the forward output when a ReLU was fused (its mask), else empty."""
-    n, channels, _, _ = x.shape
+    channels = x.shape[1]
     outputs = layer.out_channels
     block = _winograd.GRAD_BLOCK
     channels_g, outputs_g = round_up(channels, block), round_up(outputs, block)
