@@ -13,6 +13,7 @@ from cyconv._checks import (
 )
 from cyconv._random import generator
 from cyconv._threads import blas_single_threaded, get_num_threads
+from cyconv.nn import winograd
 from cyconv.nn._init import kaiming_uniform
 from cyconv.nn.activation import ReLU
 from cyconv.nn.module import Module, Parameter
@@ -134,7 +135,9 @@ class Conv2d(Module):
                                  self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
         threads = min(get_num_threads(), max(1, x.shape[0] * g["out_height"]))
-        if self._uses_direct_kernel():
+        if winograd.applies(self):  # 3x3, stride 1: its own kernels (nn/winograd.py)
+            winograd.forward(self, x, bias, out, fuse_relu)
+        elif self._uses_direct_kernel():
             row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
                             * _conv.direct_row_length(g))
             prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
@@ -156,6 +159,10 @@ class Conv2d(Module):
         p = g["out_height"] * g["out_width"]
         grad_output = as_grad_output(self, grad_output, (n, oc, g["out_height"], g["out_width"]),
                                      self.dtype)
+        if winograd.applies(self):
+            grad_input = self._grad_input_array(x.shape, self.dtype) if input_grad else None
+            winograd.backward(self, grad_output, x, out, grad_input)
+            return grad_input
         threads = min(get_num_threads(), max(1, n))
         rows, cols = self._tile_workspace("cols", g, threads)
         if input_grad:

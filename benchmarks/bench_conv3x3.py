@@ -1,0 +1,182 @@
+"""3x3 stride-1 convolutions, layer by layer: cyconv beside PyTorch (NCHW and channels_last).
+
+The layers: the 3x3 stride-1 convolutions of models.small(3, 128) (after its
+stride-2 stem: 24->24 at 64x64, 24->48 at 32x32, 48->96 at 16x16, 96->192 at
+8x8) and ResNet-18's (64 at 56x56, 128 at 28x28, 256 at 14x14, 512 at 7x7), all
+padded, without bias, float32, batch 32.  Forward is one call in grad mode;
+backward is the input and weight gradients of that forward.  cyconv and both
+PyTorch layouts are timed one after the other, round after round, in this
+process (the machine is shared and noisy: compare within a row).  GFLOP/s count
+direct convolution, 2*N*OC*C*9*OH*OW per pass (backward: two passes), so that
+any algorithm is judged by the same count; numpy's float32 GEMM peak (2048^3)
+is measured in the same run, with the same threads.
+
+    python benchmarks/bench_conv3x3.py                       # 2 threads, all layers
+    python benchmarks/bench_conv3x3.py --threads 1 --repeats 9 --layers small
+    python benchmarks/bench_conv3x3.py --im2col    # also cyconv's im2col + GEMM path
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:  # imported before cyconv so that its OpenMP runtime keeps its own defaults
+    import torch
+except ImportError:
+    torch = None
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cyconv
+from cyconv import nn
+from cyconv.nn import winograd
+
+# (name, in channels, out channels, input size)
+LAYERS = {
+    "small": [("small 24->24", 24, 24, 64), ("small 24->48", 24, 48, 32),
+              ("small 48->96", 48, 96, 16), ("small 96->192", 96, 192, 8)],
+    "resnet18": [("resnet18 64", 64, 64, 56), ("resnet18 128", 128, 128, 28),
+                 ("resnet18 256", 256, 256, 14), ("resnet18 512", 512, 512, 7)],
+}
+
+
+def gemm_peak(threads, size=2048):
+    """numpy's float32 GEMM GFLOP/s at size^3 (best of 5)."""
+    a = np.random.rand(size, size).astype(np.float32)
+    b = np.random.rand(size, size).astype(np.float32)
+    with threadpool_limits(threads, user_api="blas"):
+        a @ b
+        best = min(timed(lambda: a @ b) for _ in range(5))
+    return 2 * size ** 3 / best / 1e9
+
+
+def timed(task):
+    start = time.perf_counter()
+    task()
+    return time.perf_counter() - start
+
+
+def im2col_only(task):
+    """task run with Conv2d's Winograd path switched off (cyconv's previous kernels)."""
+    def run():
+        saved, winograd.MIN_CHANNELS = winograd.MIN_CHANNELS, float("inf")
+        try:
+            return task()
+        finally:
+            winograd.MIN_CHANNELS = saved
+    return run
+
+
+def cyconv_passes(c_in, c_out, x, dy):
+    layer = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, seed=0)
+
+    def forward():
+        seconds = timed(lambda: layer(x))
+        layer.discard_saved()  # not backpropagated
+        return seconds
+
+    def backward():
+        layer(x)
+        return timed(lambda: layer.backward(dy))
+    return forward, backward, layer
+
+
+def torch_passes(layer, x, dy, channels_last):
+    conv = torch.nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(layer.weight.data))
+    tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        tx = tx.contiguous(memory_format=torch.channels_last)
+        tdy = tdy.contiguous(memory_format=torch.channels_last)
+    tx.requires_grad_(True)
+
+    def forward():
+        return timed(lambda: conv(tx))
+
+    def backward():
+        y = conv(tx)
+        return timed(lambda: y.backward(tdy))
+    return forward, backward
+
+
+def measure_layer(c_in, c_out, size, batch, repeats, im2col):
+    """{(implementation, pass): [seconds]}, the implementations taking turns."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, c_in, size, size)).astype(np.float32)
+    dy = rng.standard_normal((batch, c_out, size, size)).astype(np.float32)
+    forward, backward, layer = cyconv_passes(c_in, c_out, x, dy)
+    tasks = {("cyconv", "forward"): forward, ("cyconv", "backward"): backward}
+    if im2col:
+        forward, backward, _ = cyconv_passes(c_in, c_out, x, dy)
+        tasks[("im2col", "forward")] = im2col_only(forward)
+        tasks[("im2col", "backward")] = im2col_only(backward)
+    if torch is not None:
+        for label, channels_last in (("torch NCHW", False), ("torch NHWC", True)):
+            fwd, bwd = torch_passes(layer, x, dy, channels_last)
+            tasks[(label, "forward")], tasks[(label, "backward")] = fwd, bwd
+    for task in tasks.values():  # warm-up: workspaces, caches, oneDNN primitives
+        task()
+    times = {key: [] for key in tasks}
+    for _ in range(repeats):
+        for key, task in tasks.items():
+            times[key].append(task())
+    return times
+
+
+def report(name, flop, times, peak):
+    """Markdown rows: median ms [range], GFLOP/s, share of the GEMM peak."""
+    rows = []
+    for pass_name, passes in (("forward", 1), ("backward", 2)):
+        cells = {}
+        for (impl, p), seconds in times.items():
+            if p == pass_name:
+                cells[impl] = (statistics.median(seconds), min(seconds), max(seconds))
+        ours = cells["cyconv"][0]
+        best_torch = min((v[0] for k, v in cells.items() if k.startswith("torch")),
+                         default=None)
+        text = " | ".join(f"{1e3 * m:.2f} [{1e3 * lo:.2f}-{1e3 * hi:.2f}]"
+                          for m, lo, hi in cells.values())
+        gflops = passes * flop / ours / 1e9
+        ratio = f"{best_torch / ours:.2f}" if best_torch else "-"
+        rows.append(f"| {name} | {pass_name} | {text} | {gflops:.0f} | "
+                    f"{100 * gflops / peak:.0f}% | {ratio} |")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layers", choices=["all", *LAYERS], default="all")
+    parser.add_argument("--im2col", action="store_true",
+                        help="also time cyconv's im2col + GEMM kernels on these layers")
+    args = parser.parse_args()
+    cyconv.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    peak = gemm_peak(args.threads)
+    print(f"threads {args.threads}, batch {args.batch}, {args.repeats} repeats; "
+          f"numpy sgemm 2048^3: {peak:.0f} GFLOP/s")
+    impls = (["cyconv"] + (["im2col"] if args.im2col else [])
+             + (["torch NCHW", "torch NHWC"] if torch is not None else []))
+    print("| layer | pass | " + " | ".join(f"{i} ms [range]" for i in impls)
+          + " | cyconv GFLOP/s | of peak | faster torch / cyconv |")
+    print("|---" * (len(impls) + 5) + "|")
+    groups = LAYERS if args.layers == "all" else {args.layers: LAYERS[args.layers]}
+    for layers in groups.values():
+        for name, c_in, c_out, size in layers:
+            times = measure_layer(c_in, c_out, size, args.batch, args.repeats, args.im2col)
+            flop = 2 * args.batch * c_out * c_in * 9 * size * size
+            for row in report(name, flop, times, peak):
+                print(row, flush=True)
+    print(f"numpy sgemm 2048^3 after the layers: {gemm_peak(args.threads):.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

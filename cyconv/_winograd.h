@@ -1,0 +1,70 @@
+/* Winograd F(2x2, 3x3): the C kernels of _winograd.pyx (3x3, stride 1 convolutions).
+ *
+ * A 2x2 block of outputs ("tile") of a 3x3 convolution is
+ *     y = A^T [ (G g G^T) (.) (B^T d B) ] A
+ * for the 3x3 filter g and the 4x4 input patch d the tile reads, (.) the
+ * elementwise product: 16 products per input channel where direct convolution
+ * needs 36.  Summed over input channels, each of the 16 transformed positions
+ * xi = 4*a + b is a matrix product (output channels x input channels) times
+ * (input channels x tiles).  The transforms only add and halve, so float64
+ * results stay within a few units in the last place of direct convolution.
+ *
+ * Transformed data is stored position-major: element (xi, row, t) of a
+ * (16, rows, ld) block is at xi * xi_stride + row * ld + t, for tile t of the
+ * current range.  Tiles are numbered over the batch, t = (n * TH + th) * TW + tw,
+ * so that one range of tiles may span several small images.
+ *
+ * _winograd_kernels.h holds the code; it is included once per element type.
+ * The matrix-product kernels use GCC's vector extensions; they are compiled
+ * for baseline x86-64 and, where GCC can dispatch at load time, also for
+ * x86-64-v3 (AVX2 + FMA) and v4 (AVX-512).
+ */
+#ifndef CYCONV_WINOGRAD_H
+#define CYCONV_WINOGRAD_H
+#include <stddef.h>
+#include <string.h>
+
+/* Tiles per column block of the forward product; tile ranges are padded to it. */
+#define WINOGRAD_TILE_BLOCK 32
+/* Output channels per block of the forward product (the packed weight's row block). */
+#define WINOGRAD_CHANNEL_BLOCK 8
+/* Input channels per block of the weight-gradient product (its rows are padded to it). */
+#define WINOGRAD_GRAD_BLOCK 4
+#define WINOGRAD_VECTOR_BYTES 64 /* winograd_lane_sum assumes 64 */
+/* Elements a row of the transforms' workspace extends past the tiles it holds
+ * (vector loads read up to a vector past the end; also the slack the forward's
+ * product block needs past its end, read by the output transform). */
+#define WINOGRAD_ROW_SLACK (WINOGRAD_VECTOR_BYTES / 4)
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define WINOGRAD_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
+                                                           "arch=x86-64-v4")))
+#else
+#define WINOGRAD_MULTIVERSION
+#endif
+/* The helpers of the multiversioned kernels are inlined into them: a function
+ * they call is compiled for baseline x86-64 only. */
+#if defined(__GNUC__)
+#define WINOGRAD_INLINE static inline __attribute__((always_inline))
+#else
+#define WINOGRAD_INLINE static inline
+#endif
+
+#define WT float
+#define WMASK int
+#define WSUF(name) name##_float
+#include "_winograd_kernels.h"
+#undef WT
+#undef WMASK
+#undef WSUF
+
+#define WT double
+#define WMASK long long
+#define WSUF(name) name##_double
+#include "_winograd_kernels.h"
+#undef WT
+#undef WMASK
+#undef WSUF
+
+#endif

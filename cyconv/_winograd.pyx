@@ -1,0 +1,254 @@
+"""3x3 stride-1 convolutions by Winograd F(2x2, 3x3): forward, input gradient, weight gradient.
+
+Layouts (row-major, C-contiguous; see _winograd.h for the transforms):
+    x            (N, C, H, W)        input batch
+    weight       (M, C, 3, 3)        M output channels
+    out          (N, M, OH, OW)      OH = H + 2*pad_h - 2, likewise OW
+    tiles        TH = ceil(OH / 2) by TW = ceil(OW / 2) 2x2 output tiles per image,
+                 numbered over the batch: t = (n*TH + th)*TW + tw
+    packed       (16, Mp, C)         the transformed weight, Mp = M rounded up to
+                                     CHANNEL_BLOCK, in row blocks of CHANNEL_BLOCK channels
+
+Forward (winograd_forward): the batch's tiles are cut into ranges of tile_range
+tiles (fixed by the shapes, a multiple of TILE_BLOCK); each range is one task.
+A task transforms its input patches into the thread's (16, C, tile_range) block,
+multiplies each of the 16 positions by the packed weight into its (16, Mp,
+tile_range) block, and transforms those back into output tiles.  Every output
+is written by one task, in an order fixed by the shapes: results do not depend
+on the thread count.  The input gradient is the same computation on the output
+gradient, with the weight transposed and flipped and padding 2 - pad.
+
+Weight gradient (winograd_weight_grad): per range of tiles (in order), the
+transformed input (16, Cg, range) and output gradient (16, Mp, range) are made
+in shared blocks (one channel per task), then each (position, block of
+GRAD_BLOCK output channels) task adds its dot products over the range to the
+(16, Mp, Cg) gradient of the transformed weight.  Each element of that sum is
+owned by one task and the ranges are taken in order, so the additions happen in
+the same order for any thread count.  Last, each filter's gradient is
+transformed back and added to grad_weight.
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, prange, threadid
+from libc.string cimport memset
+
+from cyconv._reduce cimport sum_run
+
+cdef extern from "_winograd.h" nogil:
+    enum: WINOGRAD_TILE_BLOCK
+    enum: WINOGRAD_CHANNEL_BLOCK
+    enum: WINOGRAD_GRAD_BLOCK
+    enum: WINOGRAD_ROW_SLACK
+    void winograd_transform_float(const float* plane, const float* mask, Py_ssize_t image_stride,
+                                  int H, int W, int pad_h, int pad_w, int TH, int TW,
+                                  Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t padded, int grad,
+                                  float* rows, float* dst, Py_ssize_t xi_stride)
+    void winograd_transform_double(const double* plane, const double* mask,
+                                   Py_ssize_t image_stride, int H, int W, int pad_h, int pad_w,
+                                   int TH, int TW, Py_ssize_t t0, Py_ssize_t t1,
+                                   Py_ssize_t padded, int grad, double* rows, double* dst,
+                                   Py_ssize_t xi_stride)
+    void winograd_output_float(const float* src, Py_ssize_t xi_stride, float bias, int relu,
+                               int OH, int OW, int TH, int TW, Py_ssize_t t0, Py_ssize_t t1,
+                               float* out, Py_ssize_t image_stride)
+    void winograd_output_double(const double* src, Py_ssize_t xi_stride, double bias, int relu,
+                                int OH, int OW, int TH, int TW, Py_ssize_t t0, Py_ssize_t t1,
+                                double* out, Py_ssize_t image_stride)
+    void winograd_filter_float(const float* g, int flip, float* u, Py_ssize_t xi_stride)
+    void winograd_filter_double(const double* g, int flip, double* u, Py_ssize_t xi_stride)
+    void winograd_filter_grad_float(const float* src, Py_ssize_t xi_stride, float* grad)
+    void winograd_filter_grad_double(const double* src, Py_ssize_t xi_stride, double* grad)
+    void winograd_product_float(const float* u, const float* v, Py_ssize_t ldv, int M, int K,
+                                Py_ssize_t T, float* y, Py_ssize_t ldy)
+    void winograd_product_double(const double* u, const double* v, Py_ssize_t ldv, int M,
+                                 int K, Py_ssize_t T, double* y, Py_ssize_t ldy)
+    void winograd_grad_product_float(const float* a, const float* b, Py_ssize_t ld, int N,
+                                     Py_ssize_t K, float* m, Py_ssize_t ldm)
+    void winograd_grad_product_double(const double* a, const double* b, Py_ssize_t ld, int N,
+                                      Py_ssize_t K, double* m, Py_ssize_t ldm)
+
+TILE_BLOCK = WINOGRAD_TILE_BLOCK
+CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
+GRAD_BLOCK = WINOGRAD_GRAD_BLOCK
+ROW_SLACK = WINOGRAD_ROW_SLACK
+
+
+cdef inline void transform(const floating* plane, const floating* mask, Py_ssize_t image_stride,
+                           int H, int W, int pad_h, int pad_w, int TH, int TW, Py_ssize_t t0,
+                           Py_ssize_t t1, Py_ssize_t padded, bint grad, floating* rows,
+                           floating* dst, Py_ssize_t xi_stride) noexcept nogil:
+    """dst (16, ., padded) row <- one channel's transformed tiles [t0, t1), zeros after."""
+    if floating is float:
+        winograd_transform_float(plane, mask, image_stride, H, W, pad_h, pad_w, TH, TW, t0, t1,
+                                 padded, grad, rows, dst, xi_stride)
+    else:
+        winograd_transform_double(plane, mask, image_stride, H, W, pad_h, pad_w, TH, TW, t0,
+                                  t1, padded, grad, rows, dst, xi_stride)
+
+
+cdef void pack_filters(const floating[:, :, :, ::1] weight, bint transposed, int m,
+                       floating[:, :, ::1] packed) noexcept nogil:
+    """packed[:, row block of m, :] <- the transforms of output channel m's filters (zeros
+    for the padding channels m >= M).
+
+    weight is (M, C, 3, 3), or (C, M, 3, 3) read transposed and flipped.
+    """
+    cdef int C = packed.shape[2], M = weight.shape[1] if transposed else weight.shape[0]
+    cdef int c, xi
+    cdef Py_ssize_t xi_stride = <Py_ssize_t> packed.shape[1] * C
+    cdef floating* u
+    cdef const floating* g
+    for c in range(C):
+        u = &packed[0, 0, 0] + (m // WINOGRAD_CHANNEL_BLOCK * C + c) * WINOGRAD_CHANNEL_BLOCK + m % WINOGRAD_CHANNEL_BLOCK
+        if m >= M:
+            for xi in range(16):
+                u[xi * xi_stride] = 0
+            continue
+        g = &weight[c, m, 0, 0] if transposed else &weight[m, c, 0, 0]
+        if floating is float:
+            winograd_filter_float(g, transposed, u, xi_stride)
+        else:
+            winograd_filter_double(g, transposed, u, xi_stride)
+
+
+cdef void forward_range(const floating* x, const floating* mask, const floating* packed,
+                        const floating* bias, floating* v, floating* y, floating* rows,
+                        floating* out, int C, int M, int Mp, int H, int W, int OH, int OW,
+                        int pad_h, int pad_w, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T,
+                        bint relu) noexcept nogil:
+    """out's tiles [t0, t1) <- packed * transformed x, through v (16, C, T) and y (16, Mp, T)."""
+    cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2, c, m, xi
+    cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
+    for c in range(C):
+        transform(x + c * plane, mask + c * plane if mask != NULL else NULL, C * plane, H, W,
+                  pad_h, pad_w, TH, TW, t0, t1, T, False, rows, v + c * T, C * T)
+    for xi in range(16):
+        if floating is float:
+            winograd_product_float(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T,
+                                   y + xi * Mp * T, T)
+        else:
+            winograd_product_double(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T,
+                                    y + xi * Mp * T, T)
+    for m in range(M):
+        if floating is float:
+            winograd_output_float(y + m * T, Mp * T, bias[m] if bias != NULL else 0, relu,
+                                  OH, OW, TH, TW, t0, t1, out + m * out_plane, M * out_plane)
+        else:
+            winograd_output_double(y + m * T, Mp * T, bias[m] if bias != NULL else 0, relu,
+                                   OH, OW, TH, TW, t0, t1, out + m * out_plane, M * out_plane)
+
+
+def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
+                     const floating[:, :, :, ::1] mask,    # IN   like x, or empty: x is read as 0 where mask <= 0
+                     const floating[:, :, :, ::1] weight,  # IN   (M, C, 3, 3), or (C, M, 3, 3) when transposed
+                     const floating[::1] bias,             # IN   (M,), or empty for no bias
+                     floating[:, :, ::1] packed,           # WORK (16, Mp, C)
+                     floating[:, ::1] v,                   # WORK (threads, 16 * C * tile_range)
+                     floating[:, ::1] y,                   # WORK (threads, 16 * Mp * tile_range + ROW_SLACK)
+                     floating[:, ::1] rows,                # WORK (threads, 8 * (TW + 1 + ROW_SLACK))
+                     floating[:, :, :, ::1] out,           # OUT  (N, M, OH, OW)
+                     int pad_h, int pad_w, bint transposed, Py_ssize_t tile_range,
+                     bint fuse_relu, int num_threads):
+    """out = conv3x3(x, weight, padding) + bias (then max(., 0) when fuse_relu).
+
+    transposed: weight is (C, M, 3, 3) and is used transposed and flipped, which
+    makes this the input gradient of a convolution whose output gradient is x
+    (with padding 2 - its padding).
+    """
+    cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef int M = out.shape[1], OH = out.shape[2], OW = out.shape[3], Mp = packed.shape[1]
+    cdef Py_ssize_t tiles = <Py_ssize_t> N * ((OH + 1) // 2) * ((OW + 1) // 2)
+    cdef Py_ssize_t task, t0
+    cdef int m, slot
+    cdef const floating* mask_ptr = &mask[0, 0, 0, 0] if mask.shape[0] > 0 else NULL
+    cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
+    with nogil, parallel(num_threads=num_threads):
+        for m in prange(Mp, schedule='static'):
+            pack_filters(weight, transposed, m, packed)
+        for task in prange((tiles + tile_range - 1) // tile_range, schedule='dynamic'):
+            slot = threadid()
+            t0 = task * tile_range
+            forward_range(&x[0, 0, 0, 0], mask_ptr, &packed[0, 0, 0], bias_ptr, &v[slot, 0],
+                          &y[slot, 0], &rows[slot, 0], &out[0, 0, 0, 0], C, M, Mp, H, W, OH, OW,
+                          pad_h, pad_w, t0, min(t0 + tile_range, tiles), tile_range, fuse_relu)
+
+
+cdef void transform_for_grad(const floating* x, const floating* grad_out, const floating* mask,
+                             floating* v, floating* d, floating* rows, int j, int C, int Cg,
+                             int M, int H, int W, int OH, int OW, int pad_h, int pad_w,
+                             Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T) noexcept nogil:
+    """Row j of the weight gradient's operands for tiles [t0, t1): j < Cg is input channel j
+    (into v, (16, Cg, T)), else output channel j - Cg of the (masked) output gradient
+    (into d, (16, Mg, T)); padding channels get zeros."""
+    cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2, xi
+    cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
+    cdef int Mg = (M + WINOGRAD_GRAD_BLOCK - 1) // WINOGRAD_GRAD_BLOCK * WINOGRAD_GRAD_BLOCK
+    if j < C:
+        transform(x + j * plane, NULL, C * plane, H, W, pad_h, pad_w, TH, TW, t0, t1, T, False,
+                  rows, v + j * T, Cg * T)
+    elif j < Cg:
+        for xi in range(16):
+            memset(v + (xi * Cg + j) * T, 0, T * sizeof(floating))
+    elif j - Cg < M:
+        j -= Cg
+        transform(grad_out + j * out_plane, mask + j * out_plane if mask != NULL else NULL,
+                  M * out_plane, OH, OW, 0, 0, TH, TW, t0, t1, T, True, rows, d + j * T, Mg * T)
+    else:
+        for xi in range(16):
+            memset(d + (xi * Mg + j - Cg) * T, 0, T * sizeof(floating))
+
+
+cdef void grad_product(const floating* v, const floating* d, floating* dw, double* bias_sums,
+                       int task, int Cg, int Mg, Py_ssize_t T) noexcept nogil:
+    """dw (16, Mg, Cg) rows of one (position, block of WINOGRAD_GRAD_BLOCK output channels) task +=
+    d @ v^T over the T tiles; position 5 of d is the sum of each tile's output gradient,
+    so that task also adds those to bias_sums."""
+    cdef int blocks = Mg // WINOGRAD_GRAD_BLOCK, xi = task // blocks, m = task % blocks * WINOGRAD_GRAD_BLOCK, i
+    cdef const floating* a = d + (xi * Mg + m) * T
+    if floating is float:
+        winograd_grad_product_float(a, v + xi * Cg * T, T, Cg, T, dw + (xi * Mg + m) * Cg, Cg)
+    else:
+        winograd_grad_product_double(a, v + xi * Cg * T, T, Cg, T, dw + (xi * Mg + m) * Cg, Cg)
+    if xi == 5:
+        for i in range(WINOGRAD_GRAD_BLOCK):
+            bias_sums[m + i] += sum_run(a + i * T, T)
+
+
+def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, OH, OW)
+                         const floating[:, :, :, ::1] x,         # IN    (N, C, H, W)
+                         const floating[:, :, :, ::1] out,       # IN    (N, M, OH, OW) relu mask, or empty
+                         floating[:, :, :, ::1] grad_weight,     # INOUT (M, C, 3, 3), accumulated
+                         floating[::1] grad_bias,                # INOUT (M,), accumulated; empty for no bias
+                         floating[::1] v,                        # WORK  (16 * Cg * tile_range)
+                         floating[::1] d,                        # WORK  (16 * Mg * tile_range)
+                         floating[:, :, ::1] dw,                 # WORK  (16, Mg, Cg)
+                         double[::1] bias_sums,                  # WORK  (Mg,)
+                         floating[:, ::1] rows,                  # WORK  (threads, 8 * (TW + 1 + ROW_SLACK))
+                         int pad_h, int pad_w, Py_ssize_t tile_range, int num_threads):
+    """grad_weight += the gradient of sum(grad_out * conv3x3(x, weight)); grad_bias += sum
+    of grad_out over (N, OH, OW).  With out given, grad_out counts only where out > 0 (the
+    gradient through a fused ReLU).  Cg, Mg: C and M rounded up to GRAD_BLOCK."""
+    cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef int M = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
+    cdef int Cg = dw.shape[2], Mg = dw.shape[1], j, task, m, c
+    cdef Py_ssize_t tiles = <Py_ssize_t> N * ((OH + 1) // 2) * ((OW + 1) // 2)
+    cdef Py_ssize_t chunk, t0
+    cdef const floating* mask_ptr = &out[0, 0, 0, 0] if out.shape[0] > 0 else NULL
+    memset(&dw[0, 0, 0], 0, 16 * Mg * Cg * sizeof(floating))
+    memset(&bias_sums[0], 0, Mg * sizeof(double))
+    with nogil, parallel(num_threads=num_threads):
+        for chunk in range((tiles + tile_range - 1) // tile_range):
+            t0 = chunk * tile_range
+            for j in prange(Cg + Mg, schedule='dynamic'):
+                transform_for_grad(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], mask_ptr, &v[0], &d[0],
+                                   &rows[threadid(), 0], j, C, Cg, M, H, W, OH, OW, pad_h, pad_w,
+                                   t0, min(t0 + tile_range, tiles), tile_range)
+            for task in prange(16 * Mg // WINOGRAD_GRAD_BLOCK, schedule='dynamic'):
+                grad_product(&v[0], &d[0], &dw[0, 0, 0], &bias_sums[0], task, Cg, Mg, tile_range)
+        for m in prange(M, schedule='static'):
+            for c in range(C):
+                if floating is float:
+                    winograd_filter_grad_float(&dw[0, m, c], Mg * Cg, &grad_weight[m, c, 0, 0])
+                else:
+                    winograd_filter_grad_double(&dw[0, m, c], Mg * Cg, &grad_weight[m, c, 0, 0])
+            if grad_bias.shape[0] > 0:
+                grad_bias[m] += <floating> bias_sums[m]

@@ -1,0 +1,108 @@
+"""Conv2d's path for 3x3, stride-1 convolutions: Winograd F(2x2, 3x3) (cyconv/_winograd.pyx).
+
+A tile covers 2x2 outputs; the kernels take the batch's tiles in ranges whose
+length is fixed here from the shapes alone (never from the thread count), so
+results are the same for any number of threads.
+"""
+import numpy as np
+
+from cyconv import _winograd
+from cyconv._threads import get_num_threads
+
+# Layers with fewer input or output channels than this keep im2col + GEMM: their
+# products are too thin for the transforms to pay (see benchmarks/bench_conv3x3.py).
+MIN_CHANNELS = 8
+
+# Bytes of one forward task's transformed tiles (input and product, both (16,
+# channels, range)): about half a core's L2 cache, so that they stay there
+# between the transforms and the product.
+FORWARD_BYTES = 1 << 20
+# Bytes of the weight gradient's shared transformed tiles per range: large ranges
+# mean few synchronisations of the threads (two per range).
+GRAD_BYTES = 8 << 20
+# Longest tile range: beyond it a range only costs memory.
+MAX_RANGE = 4096
+
+
+def applies(layer):
+    """True when layer (a Conv2d) runs on this path."""
+    return (layer.kernel_size == (3, 3) and layer.stride == (1, 1) and layer.dilation == (1, 1)
+            and layer.groups == 1
+            and min(layer.in_channels, layer.out_channels) >= MIN_CHANNELS)
+
+
+def round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+def tile_range(tiles, rows, itemsize, budget):
+    """Tiles per range: (16, rows, range) elements within budget bytes, a multiple of
+    TILE_BLOCK, at most the tiles there are (rounded up) and MAX_RANGE."""
+    fit = budget // (16 * rows * itemsize) // _winograd.TILE_BLOCK * _winograd.TILE_BLOCK
+    return max(_winograd.TILE_BLOCK,
+               min(fit, MAX_RANGE, round_up(tiles, _winograd.TILE_BLOCK)))
+
+
+def tile_count(shape):
+    """2x2 output tiles of a batch whose output is shape (N, M, OH, OW)."""
+    n, _, oh, ow = shape
+    return n * ((oh + 1) // 2) * ((ow + 1) // 2)
+
+
+def row_workspace(layer, name, out_width, threads):
+    """Each thread's split input rows (see _winograd.h)."""
+    return layer._workspace(name,
+                            (threads, 8 * ((out_width + 1) // 2 + 1 + _winograd.ROW_SLACK)),
+                            layer.dtype)
+
+
+def convolve(layer, name, x, weight, bias, out, padding, transposed, fuse_relu, mask=None):
+    """out = conv3x3(x, weight) (+ bias, then max(., 0) when fuse_relu); transposed: weight
+    is used transposed and flipped, x read as 0 where mask <= 0 (see winograd_forward).
+    name: the prefix of this call's workspaces."""
+    channels, outputs = x.shape[1], out.shape[1]
+    packed_rows = round_up(outputs, _winograd.CHANNEL_BLOCK)
+    tiles = tile_count(out.shape)
+    span = tile_range(tiles, channels + packed_rows, layer.dtype.itemsize, FORWARD_BYTES)
+    threads = min(get_num_threads(), -(-tiles // span))
+    empty = np.empty((0, 0, 0, 0), layer.dtype)
+    _winograd.winograd_forward(
+        x, empty if mask is None else mask, weight, bias,
+        layer._workspace(name + "_packed", (16, packed_rows, channels), layer.dtype),
+        layer._workspace(name + "_input", (threads, 16 * channels * span), layer.dtype),
+        layer._workspace(name + "_product",
+                         (threads, 16 * packed_rows * span + _winograd.ROW_SLACK), layer.dtype),
+        row_workspace(layer, name + "_rows", out.shape[3], threads), out, padding[0], padding[1], transposed,
+        span, fuse_relu, threads)
+
+
+def forward(layer, x, bias, out, fuse_relu):
+    convolve(layer, "winograd", x, layer.weight.data, bias, out, layer.padding, False,
+             fuse_relu)
+
+
+def backward(layer, grad_output, x, out, grad_input):
+    """Accumulate the weight (and bias) gradients; grad_input (or None) <- the input
+    gradient.  out: the forward output when a ReLU was fused (its mask), else empty."""
+    channels = x.shape[1]
+    outputs = layer.out_channels
+    block = _winograd.GRAD_BLOCK
+    channels_g, outputs_g = round_up(channels, block), round_up(outputs, block)
+    tiles = tile_count(grad_output.shape)
+    span = tile_range(tiles, channels_g + outputs_g, layer.dtype.itemsize, GRAD_BYTES)
+    threads = min(get_num_threads(), channels_g + outputs_g)
+    grad_bias = (layer.bias.grad if layer.bias is not None
+                 else np.empty(0, layer.dtype))
+    _winograd.winograd_weight_grad(
+        grad_output, x, out, layer.weight.grad, grad_bias,
+        layer._workspace("winograd_grad_input", (16 * channels_g * span,), layer.dtype),
+        layer._workspace("winograd_grad_output", (16 * outputs_g * span,), layer.dtype),
+        layer._workspace("winograd_grad_weight", (16, outputs_g, channels_g), layer.dtype),
+        layer._workspace("winograd_grad_bias", (outputs_g,), np.float64),
+        row_workspace(layer, "winograd_grad_rows", grad_output.shape[3], threads), layer.padding[0],
+        layer.padding[1], span, threads)
+    if grad_input is not None:
+        flipped_padding = (2 - layer.padding[0], 2 - layer.padding[1])
+        convolve(layer, "winograd_input_grad", grad_output, layer.weight.data,
+                 np.empty(0, layer.dtype), grad_input, flipped_padding, True, False,
+                 mask=out if out.shape[0] else None)
