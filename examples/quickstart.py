@@ -26,7 +26,7 @@ from cyconv.train import LRSchedule, RunFolder, Trainer, evaluate, format_confus
 from common import int_range, run
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a small CNN on generated shapes.")
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                         help="output folder (default runs/quickstart)")
@@ -36,8 +36,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int_range(1, 1000), default=10)
     parser.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0)
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     start = time.perf_counter()
     images, labels, classes = make_shapes(args.images, args.image_size, seed=args.seed)
     data = ArrayDataset(images, labels, classes)
