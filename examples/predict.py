@@ -57,9 +57,9 @@ def expand(paths, recursive=False):
 
 
 def read(path):
-    """(the image, None), or (None, why it cannot be read)."""
+    """(the image, None), or (None, why it cannot be read, naming the file)."""
     if not path.exists():
-        return None, "no such file"
+        return None, f"cannot read image {path}: no such file"
     try:
         return read_image(path), None
     except CorruptImageError as error:
@@ -81,7 +81,7 @@ def main(argv=None):
         for path in files[start:start + args.batch_size]:
             image, problem = read(path)
             if problem:
-                print(f"error: cannot read {path}: {problem}", file=sys.stderr)
+                print(f"error: {problem}", file=sys.stderr)
                 failed += 1
                 continue
             batch.append(image)
@@ -94,7 +94,7 @@ def main(argv=None):
             text = ", ".join(f"{classes[i] if classes else i} {100 * p[i]:.1f}%" for i in order)
             print(f"{path}: {text}", flush=True)
     if failed:
-        print(f"{failed} of {len(files)} image(s) could not be read", file=sys.stderr)
+        print(f"error: {failed} of {len(files)} image(s) could not be read", file=sys.stderr)
     return 1 if failed or not files else 0
 
 
