@@ -32,36 +32,24 @@ from cyconv._blas cimport gemm
 from cyconv._elementwise cimport relu, relu_mask_run
 from cyconv._reduce cimport sum_run
 
+# C kernels with a float and a double version, one name each (see _typed.h)
 cdef extern from "_row_loops.h" nogil:
-    void gather_stride2_float(float* dst, const float* src, Py_ssize_t n)
-    void gather_stride2_double(double* dst, const double* src, Py_ssize_t n)
-    void scatter_add_stride2_float(float* dst, const float* src, Py_ssize_t n)
-    void scatter_add_stride2_double(double* dst, const double* src, Py_ssize_t n)
+    void gather_stride2(...)        # (T* dst, const T* src, n): dst[i] = src[2*i], i < n
+    void scatter_add_stride2(...)   # (T* dst, const T* src, n): dst[2*i] += src[i], i < n
 
 
 cdef extern from "_direct_conv.h" nogil:
     enum: DIRECT_COLUMNS
     enum: DIRECT_MAX_TAPS
     enum: DIRECT_VECTORIZED
-    void conv_row_direct_float(const float* weight, const float* bias, const float* rows,
-                               const Py_ssize_t* tap_offset, int OC, int K, int OW, int relu,
-                               float* out, Py_ssize_t P)
-    void conv_row_direct_double(const double* weight, const double* bias, const double* rows,
-                                const Py_ssize_t* tap_offset, int OC, int K, int OW, int relu,
-                                double* out, Py_ssize_t P)
+    # (const T* weight, const T* bias, const T* rows, const Py_ssize_t* tap_offset, int OC,
+    #  int K, int OW, int relu, T* out, Py_ssize_t P): one output row, all channels
+    void conv_row_direct(...)
 
 # the largest K = C*kh*kw that conv2d_forward_direct accepts, and whether this
 # compiler built its vectorised kernel (else it is slower than im2col + GEMM)
 MAX_DIRECT_TAPS = DIRECT_MAX_TAPS
 DIRECT_IS_VECTORIZED = bool(DIRECT_VECTORIZED)
-
-
-cdef inline void gather_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
-    """dst[i] = src[2*i] for i < n (vectorised C; see _row_loops.h)."""
-    if floating is float:
-        gather_stride2_float(dst, src, n)
-    else:
-        gather_stride2_double(dst, src, n)
 
 
 cdef inline void gather_strided(floating* dst, const floating* src, Py_ssize_t n,
@@ -75,14 +63,6 @@ cdef inline void gather_strided(floating* dst, const floating* src, Py_ssize_t n
     else:
         for j in range(n):
             dst[j] = src[j * stride]
-
-
-cdef inline void scatter_add_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
-    """dst[2*i] += src[i] for i < n (vectorised C; see _row_loops.h)."""
-    if floating is float:
-        scatter_add_stride2_float(dst, src, n)
-    else:
-        scatter_add_stride2_double(dst, src, n)
 
 
 cdef void valid_range(int offset, int stride, int size, int out_size,
@@ -242,12 +222,8 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             oh = task % OH
             scratch = &rows[threadid(), 0]
             prepare_rows(&x[n, 0, 0, 0], scratch, g, oh, row_len)
-            if floating is float:
-                conv_row_direct_float(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
-                                      fuse_relu, &out[n, 0, oh, 0], P)
-            else:
-                conv_row_direct_double(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
-                                       fuse_relu, &out[n, 0, oh, 0], P)
+            conv_row_direct(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
+                            <int> fuse_relu, &out[n, 0, oh, 0], P)
 
 
 def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)

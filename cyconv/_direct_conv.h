@@ -114,4 +114,7 @@ CYCONV_DIRECT_CONV(double, long long)
 CYCONV_DIRECT_ROW(float)
 CYCONV_DIRECT_ROW(double)
 
+#include "_typed.h"
+#define conv_row_direct(weight, ...) CYCONV_TYPED(conv_row_direct, weight, __VA_ARGS__)
+
 #endif

@@ -34,18 +34,15 @@ cdef inline int first_nan(const floating* plane, int W, int h0, int h1, int w0, 
     return h0 * W + w0
 
 
+# C kernels with a float and a double version, one name each (see _typed.h)
 cdef extern from "_row_loops.h" nogil:
-    int max_pool_2x2_row_float(const float* top, const float* bottom, float* out, int* where,
-                               Py_ssize_t n, int first, int W)
-    int max_pool_2x2_row_double(const double* top, const double* bottom, double* out,
-                                int* where, Py_ssize_t n, int first, int W)
-    void max_pool_2x2_backward_row_float(const float* grad, const int* where, float* top,
-                                         float* bottom, Py_ssize_t n, int first, int W)
-    void max_pool_2x2_backward_row_double(const double* grad, const int* where, double* top,
-                                          double* bottom, Py_ssize_t n, int first, int W)
+    # (const T* top, const T* bottom, T* out, int* where, n, int first, int W) -> has a NaN
+    int max_pool_2x2_row(...)
+    # (const T* grad, const int* where, T* top, T* bottom, n, int first, int W)
+    void max_pool_2x2_backward_row(...)
 
 
-cdef void max_pool_2x2_row(const floating* src, floating* dst, int* argmax,
+cdef void max_pool_2x2_row_with_nans(const floating* src, floating* dst, int* argmax,
                            Geometry g, int oh) noexcept nogil:
     """Output row oh of a 2x2 window without padding: each output reads its 4 inputs once.
 
@@ -82,23 +79,18 @@ cdef void max_pool_2x2_plane(const floating* src, floating* dst, int* argmax,
 
     With stride 2 (the usual case) each row goes first through the vectorised
     C loop of _row_loops.h, which has no NaN rule; a row that held a NaN is
-    redone by max_pool_2x2_row.
+    redone by max_pool_2x2_row_with_nans.
     """
     cdef int oh, first, has_nan, W = g.width, OW = g.out_width
     for oh in range(g.out_height):
         has_nan = 1
         if g.stride_h == 2 and g.stride_w == 2:
             first = 2 * oh * W
-            if floating is float:
-                has_nan = max_pool_2x2_row_float(src + first, src + first + W, dst + oh * OW,
-                                                 argmax + oh * OW if argmax != NULL else NULL,
-                                                 OW, first, W)
-            else:
-                has_nan = max_pool_2x2_row_double(src + first, src + first + W, dst + oh * OW,
-                                                  argmax + oh * OW if argmax != NULL else NULL,
-                                                  OW, first, W)
+            has_nan = max_pool_2x2_row(src + first, src + first + W, dst + oh * OW,
+                                       argmax + oh * OW if argmax != NULL else NULL,
+                                       <Py_ssize_t> OW, first, W)
         if has_nan:
-            max_pool_2x2_row(src, dst, argmax, g, oh)
+            max_pool_2x2_row_with_nans(src, dst, argmax, g, oh)
 
 
 def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
@@ -162,12 +154,8 @@ cdef void max_pool_2x2_backward_plane(const floating* dy, const int* where, floa
     cdef int oh, first, W = g.width, OW = g.out_width
     for oh in range(g.out_height):
         first = 2 * oh * W
-        if floating is float:
-            max_pool_2x2_backward_row_float(dy + oh * OW, where + oh * OW, dst + first,
-                                            dst + first + W, OW, first, W)
-        else:
-            max_pool_2x2_backward_row_double(dy + oh * OW, where + oh * OW, dst + first,
-                                             dst + first + W, OW, first, W)
+        max_pool_2x2_backward_row(dy + oh * OW, where + oh * OW, dst + first, dst + first + W,
+                                  <Py_ssize_t> OW, first, W)
         if W > 2 * OW:
             dst[first + W - 1] = 0
             dst[first + 2 * W - 1] = 0

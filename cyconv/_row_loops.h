@@ -73,4 +73,11 @@
 CYCONV_ROW_LOOPS(float)
 CYCONV_ROW_LOOPS(double)
 
+#include "_typed.h"
+#define gather_stride2(dst, ...) CYCONV_TYPED(gather_stride2, dst, __VA_ARGS__)
+#define scatter_add_stride2(dst, ...) CYCONV_TYPED(scatter_add_stride2, dst, __VA_ARGS__)
+#define max_pool_2x2_row(top, ...) CYCONV_TYPED(max_pool_2x2_row, top, __VA_ARGS__)
+#define max_pool_2x2_backward_row(grad, ...) \
+    CYCONV_TYPED(max_pool_2x2_backward_row, grad, __VA_ARGS__)
+
 #endif

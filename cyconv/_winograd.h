@@ -67,4 +67,12 @@
 #undef WMASK
 #undef WSUF
 
+#include "_typed.h"
+#define winograd_transform(plane, ...) CYCONV_TYPED(winograd_transform, plane, __VA_ARGS__)
+#define winograd_output(src, ...) CYCONV_TYPED(winograd_output, src, __VA_ARGS__)
+#define winograd_filter(g, ...) CYCONV_TYPED(winograd_filter, g, __VA_ARGS__)
+#define winograd_filter_grad(src, ...) CYCONV_TYPED(winograd_filter_grad, src, __VA_ARGS__)
+#define winograd_product(u, ...) CYCONV_TYPED(winograd_product, u, __VA_ARGS__)
+#define winograd_grad_product(a, ...) CYCONV_TYPED(winograd_grad_product, a, __VA_ARGS__)
+
 #endif

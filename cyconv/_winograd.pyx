@@ -38,51 +38,19 @@ cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_CHANNEL_BLOCK
     enum: WINOGRAD_GRAD_BLOCK
     enum: WINOGRAD_ROW_SLACK
-    void winograd_transform_float(const float* plane, const float* mask, Py_ssize_t image_stride,
-                                  int H, int W, int pad_h, int pad_w, int TH, int TW,
-                                  Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t padded, int grad,
-                                  float* rows, float* dst, Py_ssize_t xi_stride)
-    void winograd_transform_double(const double* plane, const double* mask,
-                                   Py_ssize_t image_stride, int H, int W, int pad_h, int pad_w,
-                                   int TH, int TW, Py_ssize_t t0, Py_ssize_t t1,
-                                   Py_ssize_t padded, int grad, double* rows, double* dst,
-                                   Py_ssize_t xi_stride)
-    void winograd_output_float(const float* src, Py_ssize_t xi_stride, float bias, int relu,
-                               int OH, int OW, int TH, int TW, Py_ssize_t t0, Py_ssize_t t1,
-                               float* out, Py_ssize_t image_stride)
-    void winograd_output_double(const double* src, Py_ssize_t xi_stride, double bias, int relu,
-                                int OH, int OW, int TH, int TW, Py_ssize_t t0, Py_ssize_t t1,
-                                double* out, Py_ssize_t image_stride)
-    void winograd_filter_float(const float* g, int flip, float* u, Py_ssize_t xi_stride)
-    void winograd_filter_double(const double* g, int flip, double* u, Py_ssize_t xi_stride)
-    void winograd_filter_grad_float(const float* src, Py_ssize_t xi_stride, float* grad)
-    void winograd_filter_grad_double(const double* src, Py_ssize_t xi_stride, double* grad)
-    void winograd_product_float(const float* u, const float* v, Py_ssize_t ldv, int M, int K,
-                                Py_ssize_t T, float* y, Py_ssize_t ldy)
-    void winograd_product_double(const double* u, const double* v, Py_ssize_t ldv, int M,
-                                 int K, Py_ssize_t T, double* y, Py_ssize_t ldy)
-    void winograd_grad_product_float(const float* a, const float* b, Py_ssize_t ld, int N,
-                                     Py_ssize_t K, float* m, Py_ssize_t ldm)
-    void winograd_grad_product_double(const double* a, const double* b, Py_ssize_t ld, int N,
-                                      Py_ssize_t K, double* m, Py_ssize_t ldm)
+    # C kernels with a float and a double version, one name each (see _typed.h and
+    # _winograd_kernels.h for the arguments)
+    void winograd_transform(...)
+    void winograd_output(...)
+    void winograd_filter(...)
+    void winograd_filter_grad(...)
+    void winograd_product(...)
+    void winograd_grad_product(...)
 
 TILE_BLOCK = WINOGRAD_TILE_BLOCK
 CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
 GRAD_BLOCK = WINOGRAD_GRAD_BLOCK
 ROW_SLACK = WINOGRAD_ROW_SLACK
-
-
-cdef inline void transform(const floating* plane, const floating* mask, Py_ssize_t image_stride,
-                           int H, int W, int pad_h, int pad_w, int TH, int TW, Py_ssize_t t0,
-                           Py_ssize_t t1, Py_ssize_t padded, bint grad, floating* rows,
-                           floating* dst, Py_ssize_t xi_stride) noexcept nogil:
-    """dst (16, ., padded) row <- one channel's transformed tiles [t0, t1), zeros after."""
-    if floating is float:
-        winograd_transform_float(plane, mask, image_stride, H, W, pad_h, pad_w, TH, TW, t0, t1,
-                                 padded, grad, rows, dst, xi_stride)
-    else:
-        winograd_transform_double(plane, mask, image_stride, H, W, pad_h, pad_w, TH, TW, t0,
-                                  t1, padded, grad, rows, dst, xi_stride)
 
 
 cdef void pack_filters(const floating[:, :, :, ::1] weight, bint transposed, int m,
@@ -104,10 +72,7 @@ cdef void pack_filters(const floating[:, :, :, ::1] weight, bint transposed, int
                 u[xi * xi_stride] = 0
             continue
         g = &weight[c, m, 0, 0] if transposed else &weight[m, c, 0, 0]
-        if floating is float:
-            winograd_filter_float(g, transposed, u, xi_stride)
-        else:
-            winograd_filter_double(g, transposed, u, xi_stride)
+        winograd_filter(g, transposed, u, xi_stride)
 
 
 cdef void forward_range(const floating* x, const floating* mask, const floating* packed,
@@ -119,22 +84,13 @@ cdef void forward_range(const floating* x, const floating* mask, const floating*
     cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2, c, m, xi
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
     for c in range(C):
-        transform(x + c * plane, mask + c * plane if mask != NULL else NULL, C * plane, H, W,
-                  pad_h, pad_w, TH, TW, t0, t1, T, False, rows, v + c * T, C * T)
+        winograd_transform(x + c * plane, mask + c * plane if mask != NULL else NULL, C * plane,
+                           H, W, pad_h, pad_w, TH, TW, t0, t1, T, False, rows, v + c * T, C * T)
     for xi in range(16):
-        if floating is float:
-            winograd_product_float(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T,
-                                   y + xi * Mp * T, T)
-        else:
-            winograd_product_double(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T,
-                                    y + xi * Mp * T, T)
+        winograd_product(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T, y + xi * Mp * T, T)
     for m in range(M):
-        if floating is float:
-            winograd_output_float(y + m * T, Mp * T, bias[m] if bias != NULL else 0, relu,
-                                  OH, OW, TH, TW, t0, t1, out + m * out_plane, M * out_plane)
-        else:
-            winograd_output_double(y + m * T, Mp * T, bias[m] if bias != NULL else 0, relu,
-                                   OH, OW, TH, TW, t0, t1, out + m * out_plane, M * out_plane)
+        winograd_output(y + m * T, Mp * T, bias[m] if bias != NULL else 0, relu, OH, OW, TH,
+                        TW, t0, t1, out + m * out_plane, M * out_plane)
 
 
 def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
@@ -183,15 +139,16 @@ cdef void transform_for_grad(const floating* x, const floating* grad_out, const 
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
     cdef int Mg = (M + WINOGRAD_GRAD_BLOCK - 1) // WINOGRAD_GRAD_BLOCK * WINOGRAD_GRAD_BLOCK
     if j < C:
-        transform(x + j * plane, NULL, C * plane, H, W, pad_h, pad_w, TH, TW, t0, t1, T, False,
-                  rows, v + j * T, Cg * T)
+        winograd_transform(x + j * plane, NULL, C * plane, H, W, pad_h, pad_w, TH, TW, t0, t1,
+                           T, False, rows, v + j * T, Cg * T)
     elif j < Cg:
         for xi in range(16):
             memset(v + (xi * Cg + j) * T, 0, T * sizeof(floating))
     elif j - Cg < M:
         j -= Cg
-        transform(grad_out + j * out_plane, mask + j * out_plane if mask != NULL else NULL,
-                  M * out_plane, OH, OW, 0, 0, TH, TW, t0, t1, T, True, rows, d + j * T, Mg * T)
+        winograd_transform(grad_out + j * out_plane,
+                           mask + j * out_plane if mask != NULL else NULL, M * out_plane, OH, OW,
+                           0, 0, TH, TW, t0, t1, T, True, rows, d + j * T, Mg * T)
     else:
         for xi in range(16):
             memset(d + (xi * Mg + j - Cg) * T, 0, T * sizeof(floating))
@@ -204,10 +161,7 @@ cdef void grad_product(const floating* v, const floating* d, floating* dw, doubl
     so that task also adds those to bias_sums."""
     cdef int blocks = Mg // WINOGRAD_GRAD_BLOCK, xi = task // blocks, m = task % blocks * WINOGRAD_GRAD_BLOCK, i
     cdef const floating* a = d + (xi * Mg + m) * T
-    if floating is float:
-        winograd_grad_product_float(a, v + xi * Cg * T, T, Cg, T, dw + (xi * Mg + m) * Cg, Cg)
-    else:
-        winograd_grad_product_double(a, v + xi * Cg * T, T, Cg, T, dw + (xi * Mg + m) * Cg, Cg)
+    winograd_grad_product(a, v + xi * Cg * T, T, Cg, T, dw + (xi * Mg + m) * Cg, Cg)
     if xi == 5:
         for i in range(WINOGRAD_GRAD_BLOCK):
             bias_sums[m + i] += sum_run(a + i * T, T)
@@ -246,9 +200,6 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                 grad_product(&v[0], &d[0], &dw[0, 0, 0], &bias_sums[0], task, Cg, Mg, tile_range)
         for m in prange(M, schedule='static'):
             for c in range(C):
-                if floating is float:
-                    winograd_filter_grad_float(&dw[0, m, c], Mg * Cg, &grad_weight[m, c, 0, 0])
-                else:
-                    winograd_filter_grad_double(&dw[0, m, c], Mg * Cg, &grad_weight[m, c, 0, 0])
+                winograd_filter_grad(&dw[0, m, c], Mg * Cg, &grad_weight[m, c, 0, 0])
             if grad_bias.shape[0] > 0:
                 grad_bias[m] += <floating> bias_sums[m]

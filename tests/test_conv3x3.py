@@ -2,12 +2,13 @@
 the numpy reference, finite differences, PyTorch, fused ReLU and thread invariance."""
 import numpy as np
 import pytest
-import reference as R
-from conftest import DTYPES, FD_TOL, assert_close, finite_difference, num_threads
 
 import cyconv
 from cyconv import nn
 from cyconv.nn import winograd
+
+import reference as R
+from conftest import DTYPES, FD_TOL, assert_close, finite_difference, num_threads
 
 # (N, C, M, H, W, padding, bias): odd and even sizes, paddings 0-3, channel counts
 # 1, 3 and ones that are not multiples of the vector width or the channel blocks.

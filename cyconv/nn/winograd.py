@@ -72,8 +72,8 @@ def convolve(layer, name, x, weight, bias, out, padding, transposed, fuse_relu, 
         layer._workspace(name + "_input", (threads, 16 * channels * span), layer.dtype),
         layer._workspace(name + "_product",
                          (threads, 16 * packed_rows * span + _winograd.ROW_SLACK), layer.dtype),
-        row_workspace(layer, name + "_rows", out.shape[3], threads), out, padding[0], padding[1], transposed,
-        span, fuse_relu, threads)
+        row_workspace(layer, name + "_rows", out.shape[3], threads), out, padding[0], padding[1],
+        transposed, span, fuse_relu, threads)
 
 
 def forward(layer, x, bias, out, fuse_relu):
