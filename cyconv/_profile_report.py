@@ -65,6 +65,7 @@ class Profile:
     warmup: int
     backward: bool
     peak_gflop_s: float
+    peak_measured: bool    # False: the caller gave the peak
     layers: list
     forward_ms: float
     backward_ms: float
@@ -87,9 +88,10 @@ class Profile:
                 else "inference (forward, eval mode)")
         lines = [(f"cyconv.profile: {self.model}, input {shape_text(self.input_shape)} "
                   f"{self.dtype}, {kind}, {self.threads} thread(s)"),
-                 (f"GEMM peak {self.peak_gflop_s:.1f} GFLOP/s (numpy {self.dtype} matmul "
-                  f"2048^3, {self.threads} thread(s), measured in this run); median of "
-                  f"{self.steps} step(s) after {self.warmup} warm-up"),
+                 (f"GEMM peak {self.peak_gflop_s:.1f} GFLOP/s ("
+                  + (f"numpy {self.dtype} matmul 2048^3, {self.threads} thread(s), measured "
+                     "in this run" if self.peak_measured else "given by the caller")
+                  + f"); median of {self.steps} step(s) after {self.warmup} warm-up"),
                  ("speed: Conv2d/Linear in GFLOP/s (2 per multiply-add of the direct "
                   "computation) and its share of the GEMM peak; other layers in GB/s of their "
                   "input and output arrays, each counted once (a lower bound)"),

@@ -215,26 +215,17 @@ def profile(model, input_shape, *, steps=5, warmup=1, threads=None, backward=Tru
     with _thread_count(threads) as used_threads, _model_restored(model, training=backward):
         # the peak is the better of a measurement before and one after the steps: on a
         # shared machine one of them may be slowed by another process
-        peak_before = gemm_peak(used_threads, dtype) if peak is None else float(peak)
-        timer, runner = _LayerTimer(model), _Steps(model, input_shape, dtype, backward, seed)
-        hooked, plain, outside = [], [], []
-        for step in range(warmup + steps):
-            timer.recording, timer.step_leaf_seconds = step >= warmup, 0.0
-            timer.attach()
-            try:
-                seconds = runner.run()
-            finally:
-                timer.detach()
-            unhooked = runner.run()   # the model as it trains: layers fused in containers
-            if step >= warmup:
-                hooked.append(seconds)
-                plain.append(sum(unhooked))
-                outside.append(sum(seconds) - timer.step_leaf_seconds)
-        peak = max(peak_before, gemm_peak(used_threads, dtype)) if peak is None else peak_before
+        peak_gflop_s = gemm_peak(used_threads, dtype) if peak is None else float(peak)
+        timer = _LayerTimer(model)
+        hooked, plain, outside = _timed_steps(
+            timer, _Steps(model, input_shape, dtype, backward, seed), warmup, steps)
+        if peak is None:
+            peak_gflop_s = max(peak_gflop_s, gemm_peak(used_threads, dtype))
     result = Profile(
         model=type(model).__name__, input_shape=input_shape, dtype=np.dtype(dtype).name,
-        threads=used_threads, steps=steps, warmup=warmup, backward=backward, peak_gflop_s=peak,
-        layers=[_layer_profile(timer, leaf, peak) for leaf in timer.order],
+        threads=used_threads, steps=steps, warmup=warmup, backward=backward,
+        peak_gflop_s=peak_gflop_s, peak_measured=peak is None,
+        layers=[_layer_profile(timer, leaf, peak_gflop_s) for leaf in timer.order],
         forward_ms=1e3 * statistics.median(f for f, _ in hooked),
         backward_ms=1e3 * statistics.median(b for _, b in hooked),
         outside_ms=1e3 * statistics.median(outside),
@@ -244,6 +235,26 @@ def profile(model, input_shape, *, steps=5, warmup=1, threads=None, backward=Tru
     if print_table:
         print(result.table(), flush=True)
     return result
+
+
+def _timed_steps(timer, runner, warmup, steps):
+    """Each step once with the timer's hooks, then once without (the model as it trains:
+    layers fused in containers) -> per timed step: (forward s, backward s) with hooks,
+    seconds without, and seconds of the hooked step outside leaf layers."""
+    hooked, plain, outside = [], [], []
+    for step in range(warmup + steps):
+        timer.recording, timer.step_leaf_seconds = step >= warmup, 0.0
+        timer.attach()
+        try:
+            seconds = runner.run()
+        finally:
+            timer.detach()
+        unhooked = runner.run()
+        if step >= warmup:
+            hooked.append(seconds)
+            plain.append(sum(unhooked))
+            outside.append(sum(seconds) - timer.step_leaf_seconds)
+    return hooked, plain, outside
 
 
 def _layer_profile(timer, key, peak):

@@ -129,8 +129,10 @@ def test_gemm_peak_is_measured_when_not_given(capsys):
     assert gemm_peak(1, size=128, repeats=1) > 0
     model = nn.Sequential(nn.Linear(3, 2))
     result = cyconv.profile(model, (4, 3), steps=1, warmup=0)
-    assert result.peak_gflop_s > 0
-    assert "GEMM peak" in capsys.readouterr().out
+    assert result.peak_gflop_s > 0 and result.peak_measured
+    assert "measured in this run" in capsys.readouterr().out
+    given = cyconv.profile(model, (4, 3), steps=1, peak=123.0, print_table=False)
+    assert given.peak_gflop_s == 123.0 and "given by the caller" in given.table()
 
 
 @pytest.mark.parametrize("arguments, message", [
