@@ -17,7 +17,8 @@ timed too (alternating with the profiled one) and reported beside it.
 
 Profiling leaves the model as it was: parameters, gradients, buffers (BatchNorm's
 running statistics), Dropout's call counters and train/eval modes are restored.
-A forward not yet backpropagated when profiling starts is forgotten.
+A forward not yet backpropagated when profiling starts is forgotten, and the layers'
+scratch arrays (workspaces, the array pool) stay allocated at the profiled size.
 
 Command line (one line per error; ``--help`` for every option)::
 
