@@ -117,8 +117,9 @@ class Profile:
                     for layer in self.layers)
         backward = f", backward {self.backward_ms:.2f}" if self.backward else ""
         lines = ["",
-                 (f"leaf layers       {leaf_ms:9.2f} ms  ({flops / 1e9:.2f} GFLOP in Conv2d/"
-                  f"Linear: {flops / leaf_ms / 1e6:.1f} GFLOP/s over the leaf time)"),
+                 (f"leaf layers       {leaf_ms:9.2f} ms  (the sum of their medians; "
+                  f"{flops / 1e9:.2f} GFLOP in Conv2d/Linear: {flops / leaf_ms / 1e6:.1f} "
+                  "GFLOP/s over that time)"),
                  (f"outside leaves    {self.outside_ms:9.2f} ms  (containers' additions and "
                   "concatenations, the hooks themselves)"),
                  (f"profiled step     {self.step_ms:9.2f} ms  (forward {self.forward_ms:.2f}"
