@@ -14,7 +14,22 @@ from cyconv.checkpoint import load, save
 from cyconv.explain import feature_grid, features, gradcam
 from cyconv.inference import predict
 
+<<<<<<< HEAD
 __all__ = ["nn", "optim", "models", "onnx", "no_grad", "enable_grad", "is_grad_enabled",
            "manual_seed", "get_rng_state", "set_rng_state", "get_num_threads",
            "max_num_threads", "set_num_threads", "load", "save", "predict", "gradcam",
            "features", "feature_grid"]
+=======
+__all__ = ["nn", "optim", "models", "no_grad", "enable_grad", "is_grad_enabled", "manual_seed",
+           "get_rng_state", "set_rng_state", "get_num_threads", "set_num_threads", "load", "save",
+           "predict", "gradcam", "features", "feature_grid", "profile"]
+
+
+def __getattr__(name):
+    # cyconv.profile (a module that is also the function) is imported on first use: imported
+    # here at once, `python -m cyconv.profile` would find it already loaded and warn.
+    if name == "profile":
+        import importlib
+        return importlib.import_module("cyconv.profile")
+    raise AttributeError(f"module 'cyconv' has no attribute {name!r}")
+>>>>>>> bench-profile
