@@ -22,7 +22,7 @@ How to regenerate
     python benchmarks/bench_train.py --quick    # smoke test: small batches, 1 repeat
 
 ``--networks``, ``--threads``, ``--repeats``, ``--no-memory`` and ``--output`` narrow or
-redirect a run; ``python -m cyconv.profile`` gives the per-layer view of any network.
+redirect a run; ``python -m cyconv.profile_cli`` gives the per-layer view of any network.
 
 How it measures
 ---------------
@@ -40,7 +40,7 @@ How it measures
   cases interleaved; cells give the median and [range] of the repeats.  The ratio is
   cyconv / PyTorch's faster layout, taken within each run.
 - GFLOP/s: convolutions and linear layers, 2 FLOPs per multiply-add of the direct
-  computation (``cyconv.profile.flop_counts``; training counts the backward's weight
+  computation (``cyconv.profiling.flop_counts``; training counts the backward's weight
   and input gradients, without the first layer's input gradient), times the median
   images/s.  The share is of the sgemm peak of this run at the same thread count.
 - OpenMP: both libraries share one runtime in a process, with the settings of the one

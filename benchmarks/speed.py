@@ -19,7 +19,7 @@ from systems import NETWORKS, TORCH_LAYOUTS, build_systems
 
 import cyconv
 from cyconv import models
-from cyconv.profile import flop_counts, gemm_peak
+from cyconv.profiling import flop_counts, gemm_peak
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

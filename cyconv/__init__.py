@@ -6,30 +6,16 @@ in the process (no environment variable, no thread count).
 """
 __version__ = "0.2.0"
 
-from cyconv import models, nn, onnx, optim
 from cyconv._grad_mode import enable_grad, is_grad_enabled, no_grad
 from cyconv._random import get_rng_state, manual_seed, set_rng_state
 from cyconv._threads import get_num_threads, max_num_threads, set_num_threads
+from cyconv import models, nn, onnx, optim
 from cyconv.checkpoint import load, save
 from cyconv.explain import feature_grid, features, gradcam
 from cyconv.inference import predict
+from cyconv.profiling import profile
 
-<<<<<<< HEAD
 __all__ = ["nn", "optim", "models", "onnx", "no_grad", "enable_grad", "is_grad_enabled",
            "manual_seed", "get_rng_state", "set_rng_state", "get_num_threads",
            "max_num_threads", "set_num_threads", "load", "save", "predict", "gradcam",
-           "features", "feature_grid"]
-=======
-__all__ = ["nn", "optim", "models", "no_grad", "enable_grad", "is_grad_enabled", "manual_seed",
-           "get_rng_state", "set_rng_state", "get_num_threads", "set_num_threads", "load", "save",
-           "predict", "gradcam", "features", "feature_grid", "profile"]
-
-
-def __getattr__(name):
-    # cyconv.profile (a module that is also the function) is imported on first use: imported
-    # here at once, `python -m cyconv.profile` would find it already loaded and warn.
-    if name == "profile":
-        import importlib
-        return importlib.import_module("cyconv.profile")
-    raise AttributeError(f"module 'cyconv' has no attribute {name!r}")
->>>>>>> bench-profile
+           "features", "feature_grid", "profile"]

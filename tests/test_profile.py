@@ -9,8 +9,8 @@ import pytest
 
 import cyconv
 from cyconv import models, nn
-from cyconv._profile_cli import main
-from cyconv.profile import flop_counts, gemm_peak, layer_flops
+from cyconv.profile_cli import main
+from cyconv.profiling import flop_counts, gemm_peak, layer_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"steps": 2, "warmup": 1, "peak": 100.0, "print_table": False}   # peak given: not measured
@@ -181,7 +181,7 @@ def test_command_line_errors_fit_on_one_line(argv, message, capsys):
 
 
 def test_python_dash_m_runs_without_warnings():
-    done = subprocess.run([sys.executable, "-m", "cyconv.profile", "--model", "reference",
+    done = subprocess.run([sys.executable, "-m", "cyconv.profile_cli", "--model", "reference",
                            "--batch", "1", "--image-size", "64", "--steps", "1", "--threads", "1"],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -189,9 +189,10 @@ def test_python_dash_m_runs_without_warnings():
     assert done.stderr == "" and "Conv2d" in done.stdout
 
 
-def test_cyconv_profile_is_the_function_and_the_module():
-    import cyconv.profile as module
-    assert cyconv.profile is module and callable(module)
-    fresh = "import cyconv, sys; assert 'cyconv.profile' not in sys.modules; cyconv.profile.gemm_peak"
-    subprocess.run([sys.executable, "-c", fresh], check=True, timeout=120,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+def test_cyconv_profile_is_the_function_and_the_command_line_a_module_of_its_own():
+    from cyconv.profiling import profile
+    assert cyconv.profile is profile
+    done = subprocess.run([sys.executable, "-W", "error", "-m", "cyconv.profile_cli", "--help"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and "--model" in done.stdout, done.stderr

@@ -1,10 +1,10 @@
-"""``python -m cyconv.profile``: the layer profile of a named network or a checkpoint."""
+"""``python -m cyconv.profile_cli``: the layer profile of a named network or a checkpoint."""
 import argparse
 import sys
 from pathlib import Path
 
 from cyconv import load, models
-from cyconv._threads import max_threads
+from cyconv._threads import max_num_threads
 
 # torchvision's networks are built for ImageNet: 1000 classes at 224 px.
 IMAGENET_NETWORKS = ("resnet18", "resnet34", "mobilenet_v2")
@@ -32,7 +32,7 @@ def _int_in(low, high=None):
 
 
 def parser():
-    p = _Parser(prog="python -m cyconv.profile",
+    p = _Parser(prog="python -m cyconv.profile_cli",
                 description="Time every layer of a model, forward and backward: "
                             "milliseconds, GFLOP/s and the share of the GEMM peak.")
     p.add_argument("--model", default="small",
@@ -45,7 +45,7 @@ def parser():
     p.add_argument("--classes", type=_int_in(1), default=None,
                    help="outputs of a named network (default 1000 for resnet18/34 and "
                         "mobilenet_v2, else 3)")
-    p.add_argument("--threads", type=_int_in(1, max_threads()), default=None,
+    p.add_argument("--threads", type=_int_in(1, max_num_threads()), default=None,
                    help="cyconv's threads (default: its current count)")
     p.add_argument("--steps", type=_int_in(1), default=5, help="timed steps (default 5)")
     p.add_argument("--warmup", type=_int_in(0), default=1, help="warm-up steps (default 1)")
@@ -74,7 +74,7 @@ def build_model(args, p):
 
 
 def main(argv=None):
-    from cyconv.profile import profile
+    from cyconv.profiling import profile
 
     p = parser()
     args = p.parse_args(argv)
@@ -86,3 +86,7 @@ def main(argv=None):
         print(f"{p.prog}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,15 +22,14 @@ scratch arrays (workspaces, the array pool) stay allocated at the profiled size.
 
 Command line (one line per error; ``--help`` for every option)::
 
-    python -m cyconv.profile --model small --batch 32 --image-size 128 --threads 2
-    python -m cyconv.profile --model runs/best.safetensors --batch 8 --inference
+    python -m cyconv.profile_cli --model small --batch 32 --image-size 128 --threads 2
+    python -m cyconv.profile_cli --model runs/best.safetensors --batch 8 --inference
 """
 import contextlib
 import math
 import statistics
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -303,17 +302,3 @@ def _checked_arguments(model, input_shape, steps, warmup, peak):
     with contextlib.suppress(NotImplementedError):
         model.output_shape(shape)   # a shape the model does not take fails here, clearly
     return tuple(int(s) for s in shape)
-
-
-class _CallableModule(types.ModuleType):
-    """The module ``cyconv.profile`` is also the function: ``cyconv.profile(model, shape)``."""
-
-    def __call__(self, *args, **kwargs):
-        return profile(*args, **kwargs)
-
-
-if __name__ == "__main__":
-    from cyconv._profile_cli import main
-    sys.exit(main())
-else:
-    sys.modules[__name__].__class__ = _CallableModule
