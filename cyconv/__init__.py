@@ -6,10 +6,14 @@ in the process (no environment variable, no thread count).
 """
 __version__ = "0.2.0"
 
+# isort: off
+# first, before any compiled kernel: loads OpenMP with cyconv's settings (_environment.py)
+from cyconv import _environment  # noqa: F401
+# isort: on
+from cyconv import models, nn, onnx, optim
 from cyconv._grad_mode import enable_grad, is_grad_enabled, no_grad
 from cyconv._random import get_rng_state, manual_seed, set_rng_state
 from cyconv._threads import get_num_threads, max_num_threads, set_num_threads
-from cyconv import models, nn, onnx, optim
 from cyconv.checkpoint import load, save
 from cyconv.explain import feature_grid, features, gradcam
 from cyconv.inference import predict

@@ -14,19 +14,19 @@ import os
 
 SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 
-_kernels = None
 
 
-def openmp_kernels():
-    """The module cyconv._parallel, loaded (once) with cyconv's OpenMP settings."""
-    global _kernels
-    if _kernels is None:
-        added = {name: value for name, value in SETTINGS.items() if name not in os.environ}
-        os.environ.update(added)
-        try:
-            from cyconv import _parallel
-        finally:
-            for name in added:
-                os.environ.pop(name, None)
-        _kernels = _parallel
-    return _kernels
+def _load_kernels():
+    """cyconv._parallel (the first compiled module, so the one that loads OpenMP), loaded
+    with cyconv's OpenMP settings; the environment is put back right after."""
+    added = {name: value for name, value in SETTINGS.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        from cyconv import _parallel
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+    return _parallel
+
+
+parallel = _load_kernels()

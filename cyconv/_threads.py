@@ -9,9 +9,7 @@ Importing cyconv changes neither ``os.environ`` nor any thread count.
 import os
 import threading
 
-from cyconv._environment import openmp_kernels
-
-_parallel = openmp_kernels()
+from cyconv._environment import parallel as _parallel
 
 # At most this many threads per core: more only adds waiting (and memory: the
 # kernels keep a workspace per thread).

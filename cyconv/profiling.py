@@ -28,7 +28,6 @@ Command line (one line per error; ``--help`` for every option)::
 import contextlib
 import math
 import statistics
-import sys
 import time
 
 import numpy as np
