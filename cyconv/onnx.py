@@ -20,7 +20,8 @@ Layers and operators
     AdaptiveAvgPool2d -> GlobalAveragePool; ReLU -> Relu; ReLU6 -> Clip(0, 6);
     LeakyReLU -> LeakyRelu; Flatten -> Flatten; Residual, BasicBlock and
     InvertedResidual's shortcut -> Add; Concat -> Concat (axis 1); Identity,
-    Dropout, Sequential, ResNet, MobileNetV2 add no operator of their own.
+    Dropout, Sequential (ResNet and MobileNetV2 are named Sequentials) add no operator of
+    their own.
 
 Metadata (``metadata_props``, every value JSON-encoded, as in a checkpoint)
     ``classes``, ``mean``, ``std``, ``image_size``, ``channel_order``,
@@ -41,19 +42,14 @@ import numpy as np
 from cyconv import __version__, nn
 from cyconv.checkpoint import CheckpointError, checked_preprocessing
 from cyconv.files import atomic_write
-from cyconv.models import BasicBlock, InvertedResidual, MobileNetV2, ResNet, describe
+from cyconv.models import BasicBlock, InvertedResidual, describe
 
 OPSET = 17
 INPUT, OUTPUT = "input", "output"
 PREPROCESSING = ("classes", "mean", "std", "image_size", "channel_order", "interpolation")
 EXPORTABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
               nn.AdaptiveAvgPool2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Flatten, nn.Identity,
-              nn.Dropout, nn.Sequential, nn.Residual, nn.Concat, BasicBlock, ResNet,
-              InvertedResidual, MobileNetV2)
-# the named models run these children in this order (their forward)
-CHAINS = {"ResNet": ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                     "avgpool", "flatten", "fc"],
-          "MobileNetV2": ["features", "avgpool", "flatten", "classifier"]}
+              nn.Dropout, nn.Sequential, nn.Residual, nn.Concat, BasicBlock, InvertedResidual)
 BASIC_BLOCK_MAIN = ["conv1", "bn1", "relu", "conv2", "bn2"]
 
 
@@ -294,7 +290,4 @@ _EMITTERS = {
     "Concat": _concat,
     "BasicBlock": _basic_block,
     "InvertedResidual": _inverted_residual,
-    "ResNet": lambda g, a, children, path, x: g.chain(children, CHAINS["ResNet"], path, x),
-    "MobileNetV2": lambda g, a, children, path, x: g.chain(children, CHAINS["MobileNetV2"],
-                                                          path, x),
 }

@@ -24,7 +24,7 @@ def small_networks():
     cyconv.manual_seed(0)
     return {
         "sequential": (models.small(3, 32, widths=(4, 8, 8, 8)), (3, 3, 32, 32)),
-        "resnet": (models.ResNet([1, 1, 1, 1], 5, widths=(4, 8, 8, 8), stem="small"),
+        "resnet": (models.resnet([1, 1, 1, 1], 5, widths=(4, 8, 8, 8), stem="small"),
                    (2, 3, 24, 24)),
         "mobilenet_v2": (models.mobilenet_v2(4, width_mult=0.25), (2, 3, 32, 32)),
     }

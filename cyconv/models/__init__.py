@@ -11,8 +11,8 @@ Named networks (:func:`create` by name, see :data:`ARCHITECTURES`):
 :func:`architecture` describes a model as JSON-able data and :func:`build` rebuilds
 it (checkpoints store it); :func:`to_torch` builds the equivalent PyTorch model.
 """
-from cyconv.models.mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2
-from cyconv.models.resnet import BasicBlock, ResNet, resnet18, resnet34, resnet_small
+from cyconv.models.mobilenet import InvertedResidual, mobilenet_v2
+from cyconv.models.resnet import BasicBlock, resnet, resnet18, resnet34, resnet_small
 from cyconv.models.simple import reference, small
 from cyconv.models.spec import ArchitectureError, build, describe, difference, known_types, register
 from cyconv.models.torch import to_torch
@@ -38,6 +38,6 @@ def create(name, num_classes, image_size, **kwargs):
 
 
 __all__ = ["ARCHITECTURES", "ArchitectureError", "BasicBlock", "InvertedResidual",
-           "MobileNetV2", "ResNet", "architecture", "build", "create", "describe", "difference",
-           "known_types", "mobilenet_v2", "reference", "register", "resnet18", "resnet34",
+           "architecture", "build", "create", "describe", "difference", "known_types",
+           "mobilenet_v2", "reference", "register", "resnet", "resnet18", "resnet34",
            "resnet_small", "small", "to_torch"]

@@ -3,13 +3,14 @@
 ``mobilenet_v2(num_classes, width_mult)`` loads ``torchvision.models.mobilenet_v2().state_dict()``
 strictly (``features.1.conv.0.0.weight`` ...) and computes the same function.
 """
+from collections import OrderedDict
+
 import numpy as np
 
 from cyconv import nn
 from cyconv._random import generator
 from cyconv.models import spec
 from cyconv.models.resnet import init_like_torchvision
-from cyconv.nn.containers import backward_chain, forward_chain
 
 # t (expansion), c (channels), n (blocks), s (stride of the first block): the paper's table 2
 SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
@@ -66,57 +67,34 @@ class InvertedResidual(nn.Module):
         return np.add(grad, grad_output, out=grad_input)
 
 
-class MobileNetV2(nn.Module):
-    """torchvision's MobileNetV2: features (stem conv, 17 inverted residual blocks, 1x1 conv
-    to ``last_channel``), global average pooling (``avgpool``; a function call in
-    torchvision), classifier (Dropout 0.2, Linear).  Channels scale by ``width_mult``,
-    rounded to multiples of 8.  Initialised as torchvision: convolutions Kaiming normal
-    (fan_out), Linear N(0, 0.01) with zero bias."""
-
-    def __init__(self, num_classes=1000, width_mult=1.0, dropout=0.2, seed=None):
-        super().__init__()
-        if not width_mult > 0:
-            raise ValueError(f"MobileNetV2: width_mult must be > 0, got {width_mult!r}")
-        self.width_mult, self.dropout = float(width_mult), float(dropout)
-        channels = make_divisible(32 * width_mult)
-        self.last_channel = make_divisible(1280 * max(1.0, width_mult))
-        features = [conv_bn_relu6(3, channels, stride=2)]
-        for t, c, n, s in SETTING:
-            out = make_divisible(c * width_mult)
-            for i in range(n):
-                features.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
-                channels = out
-        features.append(conv_bn_relu6(channels, self.last_channel, 1))
-        self.features = nn.Sequential(*features)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Sequential(nn.Dropout(dropout),
-                                        nn.Linear(self.last_channel, num_classes))
-        rng = generator(seed)
-        init_like_torchvision(self, rng)
-        fc = self.classifier[1]
-        fc.weight.data[...] = rng.normal(0, 0.01, fc.weight.shape)
-        fc.bias.data[...] = 0
-
-    def _chain(self):
-        return [self.features, self.avgpool, self.flatten, self.classifier]
-
-    def output_shape(self, input_shape):
-        return nn.Sequential(*self._chain()).output_shape(input_shape)
-
-    def forward(self, x):
-        return forward_chain(self._chain(), x)
-
-    def backward(self, grad_output, input_grad=True):
-        return backward_chain(self._chain(), grad_output, input_grad)
-
-
-def mobilenet_v2(num_classes=1000, width_mult=1.0, seed=None):
-    """MobileNetV2 as torchvision's mobilenet_v2 (224 px ImageNet design)."""
-    return MobileNetV2(num_classes, width_mult, seed=seed)
+def mobilenet_v2(num_classes=1000, width_mult=1.0, dropout=0.2, seed=None):
+    """torchvision's MobileNetV2 as a Sequential with its names: features (stem conv, 17
+    inverted residual blocks, 1x1 conv to the last channels), avgpool and flatten
+    (function calls in torchvision: layers without keys here), classifier (Dropout,
+    Linear).  Channels scale by ``width_mult``, rounded to multiples of 8.  Initialised
+    as torchvision: convolutions Kaiming normal (fan_out), Linear N(0, 0.01), bias 0."""
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) \
+            or not width_mult > 0:
+        raise ValueError(f"mobilenet_v2: width_mult must be > 0, got {width_mult!r}")
+    channels = make_divisible(32 * width_mult)
+    last_channel = make_divisible(1280 * max(1.0, width_mult))
+    features = [conv_bn_relu6(3, channels, stride=2)]
+    for t, c, n, s in SETTING:
+        out = make_divisible(c * width_mult)
+        for i in range(n):
+            features.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
+            channels = out
+    features.append(conv_bn_relu6(channels, last_channel, 1))
+    fc = nn.Linear(last_channel, num_classes)
+    model = nn.Sequential(OrderedDict(
+        features=nn.Sequential(*features), avgpool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(), classifier=nn.Sequential(nn.Dropout(dropout), fc)))
+    rng = generator(seed)
+    init_like_torchvision(model, rng)
+    fc.weight.data[...] = rng.normal(0, 0.01, fc.weight.shape)
+    fc.bias.data[...] = 0
+    return model
 
 
 spec.register(InvertedResidual, lambda m: dict(inp=m.inp, oup=m.oup, stride=m.stride,
                                                expand_ratio=m.expand_ratio))
-spec.register(MobileNetV2, lambda m: dict(num_classes=m.classifier[1].out_features,
-                                          width_mult=m.width_mult, dropout=m.dropout))

@@ -5,6 +5,8 @@ strictly (keys such as ``layer1.0.conv1.weight``, ``layer2.0.downsample.0.weight
 and compute the same function.  ``resnet_small`` is the same design scaled to
 128 px photos and a CPU: a 3x3 stem without max-pool and narrower stages.
 """
+from collections import OrderedDict
+
 import numpy as np
 
 from cyconv import nn
@@ -67,51 +69,35 @@ class BasicBlock(nn.Module):
         return np.add(grad_main, grad_side, out=grad_input)
 
 
-class ResNet(nn.Module):
-    """torchvision's ResNet of BasicBlocks: conv1, bn1, relu, maxpool, layer1..layer4,
-    avgpool, fc (x (N, 3, H, W) -> logits (N, num_classes)).
+def resnet(layers, num_classes=1000, widths=(64, 128, 256, 512), stem="imagenet", seed=None):
+    """torchvision's ResNet of BasicBlocks as a Sequential with its names: conv1, bn1, relu,
+    maxpool, layer1..layer4, avgpool, (flatten,) fc; x (N, 3, H, W) -> logits (N, classes).
 
-    ``layers``: blocks per stage ([2, 2, 2, 2] is ResNet-18); ``widths``: channels of
-    the stages; ``stem``: "imagenet" (7x7 stride-2 conv and a 3x3 stride-2 max-pool, as
-    torchvision) or "small" (a 3x3 stride-2 conv, no max-pool, for ~128 px photos).
+    ``layers``: blocks per stage ([2, 2, 2, 2] is ResNet-18); ``widths``: channels of the
+    stages; ``stem``: "imagenet" (7x7 stride-2 conv and a 3x3 stride-2 max-pool, as
+    torchvision) or "small" (a 3x3 stride-2 conv and no max-pool, for ~128 px photos).
     Convolutions start as torchvision's (Kaiming normal, fan_out), BatchNorm as 1 and 0.
+    torchvision flattens with a function call; here ``flatten`` is a layer (no keys).
     """
-
-    def __init__(self, layers, num_classes=1000, widths=(64, 128, 256, 512), stem="imagenet",
-                 seed=None):
-        super().__init__()
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"ResNet: stem must be 'imagenet' or 'small', got {stem!r}")
-        if len(layers) != 4 or len(widths) != 4:
-            raise ValueError(f"ResNet: expected 4 stages, got layers {layers} and widths {widths}")
-        self.layers, self.widths = [int(n) for n in layers], [int(w) for w in widths]
-        self.stem = stem
-        kernel = 7 if stem == "imagenet" else 3
-        self.conv1 = nn.Conv2d(3, widths[0], kernel, stride=2, padding=kernel // 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        inplanes = widths[0]
-        for i, (blocks, width) in enumerate(zip(self.layers, self.widths)):
-            stage, inplanes = _stage(inplanes, width, blocks, stride=1 if i == 0 else 2)
-            setattr(self, f"layer{i + 1}", stage)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(inplanes, num_classes)
-        init_like_torchvision(self, generator(seed))
-
-    def _chain(self):
-        return [self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2,
-                self.layer3, self.layer4, self.avgpool, self.flatten, self.fc]
-
-    def output_shape(self, input_shape):
-        return nn.Sequential(*self._chain()).output_shape(input_shape)
-
-    def forward(self, x):
-        return forward_chain(self._chain(), x)
-
-    def backward(self, grad_output, input_grad=True):
-        return backward_chain(self._chain(), grad_output, input_grad)
+    if stem not in ("imagenet", "small"):
+        raise ValueError(f"resnet: stem must be 'imagenet' or 'small', got {stem!r}")
+    if len(layers) != 4 or len(widths) != 4:
+        raise ValueError(f"resnet: expected 4 stages, got layers {layers} and widths {widths}")
+    kernel = 7 if stem == "imagenet" else 3
+    parts = [("conv1", nn.Conv2d(3, widths[0], kernel, stride=2, padding=kernel // 2,
+                                 bias=False)),
+             ("bn1", nn.BatchNorm2d(widths[0])), ("relu", nn.ReLU()),
+             ("maxpool", nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet"
+              else nn.Identity())]
+    inplanes = widths[0]
+    for i, (blocks, width) in enumerate(zip(layers, widths)):
+        stage, inplanes = _stage(inplanes, width, blocks, stride=1 if i == 0 else 2)
+        parts.append((f"layer{i + 1}", stage))
+    parts += [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+              ("fc", nn.Linear(inplanes, num_classes))]
+    model = nn.Sequential(OrderedDict(parts))
+    init_like_torchvision(model, generator(seed))
+    return model
 
 
 def _stage(inplanes, planes, blocks, stride):
@@ -139,20 +125,18 @@ def init_like_torchvision(model, rng):
 
 def resnet18(num_classes=1000, seed=None):
     """ResNet-18: torchvision's resnet18 (BasicBlocks [2, 2, 2, 2], 224 px ImageNet design)."""
-    return ResNet([2, 2, 2, 2], num_classes, seed=seed)
+    return resnet([2, 2, 2, 2], num_classes, seed=seed)
 
 
 def resnet34(num_classes=1000, seed=None):
     """ResNet-34: torchvision's resnet34 (BasicBlocks [3, 4, 6, 3])."""
-    return ResNet([3, 4, 6, 3], num_classes, seed=seed)
+    return resnet([3, 4, 6, 3], num_classes, seed=seed)
 
 
 def resnet_small(num_classes, image_size=128, seed=None):
     """A ResNet for ~128 px photos on a CPU: 3x3 stride-2 stem, no max-pool, BasicBlocks
     [1, 1, 1, 1] of 32, 64, 128, 256 channels (image_size is accepted for create())."""
-    return ResNet([1, 1, 1, 1], num_classes, widths=(32, 64, 128, 256), stem="small", seed=seed)
+    return resnet([1, 1, 1, 1], num_classes, widths=(32, 64, 128, 256), stem="small", seed=seed)
 
 
 spec.register(BasicBlock, lambda m: dict(inplanes=m.inplanes, planes=m.planes, stride=m.stride))
-spec.register(ResNet, lambda m: dict(layers=m.layers, num_classes=m.fc.out_features,
-                                     widths=m.widths, stem=m.stem))

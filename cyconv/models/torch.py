@@ -59,19 +59,6 @@ def _composite_classes(torch):
     """{type: function(children, args) -> torch module} for cyconv's containers and blocks."""
     T = torch.nn
 
-    class Chain(T.Module):
-        """Children applied in order (ResNet, MobileNetV2: cyconv runs them as a chain)."""
-
-        def __init__(self, children):
-            super().__init__()
-            for name, child in children.items():
-                self.add_module(name, child)
-
-        def forward(self, x):
-            for child in self.children():
-                x = child(x)
-            return x
-
     class Residual(T.Module):
         def __init__(self, children):
             super().__init__()
@@ -113,8 +100,6 @@ def _composite_classes(torch):
         "Residual": lambda children, args: Residual(children),
         "Concat": lambda children, args: Concat(children),
         "BasicBlock": lambda children, args: BasicBlock(children),
-        "ResNet": lambda children, args: Chain(children),
-        "MobileNetV2": lambda children, args: Chain(children),
         "InvertedResidual": lambda children, args: InvertedResidual(
             children, args["stride"] == 1 and args["inp"] == args["oup"]),
     }

@@ -62,6 +62,13 @@ class Sequential(Module):
                             f"got {type(module).__name__}")
         self._modules[name] = module
 
+    def __getattr__(self, name):
+        """A child by name (``Sequential(OrderedDict(fc=...)).fc``), as in PyTorch."""
+        child = self.__dict__.get("_modules", {}).get(name)
+        if child is None:
+            raise AttributeError(f"Sequential has no attribute or child {name!r}")
+        return child
+
     def append(self, layer):
         self._set_child(str(len(self._modules)), layer)
         return self

@@ -189,17 +189,18 @@ class Module:
         if "_modules" not in d:
             raise AttributeError(f"{type(self).__name__}: call super().__init__() before "
                                  f"assigning {name!r}")
-        for registry in (d["_parameters"], d["_modules"]):
-            registry.pop(name, None)
-        if isinstance(value, Parameter):
-            d["_parameters"][name] = value
+        parameters, modules, buffers = d["_parameters"], d["_modules"], d["_buffers"]
+        if isinstance(value, Parameter):    # a name assigned again keeps its place
+            modules.pop(name, None)
+            parameters[name] = value
         elif isinstance(value, Module):
-            d["_modules"][name] = value
-        elif name in d["_buffers"]:
-            if value is None:
-                del d["_buffers"][name]
-            else:
-                d["_buffers"][name] = value
+            parameters.pop(name, None)
+            modules[name] = value
+        elif name in buffers and value is not None:
+            buffers[name] = value
+        else:
+            for registry in (parameters, modules, buffers):
+                registry.pop(name, None)
         d[name] = value
 
     def __delattr__(self, name):
