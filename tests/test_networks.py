@@ -115,12 +115,12 @@ def test_finetuning_torchvision_weights_with_a_new_head(rng, tmp_path):
 
 def test_thread_count_does_not_change_a_resnet_step(rng, threads):
     results = []
+    x = rng.standard_normal((4, 3, 40, 40)).astype(np.float32)
     for n in (1, 2, 3):
         threads(n)
         cyconv.manual_seed(2)
         model = models.resnet_small(3)
         loss_fn = nn.CrossEntropyLoss()
-        x = rng.standard_normal((4, 3, 40, 40)).astype(np.float32) if not results else x
         loss_fn(model(x), np.array([0, 1, 2, 0]))
         model.backward(loss_fn.backward())
         results.append([p.grad.copy() for p in model.parameters()])
