@@ -30,19 +30,18 @@ the same file plus tensors under the ``optimizer.`` and ``average.`` prefixes an
 a ``training_state`` field; :func:`load` reads its model too.
 """
 import json
-import math
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from cyconv.files import atomic_write
+from cyconv.preprocessing import FIELDS as _PREPROCESSING
+from cyconv.preprocessing import PreprocessingError, checked_preprocessing
 
 FORMAT = "cyconv"
 FORMAT_VERSION = "2"
 EXTRA_PREFIXES = ("optimizer.", "average.")
-MAX_IMAGE_SIDE = 8192
-_PREPROCESSING = ("classes", "mean", "std", "image_size", "channel_order", "interpolation")
 _RESERVED = ("format", "format_version", "architecture", "checksums",
              "metadata_checksum") + _PREPROCESSING
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -311,65 +310,12 @@ def load(path):
         raise CheckpointError(f"{checkpoint.path}: metadata field 'architecture': "
                               f"{error}") from None
     load_tensors(model, checkpoint.model_tensors, checkpoint.path)
-    for name, value in checked_preprocessing(checkpoint.path, meta, model).items():
+    try:
+        preprocessing = checked_preprocessing(checkpoint.path, meta, model)
+    except PreprocessingError as error:
+        raise CheckpointError(str(error)) from None
+    for name, value in preprocessing.items():
         setattr(model, name, value)
     model.architecture = meta["architecture"]
     model.metadata = meta
     return model.eval()
-
-
-def checked_preprocessing(path, meta, model):
-    """{classes, mean, std, image_size, channel_order, interpolation} of the metadata, each
-    checked for type and range and against the model (CheckpointError naming the field)."""
-    def bad(field, expected):
-        return CheckpointError(f"{path}: metadata field {field!r} must be {expected}, "
-                               f"got {meta.get(field)!r:.80}")
-
-    out = {}
-    for field in ("mean", "std"):
-        value = meta.get(field)
-        if value is not None and not (isinstance(value, list) and len(value) == 3 and all(
-                _is_number(v) and math.isfinite(v) for v in value)):
-            raise bad(field, "3 finite numbers")
-        if field == "std" and value is not None and min(value) <= 0:
-            raise bad(field, "3 numbers > 0")
-        out[field] = None if value is None else np.asarray(value, np.float32)
-    size = meta.get("image_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE
-            for v in size)):
-        raise bad("image_size", f"[H, W], whole numbers from 1 to {MAX_IMAGE_SIDE}")
-    out["image_size"] = None if size is None else tuple(size)
-    order = meta.get("channel_order")
-    if order not in (None, "RGB", "BGR"):
-        raise bad("channel_order", '"RGB" or "BGR"')
-    out["channel_order"] = order or "RGB"
-    interpolation = meta.get("interpolation")
-    if interpolation not in (None, "area", "linear"):
-        raise bad("interpolation", '"area" or "linear"')
-    out["interpolation"] = interpolation or "area"
-    out["classes"] = _checked_classes(path, meta.get("classes"), model, out["image_size"])
-    return out
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _checked_classes(path, classes, model, image_size):
-    if classes is None:
-        return None
-    if not (isinstance(classes, list) and classes and all(
-            isinstance(c, str) and c for c in classes) and len(set(classes)) == len(classes)):
-        raise CheckpointError(f"{path}: metadata field 'classes' must be a list of distinct, "
-                              f"non-empty names, got {classes!r:.80}")
-    if image_size is not None:
-        try:
-            outputs = model.output_shape((1, 3) + image_size)
-        except (ValueError, NotImplementedError) as error:
-            raise CheckpointError(f"{path}: the model does not take the stored image size "
-                                  f"{list(image_size)}: {error}") from None
-        if outputs != (1, len(classes)):
-            raise CheckpointError(f"{path}: {len(classes)} class names but the model gives "
-                                  f"outputs of shape {list(outputs)[1:]}")
-    return list(classes)

@@ -40,13 +40,13 @@ import json
 import numpy as np
 
 from cyconv import __version__, nn
-from cyconv.checkpoint import CheckpointError, checked_preprocessing
 from cyconv.files import atomic_write
 from cyconv.models import BasicBlock, InvertedResidual, describe
+from cyconv.preprocessing import FIELDS as PREPROCESSING
+from cyconv.preprocessing import PreprocessingError, checked_preprocessing
 
 OPSET = 17
 INPUT, OUTPUT = "input", "output"
-PREPROCESSING = ("classes", "mean", "std", "image_size", "channel_order", "interpolation")
 EXPORTABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
               nn.AdaptiveAvgPool2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Flatten, nn.Identity,
               nn.Dropout, nn.Sequential, nn.Residual, nn.Concat, BasicBlock, InvertedResidual)
@@ -124,7 +124,7 @@ def _preprocessing(model, given):
         meta[name] = value
     try:
         checked = checked_preprocessing("export", meta, model)
-    except CheckpointError as error:
+    except PreprocessingError as error:
         raise ExportError(str(error)) from None
     size = checked["image_size"]
     return dict(checked, mean=meta["mean"], std=meta["std"],

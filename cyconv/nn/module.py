@@ -33,137 +33,22 @@ Subclasses implement ``forward(x)`` and ``backward(grad_output, input_grad=True)
 Every ``backward`` a subclass defines is wrapped once, when the class is
 created (``__init_subclass__``), by the bookkeeping above and the backward hooks.
 """
-import functools
-import itertools
-import threading
 from collections import OrderedDict
 
 import numpy as np
 
-from cyconv._checks import shape_text
 from cyconv._grad_mode import is_grad_enabled
-from cyconv.nn.array_pool import end_top_level_call, reusable_array
+from cyconv.nn.array_pool import reusable_array
+from cyconv.nn.calls import NamingErrors, Nested, RemovableHandle, calls, generations, naming_errors
+from cyconv.nn.parameter import Parameter
+from cyconv.nn.saved_state import SavedState
+from cyconv.nn.state import as_numpy, check_state_value
+
+__all__ = ["Module", "Parameter", "RemovableHandle", "naming_errors"]
 
 
-class Parameter:
-    """A trainable array and its gradient (same shape and dtype)."""
-
-    __slots__ = ("data", "grad")
-
-    def __init__(self, data):
-        self.data = np.ascontiguousarray(data)
-        self.grad = np.zeros_like(self.data)
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    def __repr__(self):
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
-
-
-class RemovableHandle:
-    """What register_*_hook returns: ``handle.remove()`` unregisters the hook."""
-
-    _ids = itertools.count()
-
-    def __init__(self, hooks):
-        self._hooks, self.id = hooks, next(self._ids)
-
-    def remove(self):
-        self._hooks.pop(self.id, None)
-
-
-class _CallState(threading.local):
-    """Per thread: how deep in nested module calls we are, and the number of the
-    current top-level call."""
-
-    def __init__(self):
-        self.depth = 0
-        self.generation = 0
-
-
-_calls = _CallState()
-_generations = itertools.count(1)
-
-
-class _Nested:
-    """Context of one module call: depth + 1 inside; the end of a top-level call
-    (depth 1) lets the array pool forget arrays that sat idle."""
-
-    def __enter__(self):
-        _calls.depth += 1
-        return _calls.depth
-
-    def __exit__(self, *exc_info):
-        _calls.depth -= 1
-        if _calls.depth == 0:
-            end_top_level_call()
-        return False
-
-
-def naming_errors(module):
-    """Context: an error raised inside is attributed to ``module`` (unless a module deeper
-    inside claimed it), so that the top-level call names its path.  Containers use it
-    around the output_shape of their children."""
-    return _NamingErrors(module, False)
-
-
-class _NamingErrors:
-    """An error raised inside a model names the module it came from: the innermost
-    module is noted on the way out, and the top-level call prefixes its dotted name
-    ("layer1.0.conv1: Conv2d: expected ...")."""
-
-    def __init__(self, module, top):
-        self.module, self.top = module, top
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if not isinstance(error, (ValueError, TypeError, RuntimeError, IndexError)):
-            return False
-        origin = error.__dict__.setdefault("_cyconv_module", self.module)
-        if self.top and origin is not self.module and error.args:
-            path = next((name for name, m in self.module.named_modules() if m is origin), None)
-            if path:
-                error.args = (f"{path}: {error.args[0]}",) + error.args[1:]
-        return False
-
-
-def _tracked_backward(backward):
-    """Wrap a subclass's backward: checks at the top level, backward hooks, reuse."""
-
-    @functools.wraps(backward)
-    def tracked(self, grad_output, input_grad=True):
-        if self._in_backward:   # a subclass calling super().backward(...)
-            return backward(self, grad_output, input_grad)
-        with _Nested() as depth, _NamingErrors(self, depth == 1):
-            try:
-                if depth == 1:
-                    self._check_backward_allowed()
-                grad_input = self._backward_with_hooks(backward, grad_output, input_grad)
-            finally:
-                if depth == 1:   # the forwards before this backward are settled either way
-                    self.__dict__["_forwards_pending"] = 0
-        return grad_input
-
-    tracked._cyconv_tracked = True
-    return tracked
-
-
-class Module:
+class Module(SavedState):
     """Base class of all layers and containers (see the module docstring)."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        backward = cls.__dict__.get("backward")
-        if backward is not None and not getattr(backward, "_cyconv_tracked", False):
-            cls.backward = _tracked_backward(backward)
 
     def __init__(self):
         d = self.__dict__
@@ -176,12 +61,7 @@ class Module:
         d["_backward_pre_hooks"] = OrderedDict()
         d["_backward_hooks"] = OrderedDict()
         d["_workspaces"] = {}              # name -> scratch array reused across calls
-        d["_saved"] = None                 # what backward needs, set by forward
-        d["_saved_generation"] = 0         # the top-level forward that set it
-        d["_saved_status"] = "never"       # why _saved is None: never, no_grad, used
-        d["_saves_in_generation"] = 0      # forwards of this module in that top-level forward
-        d["_forwards_pending"] = 0         # top-level forwards not yet backpropagated
-        d["_in_backward"] = False
+        self._init_saved_state()
 
     # -- registration -------------------------------------------------------------
     def __setattr__(self, name, value):
@@ -216,10 +96,10 @@ class Module:
 
     # -- calling ------------------------------------------------------------------
     def __call__(self, x):
-        top = _calls.depth == 0
+        top = calls.depth == 0
         if top:
-            _calls.generation = next(_generations)
-        with _Nested(), _NamingErrors(self, top):
+            calls.generation = next(generations)
+        with Nested(), NamingErrors(self, top):
             for hook in list(self._forward_pre_hooks.values()):
                 result = hook(self, (x,))
                 if result is not None:
@@ -276,83 +156,6 @@ class Module:
         """True when a hook watches this module (it then runs alone, never fused)."""
         return bool(self._forward_pre_hooks or self._forward_hooks or
                     self._backward_pre_hooks or self._backward_hooks)
-
-    # -- what forward keeps for backward ------------------------------------------
-    def _save_for_backward(self, *values):
-        if not is_grad_enabled():
-            self.__dict__.update(_saved=None, _saved_status="no_grad")
-            return
-        generation = _calls.generation
-        same = generation == self._saved_generation and self._saved is not None
-        self.__dict__.update(_saved=values, _saved_generation=generation,
-                             _saves_in_generation=self._saves_in_generation + 1 if same else 1)
-
-    def _saved_for_backward(self):
-        """The state the last forward kept (cleared once backward succeeds)."""
-        if self._saved is None:
-            raise RuntimeError(self._no_saved_state_message())
-        if self._saves_in_generation > 1:
-            raise RuntimeError(
-                f"{type(self).__name__}.backward: this module ran {self._saves_in_generation} "
-                "times in one forward, and it keeps the state of one call only; a module may "
-                "appear at one place of a model (use one instance per place)")
-        return self._saved
-
-    def _no_saved_state_message(self):
-        where = type(self).__name__ + ".backward"
-        return {
-            "never": f"{where} called before forward",
-            "no_grad": f"{where}: the last forward ran under cyconv.no_grad(), which keeps "
-                       "nothing for backward",
-            "used": f"{where} called twice for one forward: the first backward used the "
-                    "state that forward kept (run forward again)",
-            "discarded": f"{where}: the state of the last forward was discarded (by "
-                         "discard_saved() or a refused backward); run forward again",
-        }[self._saved_status]
-
-    def _backward_with_hooks(self, backward, grad_output, input_grad):
-        """The subclass's backward between the backward pre-hooks and hooks; marks the state
-        of the forward as used."""
-        for hook in list(self._backward_pre_hooks.values()):
-            result = hook(self, (grad_output,))
-            if result is not None:
-                grad_output = result[0] if isinstance(result, tuple) else result
-        self.__dict__["_in_backward"] = True
-        try:
-            grad_input = backward(self, grad_output, input_grad)
-        finally:
-            self.__dict__["_in_backward"] = False
-        if self._saved is not None:   # used: a second backward must raise
-            self.__dict__.update(_saved=None, _saved_status="used")
-        for hook in list(self._backward_hooks.values()):
-            result = hook(self, (grad_input,), (grad_output,))
-            if result is not None:
-                grad_input = result[0] if isinstance(result, tuple) else result
-        return grad_input
-
-    def _check_backward_allowed(self):
-        """At a top-level backward, before any gradient changes: refuse a backward after
-        two forwards, or through a module that ran twice in one forward.  (A second
-        backward is refused by the first layer it reaches, which has nothing saved.)"""
-        if self._forwards_pending > 1:
-            count = self._forwards_pending
-            self.discard_saved()
-            raise RuntimeError(
-                f"{type(self).__name__}.backward: forward ran {count} times in grad mode since "
-                "the last backward, and cyconv keeps the state of the last one only, so it "
-                "cannot tell which forward this gradient belongs to; run the forwards you do "
-                "not backpropagate under cyconv.no_grad()")
-        for module in self.modules():
-            if module._saved is not None and module._saves_in_generation > 1:
-                module._saved_for_backward()   # raises with the module's own message
-
-    def discard_saved(self):
-        """Forget what the last forward kept for backward (frees its memory), in every
-        sub-module; the next backward must follow a new forward."""
-        for module in self.modules():
-            if module._saved is not None:
-                module.__dict__.update(_saved=None, _saved_status="discarded")
-            module.__dict__["_forwards_pending"] = 0
 
     # -- arrays ------------------------------------------------------------------------
     def _workspace(self, name, shape, dtype):
@@ -479,8 +282,8 @@ class Module:
         staged = []
         for key, (target, module) in targets.items():
             if key in state_dict:
-                value = _as_numpy(state_dict[key])
-                _check_state_value(where, key, value, target)
+                value = as_numpy(state_dict[key])
+                check_state_value(where, key, value, target)
                 problem = module._state_problem(key.rpartition(".")[2], value)
                 if problem:
                     raise ValueError(f"{where}: '{key}' {problem}")
@@ -505,24 +308,3 @@ class Module:
         return f"{type(self).__name__}(\n{inner}\n)"
 
 
-def _as_numpy(value):
-    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
-
-
-def _check_state_value(where, key, value, target):
-    """ValueError/TypeError unless value fits target: shape, dtype kind, finite in its dtype."""
-    if value.shape != target.shape:
-        raise ValueError(f"{where}: '{key}' expected shape {shape_text(target.shape)}, "
-                         f"got {shape_text(value.shape)}")
-    if not np.can_cast(value.dtype, target.dtype, casting="same_kind"):
-        raise TypeError(f"{where}: '{key}' expected dtype {target.dtype}, got {value.dtype}")
-    if target.dtype.kind == "f":
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = value.astype(target.dtype)
-        if not np.all(np.isfinite(cast)):
-            what = ("contains NaN or inf" if not np.all(np.isfinite(value)) else
-                    f"has values beyond the range of {target.dtype} (they would become inf)")
-            raise ValueError(f"{where}: '{key}' {what}")
-    elif target.dtype.kind in "iu" and value.size and (
-            value.min() < np.iinfo(target.dtype).min or value.max() > np.iinfo(target.dtype).max):
-        raise ValueError(f"{where}: '{key}' has values beyond the range of {target.dtype}")
