@@ -12,26 +12,52 @@ from libc.string cimport memset
 from cyconv._reduce cimport sum_run
 
 
-# Output position o's window covers input positions [window_start, window_end),
-# padding cut off.  (Two functions returning values, not one writing through
-# pointers: inside a prange, a variable assigned only through a pointer would
-# not be made private to each thread.)
-cdef inline int window_start(int o, int stride, int pad) noexcept nogil:
-    return max(o * stride - pad, 0)
+cdef struct Window:
+    int h0, h1, w0, w1   # input rows [h0, h1) and columns [w0, w1), padding cut off
 
 
-cdef inline int window_end(int o, int stride, int pad, int kernel, int size) noexcept nogil:
-    return min(o * stride - pad + kernel, size)
+cdef inline Window window_at(Geometry g, int oh, int ow) noexcept nogil:
+    """The window of output position (oh, ow).  (Returned by value: inside a prange, a
+    variable assigned only through a pointer would not be made private to each thread.)"""
+    cdef Window w
+    w.h0 = max(oh * g.stride_h - g.pad_h, 0)
+    w.h1 = min(oh * g.stride_h - g.pad_h + g.kernel_h, g.height)
+    w.w0 = max(ow * g.stride_w - g.pad_w, 0)
+    w.w1 = min(ow * g.stride_w - g.pad_w + g.kernel_w, g.width)
+    return w
 
 
-cdef inline int first_nan(const floating* plane, int W, int h0, int h1, int w0, int w1) noexcept nogil:
-    """Flat index of the first NaN of the window rows [h0, h1) x columns [w0, w1)."""
+cdef inline int window_count(Geometry g, Window w, bint count_include_pad) noexcept nogil:
+    """The divisor of an average: the kernel's size, or the inputs the window covers."""
+    return g.kernel_h * g.kernel_w if count_include_pad else (w.h1 - w.h0) * (w.w1 - w.w0)
+
+
+cdef inline int first_nan(const floating* plane, int W, Window w) noexcept nogil:
+    """Flat index of the first NaN of the window (its first element when there is none)."""
     cdef int ih, iw
-    for ih in range(h0, h1):
-        for iw in range(w0, w1):
+    for ih in range(w.h0, w.h1):
+        for iw in range(w.w0, w.w1):
             if plane[ih * W + iw] != plane[ih * W + iw]:
                 return ih * W + iw
-    return h0 * W + w0
+    return w.h0 * W + w.w0
+
+
+cdef inline int window_argmax(const floating* plane, int W, Window w) noexcept nogil:
+    """Flat index of the window's first maximum; a NaN wins (the first one), as in PyTorch.
+
+    Selects, not branches (the winner's position is random: a branch would
+    mispredict half the time); strict '>' keeps the first maximum.
+    """
+    cdef int ih, iw, best_index = w.h0 * W + w.w0
+    cdef floating best = plane[best_index], v
+    cdef bint has_nan = 0
+    for ih in range(w.h0, w.h1):
+        for iw in range(w.w0, w.w1):
+            v = plane[ih * W + iw]
+            best_index = (ih * W + iw) if v > best else best_index
+            best = v if v > best else best
+            has_nan = has_nan | (v != v)
+    return first_nan(plane, W, w) if has_nan else best_index
 
 
 # C kernels with a float and a double version, one name each (see _typed.h)
@@ -65,8 +91,7 @@ cdef void max_pool_2x2_row_with_nans(const floating* src, floating* dst, int* ar
         best_index = (top + W + 1) if d > best else best_index
         best = d if d > best else best
         if (a != a) | (b != b) | (c != c) | (d != d):
-            best_index = first_nan(src, W, oh * g.stride_h, oh * g.stride_h + 2,
-                                   ow * g.stride_w, ow * g.stride_w + 2)
+            best_index = first_nan(src, W, window_at(g, oh, ow))
             best = src[best_index]
         dst[oh * g.out_width + ow] = best
         if argmax != NULL:
@@ -100,14 +125,11 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     """out = the maximum of each window; argmax = where it is (the first maximum)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t plane, n, c
-    cdef int H = g.height, W = g.width, OH = g.out_height, OW = g.out_width
-    cdef int oh, ow, ih, iw, h0, w0, h1, w1, best_index
+    cdef int W = g.width, OW = g.out_width, oh, ow, best_index
     cdef bint store_argmax = argmax.shape[0] > 0
-    cdef bint has_nan
     cdef bint is_2x2 = g.kernel_h == 2 and g.kernel_w == 2 and g.pad_h == 0 and g.pad_w == 0
     cdef const floating* src
     cdef floating* dst
-    cdef floating best, v
     with nogil:
         for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
@@ -117,28 +139,10 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             if is_2x2:
                 max_pool_2x2_plane(src, dst, &argmax[n, c, 0, 0] if store_argmax else NULL, g)
                 continue
-            for oh in range(OH):
-                h0 = window_start(oh, g.stride_h, g.pad_h)
-                h1 = window_end(oh, g.stride_h, g.pad_h, g.kernel_h, H)
+            for oh in range(g.out_height):
                 for ow in range(OW):
-                    w0 = window_start(ow, g.stride_w, g.pad_w)
-                    w1 = window_end(ow, g.stride_w, g.pad_w, g.kernel_w, W)
-                    best_index = h0 * W + w0
-                    best = src[best_index]
-                    has_nan = 0
-                    for ih in range(h0, h1):
-                        for iw in range(w0, w1):
-                            # Selects, not branches (the winner's position is random:
-                            # a branch would mispredict half the time); strict '>'
-                            # keeps the first maximum.
-                            v = src[ih * W + iw]
-                            best_index = (ih * W + iw) if v > best else best_index
-                            best = v if v > best else best
-                            has_nan = has_nan | (v != v)
-                    if has_nan:  # rare: a NaN wins, as in PyTorch (the first one)
-                        best_index = first_nan(src, W, h0, h1, w0, w1)
-                        best = src[best_index]
-                    dst[oh * OW + ow] = best
+                    best_index = window_argmax(src, W, window_at(g, oh, ow))
+                    dst[oh * OW + ow] = src[best_index]
                     if store_argmax:
                         argmax[n, c, oh, ow] = best_index
 
@@ -199,29 +203,22 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     """out = the mean of each window (padding counted as zeros when count_include_pad)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t plane, n, c
-    cdef int H = g.height, W = g.width, OH = g.out_height, OW = g.out_width
-    cdef int oh, ow, ih, iw, h0, w0, h1, w1, count
+    cdef int W = g.width, OW = g.out_width, oh, ow, ih
+    cdef Window w
     cdef const floating* src
-    cdef floating* dst
     cdef double total
     with nogil:
         for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             src = &x[n, c, 0, 0]
-            dst = &out[n, c, 0, 0]
-            for oh in range(OH):
-                h0 = window_start(oh, g.stride_h, g.pad_h)
-                h1 = window_end(oh, g.stride_h, g.pad_h, g.kernel_h, H)
+            for oh in range(g.out_height):
                 for ow in range(OW):
-                    w0 = window_start(ow, g.stride_w, g.pad_w)
-                    w1 = window_end(ow, g.stride_w, g.pad_w, g.kernel_w, W)
+                    w = window_at(g, oh, ow)
                     total = 0
-                    for ih in range(h0, h1):
-                        for iw in range(w0, w1):
-                            total = total + src[ih * W + iw]
-                    count = g.kernel_h * g.kernel_w if count_include_pad else (h1 - h0) * (w1 - w0)
-                    dst[oh * OW + ow] = <floating> (total / count)
+                    for ih in range(w.h0, w.h1):
+                        total = total + sum_run(src + ih * W + w.w0, w.w1 - w.w0)
+                    out[n, c, oh, ow] = <floating> (total / window_count(g, w, count_include_pad))
 
 
 def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH, OW)
@@ -230,28 +227,22 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
     """grad_input = each output gradient spread evenly over its window (overlaps sum)."""
     cdef Py_ssize_t N = grad_out.shape[0], C = grad_out.shape[1]
     cdef Py_ssize_t plane, n, c
-    cdef int H = g.height, W = g.width, OH = g.out_height, OW = g.out_width
-    cdef int oh, ow, ih, iw, h0, w0, h1, w1, count
+    cdef int W = g.width, OW = g.out_width, oh, ow, ih, iw
+    cdef Window w
     cdef floating* dst
-    cdef const floating* dy
     cdef floating share
     with nogil:
         for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
             dst = &grad_input[n, c, 0, 0]
-            dy = &grad_out[n, c, 0, 0]
-            memset(dst, 0, <Py_ssize_t> H * W * sizeof(floating))
-            for oh in range(OH):
-                h0 = window_start(oh, g.stride_h, g.pad_h)
-                h1 = window_end(oh, g.stride_h, g.pad_h, g.kernel_h, H)
+            memset(dst, 0, <Py_ssize_t> g.height * W * sizeof(floating))
+            for oh in range(g.out_height):
                 for ow in range(OW):
-                    w0 = window_start(ow, g.stride_w, g.pad_w)
-                    w1 = window_end(ow, g.stride_w, g.pad_w, g.kernel_w, W)
-                    count = g.kernel_h * g.kernel_w if count_include_pad else (h1 - h0) * (w1 - w0)
-                    share = dy[oh * OW + ow] / count
-                    for ih in range(h0, h1):
-                        for iw in range(w0, w1):
+                    w = window_at(g, oh, ow)
+                    share = grad_out[n, c, oh, ow] / window_count(g, w, count_include_pad)
+                    for ih in range(w.h0, w.h1):
+                        for iw in range(w.w0, w.w1):
                             dst[ih * W + iw] += share
 
 

@@ -5,7 +5,6 @@ Every user mistake ends with a clear message naming the bad value (exit status 2
 argparse's, or 1 for a file that cannot be read or written), never a traceback, a
 crash, a hang, a silent wrong answer or lost data.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,27 +18,10 @@ import pytest
 import cyconv
 from cyconv import models
 
+from conftest import call_example as call
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-
-
-def call(script, *args, capsys):
-    """Run an example's main() in this process: (exit status, stdout, stderr)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"probe_{Path(script).stem}",
-                                                      EXAMPLES / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        capsys.readouterr()
-        try:
-            module.run(lambda: module.main([str(a) for a in args]))
-        except SystemExit as exit:
-            code = exit.code
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def png(path, image):
@@ -192,7 +174,7 @@ PROBES = [
 
 @pytest.mark.parametrize("name,script,args,codes,message", PROBES, ids=[p[0] for p in PROBES])
 def test_probe_ends_in_one_clear_line(world, capsys, name, script, args, codes, message):
-    code, _, err = call(script, *[a.format(tmp=world) for a in args], capsys=capsys)
+    code, _, err = call(capsys, script, *[a.format(tmp=world) for a in args])
     assert code in codes, (code, err)
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -212,8 +194,8 @@ def test_a_pipe_named_jpg_never_blocks_a_program(world):
 def test_a_huge_photo_is_drawn_at_a_bounded_size(world, capsys):
     big = world / "big.png"
     png(big, np.random.default_rng(1).integers(0, 256, (3000, 2400, 3), dtype=np.uint8))
-    code, _, err = call("grad_cam.py", world / "run" / "best.safetensors", big, "--out",
-                        world / "big_cam.png", capsys=capsys)
+    code, _, err = call(capsys, "grad_cam.py", world / "run" / "best.safetensors", big,
+                        "--out", world / "big_cam.png")
     assert code == 0, err
     assert max(cv2.imread(str(world / "big_cam.png")).shape[:2]) == 1024
 
@@ -224,22 +206,21 @@ def test_any_run_output_blocks_a_new_run(world, capsys):
     out.mkdir()
     (out / "best.safetensors").write_bytes(b"the model I trained")
     (out / "split.json").write_text("{}")
-    code, _, err = call("train_animals.py", "--data", world / "data", "--out", out,
-                        capsys=capsys)
+    code, _, err = call(capsys, "train_animals.py", "--data", world / "data", "--out", out)
     assert code == 2 and "already holds a run" in err and "--overwrite" in err
     assert (out / "best.safetensors").read_bytes() == b"the model I trained"
 
 
 def test_feature_maps_list_needs_no_image(world, capsys):
-    code, out, err = call("feature_maps.py", world / "run" / "best.safetensors", "--list",
-                          capsys=capsys)
+    code, out, err = call(capsys, "feature_maps.py", world / "run" / "best.safetensors",
+                          "--list")
     assert code == 0, err
     assert "Conv2d" in out and "(4, 8, 8)" in out
 
 
 def test_evaluate_writes_next_to_the_checkpoint_and_says_so(world, capsys):
-    code, out, err = call("evaluate.py", world / "run" / "best.safetensors", "--data",
-                          world / "data", "--all", "--workers", "0", capsys=capsys)
+    code, out, err = call(capsys, "evaluate.py", world / "run" / "best.safetensors", "--data",
+                          world / "data", "--all", "--workers", "0")
     assert code == 0, err
     written = world / "run" / "evaluation_all.png"
     assert written.is_file() and f"wrote {written}" in out

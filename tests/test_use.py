@@ -1,6 +1,5 @@
 """Using a saved model: examples/predict.py, grad_cam.py, feature_maps.py and evaluate.py
 run as programs on a tiny checkpoint."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from cyconv import checkpoint, models
 from cyconv.data import ImageFolder, read_image, save_split
 from cyconv.explain import overlay
 
+from conftest import call_example as call
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CLASSES = ["cat", "dog", "owl"]
@@ -25,26 +26,6 @@ def run(script, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=120)
-
-
-def call(capsys, script, *args):
-    """Run an example's main() in this process (faster than a subprocess):
-    (exit code, stdout, stderr)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}",
-                                                      EXAMPLES / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        capsys.readouterr()
-        try:
-            module.run(lambda: module.main([str(a) for a in args]))
-        except SystemExit as exit:
-            code = exit.code
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_png(path, image):
