@@ -294,3 +294,30 @@ def test_best_epoch_ties_go_to_the_lower_valid_loss(shapes, tmp_path, monkeypatc
     trainer.fit()
     assert trainer.position.best["epoch"] == 3 and trainer.position.best["loss"] == 0.6
     assert checkpoint.read(tmp_path / "best.safetensors").metadata["epoch"] == 3
+
+
+def test_exact_resume_of_a_resnet_with_a_moving_average(shapes, tmp_path):
+    """The trainer, its checkpoints and the moving average work on any container: a
+    ResNet of BasicBlocks resumes bitwise."""
+    def resnet_trainer(out, trainer_class=Trainer):
+        data, train, valid = shapes
+        cyconv.manual_seed(7)
+        model = models.resnet([1, 1, 1, 1], 3, widths=(4, 8, 8, 8), stem="small")
+        opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, nesterov=True)
+        loader = DataLoader(Subset(data, train), 16, shuffle=True, seed=7, augment=Augment(),
+                            drop_last=True, num_workers=0)
+        return trainer_class(model, opt, nn.CrossEntropyLoss(), loader,
+                             DataLoader(Subset(data, valid), 32, num_workers=0), epochs=3,
+                             average=optim.ExponentialMovingAverage(model, 0.9),
+                             run=RunFolder(out, classes=data.classes), progress=False,
+                             verbose=False)
+
+    straight = resnet_trainer(tmp_path / "a")
+    straight.fit()
+    first = resnet_trainer(tmp_path / "b", StopAfterEpoch)
+    first.fit()
+    resumed = resnet_trainer(tmp_path / "b")
+    resumed.fit(resume=True)
+    assert_same_run(straight, resumed)
+    loaded = cyconv.load(tmp_path / "a" / "best.safetensors")
+    assert list(loaded.state_dict()) == list(straight.model.state_dict())
