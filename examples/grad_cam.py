@@ -84,23 +84,24 @@ def model_caption(model, path):
     return ", ".join(parts) + f" ({Path(path).name})"
 
 
-def scaled(image, heat, min_size, max_size):
-    """The photo and its map with the longer side brought within [min_size, max_size]."""
+def drawn(image, min_size, max_size):
+    """The photo with its longer side brought within [min_size, max_size]."""
     h, w = image.shape[:2]
     longer = max(h, w)
     scale = min_size / longer if min_size and longer < min_size else min(1.0, max_size / longer)
     if scale == 1.0:
-        return image, heat
+        return image
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    method = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
-    return (cv2.resize(image, size, interpolation=method),
-            cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR))
+    return cv2.resize(image, size, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
 
 
 def picture(model, image, args, class_index, caption=None):
-    """The Grad-CAM picture of one RGB photo and the GradCAMResult."""
-    result = gradcam(model, image, layer=args.layer, class_index=class_index, details=True)
-    image, heat = scaled(image, result.heatmap, args.min_size, args.max_size)
+    """The Grad-CAM picture of one RGB photo and the GradCAMResult (the model sees the
+    photo itself; the map is drawn at the picture's size)."""
+    shown = drawn(image, args.min_size, args.max_size)
+    result = gradcam(model, image, layer=args.layer, class_index=class_index,
+                     size=shown.shape[:2], details=True)
+    image, heat = shown, result.heatmap
     c = int(result.class_index[0])
     name = result.class_names[0] if result.class_names else f"class {c}"
     predicted = int(np.argmax(result.probabilities[0]))

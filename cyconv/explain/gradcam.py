@@ -159,7 +159,7 @@ def _record(model, name, module, x, class_index):
     return np.array(logits, np.float64), chosen, seen["activations"], seen["gradients"]
 
 
-def gradcam(model, image, layer=None, class_index=None, *, details=False):
+def gradcam(model, image, layer=None, class_index=None, *, size=None, details=False):
     """The Grad-CAM heat map of ``model`` for ``image``: float32 in [0, 1].
 
     ``image``: a file name, an ``(H, W, 3)`` uint8 **RGB** photo (``cv2.imread``
@@ -171,7 +171,8 @@ def gradcam(model, image, layer=None, class_index=None, *, details=False):
     ``layer``: dotted name, top-level index or module (default: the rectified last
     conv layer, see the module docstring).  ``class_index``: the class to explain,
     an int or a class name (one for all images, or one per image); default: each
-    image's predicted class.  ``details=True`` returns a :class:`GradCAMResult`.
+    image's predicted class.  ``size``: (H, W) of the returned maps (default: each
+    image's own size).  ``details=True`` returns a :class:`GradCAMResult`.
     """
     x, sizes, batched = prepare_input(model, image)
     name = default_layer(model, x[:1]) if layer is None else resolve(model, layer,
@@ -189,7 +190,8 @@ def gradcam(model, image, layer=None, class_index=None, *, details=False):
         model.train(was_training)
     weights = gradients.mean(axis=(2, 3))
     raw = np.maximum(np.einsum("nk,nkhw->nhw", weights, activations), 0.0)
-    maps = [upsample(r, size) for r, size in zip(raw, sizes)]
+    sizes = sizes if size is None else [tuple(size)] * len(sizes)
+    maps = [upsample(r, s) for r, s in zip(raw, sizes)]
     if not batched:
         heatmap = maps[0]
     elif len(set(sizes)) == 1:
