@@ -156,3 +156,97 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
                 dy = &grad_input[n, c, 0] if fuse_relu else &grad_out[n, c, 0]
                 combine_run(dy, &x[n, c, 0], &grad_input[n, c, 0], HW,
                             <floating> k, <floating> b, <floating> c0)
+
+
+# Synchronised batch normalisation (cyconv.distributed.SyncBatchNorm): the batch
+# statistics and the sums of the input gradient are combined across processes in
+# Python between these kernels, so each one covers this process's part of the
+# batch only; per-channel results are double precision.
+
+def batch_norm2d_moments(const floating[:, :, ::1] x,   # IN  (N, C, HW)
+                         double[::1] mean,              # OUT (C,) sum x / M,  M = N*HW
+                         double[::1] m2,                # OUT (C,) sum (x - mean)^2
+                         int num_threads):
+    """Per-channel mean and sum of squared deviations (two passes, as the train kernel)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n
+    cdef double total, mu
+    with nogil:
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+            total = 0
+            for n in range(N):
+                total = total + sum_run(&x[n, c, 0], HW)
+            mu = total / (<double> N * HW)
+            total = 0
+            for n in range(N):
+                total = total + sum_squared_deviation(&x[n, c, 0], HW, mu)
+            mean[c] = mu
+            m2[c] = total
+
+
+def batch_norm2d_normalize(const floating[:, :, ::1] x,    # IN  (N, C, HW)
+                           const floating[::1] weight,     # IN  (C,)
+                           const floating[::1] bias,       # IN  (C,)
+                           const double[::1] mean,         # IN  (C,)
+                           const double[::1] invstd,       # IN  (C,) 1 / sqrt(var + eps)
+                           floating[:, :, ::1] out,        # OUT (N, C, HW)
+                           bint fuse_relu, int num_threads):
+    """out = (x - mean) * invstd * weight + bias (then max(., 0) when fuse_relu)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n
+    cdef double scale, shift
+    with nogil:
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+            scale = weight[c] * invstd[c]
+            shift = bias[c] - mean[c] * scale
+            for n in range(N):
+                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
+                           fuse_relu)
+
+
+def batch_norm2d_backward_sums(const floating[:, :, ::1] grad_out,   # IN  (N, C, HW)
+                               const floating[:, :, ::1] x,          # IN  (N, C, HW)
+                               const floating[::1] mean,             # IN  (C,)
+                               const floating[:, :, ::1] out,        # IN  (N, C, HW) forward output, when fuse_relu
+                               floating[:, :, ::1] masked,           # OUT (N, C, HW) masked grad_out, when fuse_relu
+                               double[::1] sum_dy,                   # OUT (C,) sum dy
+                               double[::1] sum_dy_xmu,               # OUT (C,) sum dy * (x - mean)
+                               bint fuse_relu, int num_threads):
+    """The per-channel sums that the input gradient needs; dy is grad_out, or with
+    fuse_relu grad_out masked by out > 0 (written to masked)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n
+    cdef double total_dy, total_dy_xmu
+    cdef const floating* dy
+    with nogil:
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+            total_dy = 0
+            total_dy_xmu = 0
+            for n in range(N):
+                if fuse_relu:
+                    relu_mask_run(&grad_out[n, c, 0], &out[n, c, 0], &masked[n, c, 0], HW)
+                    dy = &masked[n, c, 0]
+                else:
+                    dy = &grad_out[n, c, 0]
+                total_dy = total_dy + sum_run(dy, HW)
+                total_dy_xmu = total_dy_xmu + sum_product_centered(dy, &x[n, c, 0], HW, mean[c])
+            sum_dy[c] = total_dy
+            sum_dy_xmu[c] = total_dy_xmu
+
+
+def batch_norm2d_combine(const floating[:, :, ::1] dy,        # IN  (N, C, HW) (may be grad_input)
+                         const floating[:, :, ::1] x,         # IN  (N, C, HW)
+                         const double[::1] k,                 # IN  (C,)
+                         const double[::1] b,                 # IN  (C,)
+                         const double[::1] c0,                # IN  (C,)
+                         floating[:, :, ::1] grad_input,      # OUT (N, C, HW)
+                         int num_threads):
+    """grad_input = k * dy + b * x + c0 per channel (the input gradient of a batch norm,
+    its coefficients computed from the sums over every process)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t c, n
+    with nogil:
+        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+            for n in range(N):
+                combine_run(&dy[n, c, 0], &x[n, c, 0], &grad_input[n, c, 0], HW,
+                            <floating> k[c], <floating> b[c], <floating> c0[c])
