@@ -118,13 +118,22 @@ class DataLoader:
     def load_state_dict(self, state):
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
 
+    def _order(self, epoch):
+        """The data set's indices in the order of epoch ``epoch``."""
+        n = len(self.dataset)
+        return (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                else np.arange(n))
+
+    def _batches(self, epoch):
+        """The indices of each batch of epoch ``epoch`` (cyconv.distributed.ShardedLoader
+        takes its rank's part of each batch instead)."""
+        order = self._order(epoch)
+        return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+
     def __iter__(self):
         epoch = self.epoch
         self.epoch += 1
-        n = len(self.dataset)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+        batches = self._batches(epoch)
         if self.num_workers == 0:
             for batch in batches:
                 yield self._make_batch(batch, epoch)

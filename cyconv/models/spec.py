@@ -75,12 +75,15 @@ for _cls, _args in [
 
 
 def describe(module):
-    """The JSON-able spec of ``module`` (see the module docstring)."""
-    kind = type(module).__name__
+    """The JSON-able spec of ``module`` (see the module docstring).  A class whose
+    ``spec_class`` attribute names a registered base class is described as that base
+    (cyconv.distributed.SyncBatchNorm: a BatchNorm2d that only computes differently)."""
+    cls = getattr(type(module), "spec_class", type(module))
+    kind = cls.__name__
     children = [[name, describe(child)] for name, child in module.named_children()]
-    if kind in _CONTAINERS and type(module) is getattr(nn, kind):
+    if kind in _CONTAINERS and cls is getattr(nn, kind):
         return {"type": kind, "children": children}
-    if kind not in _TYPES or _TYPES[kind][0] is not type(module):
+    if kind not in _TYPES or _TYPES[kind][0] is not cls:
         raise ArchitectureError(
             f"cannot describe a module of type {kind}: register it with "
             f"cyconv.models.register({kind}, args=...) (known types: {sorted(known_types())})")

@@ -112,14 +112,15 @@ class Trainer:
             self._log(f"resumed from {self.last_good[0]} at epoch {p.epoch + 1}, "
                       f"step {p.step_in_epoch}")
         self.interrupted = None
-        with SignalGuard(self.handle_signals) as guard:
-            while self.position.epoch < self.epochs and guard.received is None:
-                self._train_epoch(guard)
-                if guard.received is None or \
-                        self.position.step_in_epoch == self.steps_per_epoch:
+        with self._signal_guard() as guard:
+            stop = None
+            while self.position.epoch < self.epochs and stop is None:
+                stop = self._train_epoch(guard)
+                if stop is None or self.position.step_in_epoch == self.steps_per_epoch:
                     self._end_epoch()
-            if guard.received is not None:
-                self._stop(guard.received)
+                    stop = stop or self._signal(guard)
+            if stop is not None:
+                self._stop(stop)
             else:
                 self._write_best_confusion()
         return self.position.history
@@ -141,32 +142,34 @@ class Trainer:
                                      f"valid, best epoch {best['epoch']}")
 
     def _step(self, x, y):
-        """One optimisation step; the loss."""
+        """One optimisation step."""
         p = self.position
         lr = self.lr_at(p.global_step)
         self.optimizer.lr = lr
         self.optimizer.zero_grad()
         logits = self.model(x)
         loss = self.loss_fn(logits, y)
-        if not math.isfinite(loss):
+        step = self._step_sums(loss * len(y), int((np.argmax(logits, axis=1) == y).sum()),
+                               len(y))
+        if not math.isfinite(step["loss"]):
             self.model.discard_saved()
             where = (f"the last good checkpoint {self.last_good[0]} ({self.last_good[1]}) "
                      "is intact" if self.last_good else "no checkpoint was written yet")
             raise TrainingDiverged(
-                f"loss is {loss} at epoch {p.epoch + 1}, step {p.step_in_epoch + 1} of "
-                f"{self.steps_per_epoch} (global step {p.global_step + 1}, lr {lr:g}); "
-                f"training stopped and {where}. Lower the learning rate or check the data.")
+                f"loss is {step['loss'] / step['seen']} at epoch {p.epoch + 1}, step "
+                f"{p.step_in_epoch + 1} of {self.steps_per_epoch} (global step "
+                f"{p.global_step + 1}, lr {lr:g}); training stopped and {where}. Lower the "
+                "learning rate or check the data.")
         self.model.backward(self.loss_fn.backward(), input_grad=False)
-        self.optimizer.step()
-        if self.average is not None:
-            self.average.update()
-        sums = p.sums
-        sums["loss"] += loss * len(y)
-        sums["correct"] += int((np.argmax(logits, axis=1) == y).sum())
-        sums["seen"] += len(y)
-        sums["lr"] = lr
-        p.step_in_epoch += 1
-        p.global_step += 1
+        with self._updating():
+            self.optimizer.step()
+            if self.average is not None:
+                self.average.update()
+            for key in ("loss", "correct", "seen"):
+                p.sums[key] += step[key]
+            p.sums["lr"] = lr
+            p.step_in_epoch += 1
+            p.global_step += 1
 
     def _train_epoch(self, guard):
         from tqdm.auto import tqdm
@@ -180,7 +183,7 @@ class Trainer:
                    f"{self.epochs}", disable=True if not self.progress else None,
                    leave=not self.verbose, dynamic_ncols=True)
         start = timer = time.perf_counter()
-        images = 0
+        images, stop = 0, None
         try:
             for i, (x, y) in enumerate(self.train_loader):
                 if i < skip:
@@ -192,7 +195,8 @@ class Trainer:
                                  "acc": f"{p.sums['correct'] / p.sums['seen']:.3f}",
                                  "img/s": f"{images / max(time.perf_counter() - timer, 1e-9):.0f}"},
                                 refresh=False)
-                if guard.received is not None:
+                stop = self._signal(guard)
+                if stop is not None:
                     break
                 if self.save_every and p.global_step % self.save_every == 0 \
                         and p.step_in_epoch < self.steps_per_epoch:
@@ -202,6 +206,7 @@ class Trainer:
         finally:
             bar.close()
             p.sums["seconds"] += time.perf_counter() - start
+        return stop
 
     def _end_epoch(self):
         p = self.position
@@ -213,8 +218,7 @@ class Trainer:
             metrics = None
             if self.valid_loader is not None:
                 classes = self.run.classes if self.run is not None else None
-                metrics = evaluate(self.model, self.valid_loader,
-                                   len(classes) if classes else None, self.loss_fn)
+                metrics = self._evaluate(self.valid_loader, len(classes) if classes else None)
                 row.update(valid_loss=metrics["loss"], valid_acc=metrics["accuracy"])
             improved = self._keep_if_best(row, metrics)
         row["seconds"] = p.sums["seconds"] + time.perf_counter() - start
@@ -249,6 +253,25 @@ class Trainer:
         if self.run is not None:
             self.run.save_best(self.model, epoch=row["epoch"], metrics=clean)
         return True
+
+    # -- hook points: a distributed run overrides these (cyconv.distributed.DistributedTrainer)
+    def _signal_guard(self):
+        return SignalGuard(self.handle_signals)
+
+    def _signal(self, guard):
+        """The name of the signal that stops the run, or None."""
+        return guard.received
+
+    def _step_sums(self, loss_sum, correct, seen):
+        """The step's loss sum, correct predictions and images (of every rank)."""
+        return {"loss": loss_sum, "correct": correct, "seen": seen}
+
+    def _updating(self):
+        """The context of the step's updates (weights, average, sums, position)."""
+        return nullcontext()
+
+    def _evaluate(self, loader, num_classes):
+        return evaluate(self.model, loader, num_classes, self.loss_fn)
 
     def _log(self, text):
         if self.verbose:
