@@ -8,8 +8,8 @@
     python tests/distributed_job.py train --out DIR ...  a small run of DistributedTrainer
                                                           (--single: Trainer in one process)
 
-Rank 0 writes the outputs.  Faults for the tests: --die-at STEP --how exit|kill|stop
-makes rank 1 end or hang at that step; --signal-at STEP --signal TERM|INT makes rank 0
+Rank 0 writes the outputs.  Faults for the tests: --die-at STEP --how exit|kill|error|stop
+makes rank 1 end (os._exit, SIGKILL, sys.exit) or hang (SIGSTOP) at that step; --signal-at STEP --signal TERM|INT makes rank 0
 send the signal to the launcher (as Ctrl-C or kill would; --signal-to rank1: rank 1 to
 itself).
 """
@@ -134,7 +134,7 @@ def parse_train(argv):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-at", type=int)
-    p.add_argument("--how", choices=("exit", "kill", "stop"), default="exit")
+    p.add_argument("--how", choices=("exit", "kill", "stop", "error"), default="exit")
     p.add_argument("--signal-at", type=int)
     p.add_argument("--signal", choices=("TERM", "INT"), default="TERM")
     p.add_argument("--signal-to", choices=("launcher", "rank1"), default="launcher")
@@ -201,6 +201,8 @@ class Faults:
         if self.rank == 1 and self.steps == self.args.die_at:
             if self.args.how == "exit":
                 os._exit(1)
+            if self.args.how == "error":   # a clean exit with an error: MPI finalizes
+                sys.exit("rank 1 gives up")
             os.kill(os.getpid(), signal.SIGKILL if self.args.how == "kill" else signal.SIGSTOP)
         if self.steps == self.args.signal_at:
             number = getattr(signal, f"SIG{self.args.signal}")

@@ -22,6 +22,8 @@ import numpy as np
 
 HEARTBEAT, GOODBYE = 1, 2   # message tags
 POLL = 0.1                  # seconds between looks at the messages and the previous rank
+# a collective still waited for this many seconds after the previous rank left never completes
+LEFT_GRACE = 5.0
 # the exit status of a rank that ends the job because another rank failed
 FAILURE_EXIT_CODE = 75
 
@@ -85,7 +87,7 @@ class Watchdog:
         from mpi4py import MPI
         after, before = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         token, inbox, status = np.zeros(1, np.uint8), np.zeros(1, np.uint8), MPI.Status()
-        sends, heard = [], time.monotonic()
+        sends, heard, left = [], time.monotonic(), None
         next_beat = heard
         receive = self.comm.Irecv(inbox, source=before, tag=MPI.ANY_TAG)
         try:
@@ -96,9 +98,11 @@ class Watchdog:
                     next_beat += self.interval
                 while receive is not None and receive.Test(status):
                     heard = time.monotonic()
-                    receive = (None if status.Get_tag() == GOODBYE else
-                               self.comm.Irecv(inbox, source=before, tag=MPI.ANY_TAG))
-                self._check(before, heard if receive is not None else None)
+                    if status.Get_tag() == GOODBYE:
+                        receive, left = None, heard
+                    else:
+                        receive = self.comm.Irecv(inbox, source=before, tag=MPI.ANY_TAG)
+                self._check(before, heard, left)
             self.comm.Isend(token, dest=after, tag=GOODBYE).Wait()
             if receive is not None:
                 receive.Cancel()
@@ -107,14 +111,19 @@ class Watchdog:
             self._fail(f"MPI failed between {self.describe(before)} and {self.describe(after)} "
                        f"({error.Get_error_string()})")
 
-    def _check(self, before, heard):
-        now = time.monotonic()
-        if heard is not None and self._gone(before):
+    def _check(self, before, heard, left):
+        """Fail when the previous rank (``heard``: its last message; ``left``: when it said
+        goodbye, or None) died, hangs, or left while this rank waits in a collective."""
+        now, waiting = time.monotonic(), self._waiting
+        if left is None and self._gone(before):
             self._fail(f"{self.describe(before)} has ended before the run did")
-        if heard is not None and now - heard > self.heartbeat_timeout:
+        if left is None and now - heard > self.heartbeat_timeout:
             self._fail(f"{self.describe(before)} sent no heartbeat for {now - heard:.0f} s: "
                        "it died or hangs")
-        waiting = self._waiting
+        if left is not None and waiting is not None and \
+                now - max(left, waiting[1]) > LEFT_GRACE:
+            self._fail(f"{self.describe(before)} has left the run (it ended, maybe with an "
+                       f"error) while this rank waits in {waiting[0]}")
         if waiting is not None and now - waiting[1] > self.collective_timeout:
             self._fail(f"{waiting[0]} did not complete within {self.collective_timeout:g} s: "
                        "another rank is stuck or runs different code (every rank must make "
