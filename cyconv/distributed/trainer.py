@@ -131,7 +131,9 @@ class DistributedTrainer(Trainer):
         current = self._forward_state()
         self._set_forward_state(self._committed)
         try:
-            self.save_last()
+            path = self.save_last()
+            print(f"\n{self._guard.received}: saved {path} ({self.last_good[1]}) at once, as the "
+                  "launcher may end the ranks any moment", file=sys.stderr, flush=True)
         except OSError as error:   # a full disk...: the run goes on, a later save may work
             print(f"warning: could not save on the signal: {error}", file=sys.stderr)
         finally:
