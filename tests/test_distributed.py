@@ -278,24 +278,18 @@ def test_a_dead_rank_ends_the_job(tmp_path, how):
 
 
 @needs_mpi
-def test_a_rank_that_exits_with_an_error_ends_the_job(tmp_path):
-    """Rank 1 ends with sys.exit: its MPI finalizes normally (it says goodbye) while rank
-    0 waits for it in a collective; rank 0's watchdog ends the job 5 s later."""
+@pytest.mark.parametrize("how, why", [("error", "has left the run"),
+                                      ("stop", "sent no heartbeat")])
+def test_rank_0_names_a_rank_that_left_or_hangs(tmp_path, how, why):
+    """error: rank 1 ends with sys.exit, its MPI finalizing normally (it says goodbye)
+    while rank 0 waits for it in a collective, and rank 0's watchdog ends the job 5 s
+    later.  stop: rank 1 stops (SIGSTOP), which no launcher notices; rank 0's watchdog
+    does after 30 s without a heartbeat."""
     start = time.monotonic()
-    done = run_job("train", "--out", tmp_path, "--epochs", 50, "--die-at", 3, "--how", "error",
+    done = run_job("train", "--out", tmp_path, "--epochs", 50, "--die-at", 3, "--how", how,
                    check=False)
     assert done.returncode != 0 and time.monotonic() - start < 60
-    assert "rank 1 (pid" in done.stderr and "has left the run" in done.stderr
-
-
-@needs_mpi
-def test_a_hung_rank_ends_the_job_naming_it(tmp_path):
-    """Rank 1 stops (SIGSTOP): no launcher notices, rank 0's watchdog does (30 s)."""
-    start = time.monotonic()
-    done = run_job("train", "--out", tmp_path, "--epochs", 50, "--die-at", 3, "--how", "stop",
-                   check=False)
-    assert done.returncode != 0 and time.monotonic() - start < 60
-    assert "rank 1 (pid" in done.stderr and "sent no heartbeat" in done.stderr
+    assert "rank 1 (pid" in done.stderr and why in done.stderr
 
 
 @needs_mpi
