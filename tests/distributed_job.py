@@ -9,9 +9,9 @@
                                                           (--single: Trainer in one process)
 
 Rank 0 writes the outputs.  Faults for the tests: --die-at STEP --how exit|kill|error|stop
-makes rank 1 end (os._exit, SIGKILL, sys.exit) or hang (SIGSTOP) at that step; --signal-at STEP --signal TERM|INT makes rank 0
-send the signal to the launcher (as Ctrl-C or kill would; --signal-to rank1: rank 1 to
-itself).
+makes rank 1 end (os._exit, SIGKILL, sys.exit) or hang (SIGSTOP) at that step;
+--signal-at STEP --signal TERM|INT makes rank 0 send the signal to the launcher (as
+Ctrl-C or kill would; --signal-to rank1: rank 1 to itself).
 """
 import argparse
 import json

@@ -34,8 +34,10 @@ def _mpirun():
     launcher = shutil.which("mpirun") or str(Path(sys.executable).with_name("mpirun"))
     if not os.access(launcher, os.X_OK):
         return None, "mpirun is not installed (pip install -e '.[mpi]' brings Open MPI's)"
-    command = [launcher, "-n", "2", "--oversubscribe", "--bind-to", "none",
-               "--mca", "btl", "self,sm", "--mca", "pml", "ob1"]
+    # shared memory for MPI's messages; ranks that wait give their core away (this machine is
+    # shared: a rank spinning 30 s for a hung one would take a core from everyone else)
+    command = [launcher, "-n", "2", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
+               "self,sm", "--mca", "pml", "ob1", "--mca", "mpi_yield_when_idle", "1"]
     return command + (["--allow-run-as-root"] if os.geteuid() == 0 else []), None
 
 

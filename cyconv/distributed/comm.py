@@ -5,13 +5,14 @@ which ends the whole job (naming the rank) when a rank stops sending heartbeats
 or when a collective does not complete in time: a dead or stuck rank never
 leaves the others hanging.
 
-Sums are deterministic.  Floating-point sums over ranks are taken in float64 from
-the ranks' values: :meth:`Communicator.sum` by MPI's allreduce, whose algorithm
-Open MPI chooses from the message size and the number of ranks alone (and float32
-values summed in float64 are exact for all but extreme spreads of magnitude, so
-the order does not matter there); :meth:`Communicator.sum_rows` gathers every
-rank's row and adds them in rank order.  The same seed and number of ranks give
-bitwise the same results, and every rank gets the same bits.
+Sums are deterministic.  The gradient sums (:meth:`Communicator.start_sum`) are
+MPI allreduces of float64 values, whose algorithm Open MPI picks from the message
+size and the number of ranks alone; and float32 gradients (times a batch size)
+summed in float64 are exact unless their magnitudes spread over more than 2^29, so
+that the order of the additions does not matter there.  Every other sum
+(:meth:`Communicator.sum_rows`) gathers every rank's row and adds them in rank
+order.  The same seed and number of ranks give bitwise the same run, and every
+rank gets the same bits.
 """
 import atexit
 import hashlib
@@ -40,10 +41,6 @@ def mpi():
                           'pip install -e ".[mpi]" (mpi4py and Open MPI from pip) '
                           f"({error})") from None
     return MPI
-
-
-def _float64(values):
-    return np.ascontiguousarray(values, dtype=np.float64)
 
 
 class Communicator:
@@ -95,13 +92,6 @@ class Communicator:
         requests = [self.comm.Ibcast(array, root=0) for array in arrays]
         self.wait(requests, f"the broadcast of {what}", "broadcast")
 
-    def sum(self, values, what, kind="control"):
-        """The float64 sum of ``values`` over the ranks (the same bits on every rank)."""
-        buffer = _float64(values).copy()
-        self._run(lambda: self.comm.Iallreduce(mpi().IN_PLACE, buffer, op=mpi().SUM),
-                  what, kind)
-        return buffer
-
     def max(self, value, what):
         """The largest of the ranks' integers."""
         buffer = np.array([value], np.int64)
@@ -111,7 +101,7 @@ class Communicator:
 
     def gather(self, row, what, kind):
         """(size, len(row)) float64: every rank's row, in rank order."""
-        row = _float64(row).reshape(-1)
+        row = np.ascontiguousarray(row, dtype=np.float64).reshape(-1)
         rows = np.empty((self.size, row.size), np.float64)
         self._run(lambda: self.comm.Iallgather(row, rows), what, kind)
         return rows
