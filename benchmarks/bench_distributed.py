@@ -31,6 +31,7 @@ spinning, which a busy machine rewards.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -91,18 +92,26 @@ def worker_single(args):
     print(json.dumps({"images_per_s": GLOBAL_BATCH * len(times) / sum(times)}))
 
 
-def worker_ranks(args):
+def ranks_model(comm):
+    """The ranks' model (SyncBatchNorm, DataParallel) and its data, with hooks that note per
+    step when backward began and ended (before DataParallel's hook waits for the gradient
+    sums) and the seconds waited for those sums so far."""
     from cyconv import distributed
-    comm = distributed.init()
     model, opt, loss_fn, x, y = setup(GLOBAL_BATCH // comm.size, 1, seed=comm.rank)
     model = distributed.convert_sync_batchnorm(model, comm)
-    # per step: when backward ended (before DataParallel's hook waits for the sums), and the
-    # seconds waited for the sums so far
-    marks = {"backward": [], "waited": []}
-    model.register_full_backward_hook(lambda *_: marks["backward"].append(time.perf_counter()))
+    marks = {"began": [], "ended": [], "waited": []}
+    model.register_full_backward_pre_hook(lambda *_: marks["began"].append(time.perf_counter()))
+    model.register_full_backward_hook(lambda *_: marks["ended"].append(time.perf_counter()))
     data_parallel = distributed.DataParallel(model, comm)
     model.register_full_backward_hook(
         lambda *_: marks["waited"].append(data_parallel.comm.waited["gradients"]))
+    return model, opt, loss_fn, x, y, data_parallel, marks
+
+
+def worker_ranks(args):
+    from cyconv import distributed
+    comm = distributed.init()
+    model, opt, loss_fn, x, y, data_parallel, marks = ranks_model(comm)
     control = comm.dup()
     comms = (data_parallel.comm, model[1].comm, control)   # gradients, batch norm, control
 
@@ -115,28 +124,42 @@ def worker_ranks(args):
         opt.step()
         control.max(0, "stop")
 
-    timed_steps(step, args.warmup + 1, 0)
-    for times in marks.values():
-        del times[:-1]   # from the last warm-up step: the waits of the timed ones
-    marks["backward"].clear()
+    timed_steps(step, max(args.warmup, 1), 0)
+    marks["began"].clear()
+    marks["ended"].clear()
+    del marks["waited"][:-1]   # the total before the timed steps
     waited_before = sum(sum(c.waited.values()) for c in comms)
     seconds = sum(timed_steps(step, 0, args.steps))
     waited = (sum(sum(c.waited.values()) for c in comms) - waited_before) / args.steps
     rows = comm.all_objects((seconds, waited, marks, blocking_allreduce(data_parallel, 10)),
                             "results")
     if comm.is_root:
-        # perf_counter is CLOCK_MONOTONIC, one clock for the processes of a machine
-        exposed = []
-        for i in range(args.steps):
-            last = max(rows, key=lambda r: r[2]["backward"][i])[2]["waited"]
-            exposed.append(last[i + 1] - last[i])
-        seconds = max(r[0] for r in rows)
-        print(json.dumps({"images_per_s": GLOBAL_BATCH * args.steps / seconds,
-                          "step_ms": 1e3 * seconds / args.steps,
-                          "waiting_ms": 1e3 * statistics.mean(r[1] for r in rows),
-                          "exposed_ms": 1e3 * statistics.median(exposed),
-                          "allreduce_ms": 1e3 * max(r[3] for r in rows),
-                          "gradient_bytes": data_parallel.bytes_per_step}))
+        print(json.dumps(summary(rows, args.steps, model, data_parallel)))
+
+
+def summary(rows, steps, model, data_parallel):
+    """What a round reports of the ranks (rows: each rank's seconds, seconds waited per step,
+    marks, and the gradient sums alone)."""
+    from cyconv.distributed import SyncBatchNorm
+    exposed = []   # perf_counter is CLOCK_MONOTONIC: one clock for a machine's processes
+    for i in range(steps):
+        last = max(rows, key=lambda r: r[2]["ended"][i])[2]["waited"]
+        exposed.append(last[i + 1] - last[i])
+    channels = [m.num_features for m in model.modules() if isinstance(m, SyncBatchNorm)]
+    seconds = max(r[0] for r in rows)
+    return {"images_per_s": GLOBAL_BATCH * steps / seconds,
+            "step_ms": 1e3 * seconds / steps,
+            "waiting_ms": 1e3 * statistics.mean(r[1] for r in rows),
+            "exposed_ms": 1e3 * statistics.median(exposed),
+            "allreduce_ms": 1e3 * max(r[3] for r in rows),
+            "backward_ms": 1e3 * statistics.median(
+                e - b for r in rows for b, e in zip(r[2]["began"], r[2]["ended"])),
+            "gradient_bytes": data_parallel.bytes_per_step,
+            "gradient_messages": len(data_parallel.buckets),
+            # SyncBatchNorm: a row of 1 + 2C float64 forward and 2C backward per layer and
+            # step; with the loss sum and the stop agreement, all blocking
+            "blocking_collectives": 2 * len(channels) + 2,
+            "blocking_bytes": sum(8 * (1 + 4 * c) for c in channels)}
 
 
 def blocking_allreduce(data_parallel, repeats):
@@ -152,6 +175,39 @@ def blocking_allreduce(data_parallel, repeats):
             comm.Allreduce(mpi().IN_PLACE, bucket.buffer, op=mpi().SUM)
         seconds.append(time.perf_counter() - start)
     return min(seconds)
+
+
+# (name, bytes/s, seconds per message) of the networks in the scaling estimate
+NETWORKS = (("10 Gb/s Ethernet, 30 us", 1.25e9, 30e-6), ("1 Gb/s Ethernet, 50 us", 0.125e9, 50e-6))
+
+
+def scaling_estimate(ranks):
+    """Images/s of N machines with one rank of 16 images each (the global batch grows with
+    N) over the NETWORKS: a model whose inputs were measured here, the median over the
+    rounds of the ranks' compute time (step minus waiting) and backward time, and the
+    bytes and messages of a step.  Gradients: a ring allreduce's 2 (N-1)/N of the bytes,
+    plus log2(N) latencies per message each way, hidden behind backward but for the last
+    message; blocking collectives (SyncBatchNorm, loss, stop): log2(N) latencies each and
+    every rank's rows."""
+    compute = statistics.median(r["step_ms"] - r["waiting_ms"] for r in ranks) / 1e3
+    backward = statistics.median(r["backward_ms"] for r in ranks) / 1e3
+    first, sizes = ranks[0], (1, 2, 4, 8, 16, 32, 64)
+    print(f"\nestimate, N machines x 1 rank x {GLOBAL_BATCH // 2} images (compute "
+          f"{1e3 * compute:.1f} ms, backward {1e3 * backward:.1f} ms per step); images/s "
+          "(efficiency):")
+    print(f"{'N':>26}" + "".join(f"{n:>12}" for n in sizes))
+    for name, bandwidth, latency in NETWORKS:
+        cells = []
+        for n in sizes:
+            hops = math.ceil(math.log2(n))
+            gradients = (2 * (n - 1) / n * first["gradient_bytes"] / bandwidth
+                         + first["gradient_messages"] * 2 * hops * latency)
+            exposed = max(2 * hops * latency, gradients - backward)
+            blocking = (first["blocking_collectives"] * hops * latency
+                        + (n - 1) * first["blocking_bytes"] / bandwidth)
+            step = compute + exposed + blocking
+            cells.append(f"{n * (GLOBAL_BATCH // 2) / step:.0f} ({compute / step:.0%})")
+        print(f"{name:>26}" + "".join(f"{cell:>12}" for cell in cells))
 
 
 def run(command):
@@ -186,7 +242,7 @@ def main():
         ranks = results["ranks"]
         ratio = ranks["images_per_s"] / results["single"]["images_per_s"]
         hidden = 1 - ranks["exposed_ms"] / ranks["allreduce_ms"]
-        rows.append((ratio, hidden, ranks["waiting_ms"] / ranks["step_ms"]))
+        rows.append((ratio, hidden, ranks["waiting_ms"] / ranks["step_ms"], ranks))
         print(f"{i + 1:5d} {results['single']['images_per_s']:10.1f} "
               f"{ranks['images_per_s']:10.1f} {ratio:6.2f} {ranks['step_ms']:8.1f} "
               f"{ranks['waiting_ms']:8.2f} {ranks['exposed_ms']:8.2f} "
@@ -195,10 +251,12 @@ def main():
     names = (("images/s, 2 ranks x 1 thread / 1 process x 2 threads", " (target >= 0.9)"),
              ("allreduce hidden behind backward", " (target >= 0.5)"),
              ("share of a step spent waiting in collectives", ""))
-    for (name, target), values in zip(names, zip(*rows)):
+    for (name, target), values in zip(names, list(zip(*rows))[:3]):
         print(f"{name}: median {statistics.median(values):.2f} (range {min(values):.2f}-"
               f"{max(values):.2f}){target}")
-    print(f"gradient bytes per rank and step: {ranks['gradient_bytes']} (float64)")
+    print(f"gradient bytes per rank and step: {ranks['gradient_bytes']} (float64, "
+          f"{ranks['gradient_messages']} messages)")
+    scaling_estimate([row[3] for row in rows])
 
 
 if __name__ == "__main__":
