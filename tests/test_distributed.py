@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import FD_TOL, assert_close, finite_difference
 
 import cyconv
-from cyconv import checkpoint, models, nn
+from cyconv import _norm, checkpoint, models, nn
 from cyconv.data import ArrayDataset, Augment, DataLoader
 from cyconv.distributed import (ShardedLoader, SyncBatchNorm, convert_sync_batchnorm,
                                 global_batch_ends)
@@ -149,6 +149,47 @@ def test_sync_batchnorm_alone_is_batchnorm(dtype, fuse, rng, threads):
     for other in synced[1:]:
         for a, b in zip(other, synced[0]):
             assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sync_batchnorm_kernels_against_numpy(dtype, rng):
+    """Odd sizes; the ReLU mask of a fused backward; dy and grad_input as one array."""
+    x = (rng.standard_normal((3, 5, 7)) * 2 + 1).astype(dtype)
+    weight, bias = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    mean, m2 = np.empty(5), np.empty(5)
+    _norm.batch_norm2d_moments(x, mean, m2, 2)
+    x64 = x.astype(np.float64)
+    assert_close(mean, x64.mean(axis=(0, 2)), np.float64)
+    assert_close(m2, ((x64 - x64.mean(axis=(0, 2))[:, None]) ** 2).sum(axis=(0, 2)), np.float64)
+    invstd = 1 / np.sqrt(m2 / 21 + 1e-5)
+    out = np.empty_like(x)
+    _norm.batch_norm2d_normalize(x, weight, bias, mean, invstd, out, True, 2)
+    normalized = (x64 - mean[:, None]) * invstd[:, None] * weight[:, None] + bias[:, None]
+    assert_close(out, np.maximum(normalized, 0))
+    dy, masked = rng.standard_normal(x.shape).astype(dtype), np.empty_like(x)
+    sums, mean_here = np.empty((2, 5)), mean.astype(dtype)   # the layer keeps its dtype's mean
+    _norm.batch_norm2d_backward_sums(dy, x, mean_here, out, masked, sums[0], sums[1], True, 2)
+    expected_dy = np.where(out > 0, dy, 0).astype(np.float64)
+    assert_close(masked, expected_dy)
+    assert_close(sums[0], expected_dy.sum(axis=(0, 2)))
+    assert_close(sums[1], (expected_dy * (x64 - mean_here[:, None])).sum(axis=(0, 2)))
+    k, b, c0 = rng.standard_normal((3, 5))
+    _norm.batch_norm2d_combine(masked, x, k, b, c0, masked, 2)
+    assert_close(masked, k[:, None] * expected_dy + b[:, None] * x64 + c0[:, None])
+
+
+def test_sync_batchnorm_alone_matches_finite_differences(rng):
+    layer = convert_sync_batchnorm(nn.BatchNorm2d(3, dtype=np.float64), OneRank())
+    layer.weight.data[:] = rng.standard_normal(3)
+    x, weights = rng.standard_normal((3, 3, 2, 3)), rng.standard_normal((3, 3, 2, 3))
+    layer(x)
+    dx = layer.backward(weights)
+    grads = [p.grad.copy() for p in layer.parameters()]
+    np.testing.assert_allclose(dx, finite_difference(lambda v: (layer(v) * weights).sum(), x),
+                               **FD_TOL)
+    for p, grad in zip(layer.parameters(), grads):
+        np.testing.assert_allclose(
+            grad, finite_difference(lambda _: (layer(x) * weights).sum(), p.data), **FD_TOL)
 
 
 def test_converted_model_keeps_keys_parameters_and_loads_as_batchnorm(tmp_path):
