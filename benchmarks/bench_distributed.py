@@ -19,6 +19,8 @@ and for the ranks where a step's time goes:
     allreduce    the same gradient sums alone, blocking, after a barrier (the fastest of
                  the repeats: the transfer without interference); hidden = 1 - exposed /
                  allreduce
+    done         the share of the gradient bytes whose sums had completed when backward
+                 ended (the rest is the last layers' messages, sent as it ends)
 
 The load column is the machine's 1-minute load average as the round ended: more
 than 2 (the cores here) means other processes took turns with the ranks, and waits
@@ -95,13 +97,21 @@ def worker_single(args):
 def ranks_model(comm):
     """The ranks' model (SyncBatchNorm, DataParallel) and its data, with hooks that note per
     step when backward began and ended (before DataParallel's hook waits for the gradient
-    sums) and the seconds waited for those sums so far."""
+    sums), the share of the gradient bytes summed by then, and the seconds waited for the
+    sums so far."""
     from cyconv import distributed
     model, opt, loss_fn, x, y = setup(GLOBAL_BATCH // comm.size, 1, seed=comm.rank)
     model = distributed.convert_sync_batchnorm(model, comm)
-    marks = {"began": [], "ended": [], "waited": []}
+    marks = {"began": [], "ended": [], "done": [], "waited": []}
     model.register_full_backward_pre_hook(lambda *_: marks["began"].append(time.perf_counter()))
-    model.register_full_backward_hook(lambda *_: marks["ended"].append(time.perf_counter()))
+
+    def backward_ended(*_):
+        marks["ended"].append(time.perf_counter())
+        done = [b.buffer.nbytes for _, b in data_parallel.buckets
+                if b.request is not None and b.request.Test()]
+        marks["done"].append(sum(done) / data_parallel.bytes_per_step)
+
+    model.register_full_backward_hook(backward_ended)
     data_parallel = distributed.DataParallel(model, comm)
     model.register_full_backward_hook(
         lambda *_: marks["waited"].append(data_parallel.comm.waited["gradients"]))
@@ -125,8 +135,8 @@ def worker_ranks(args):
         control.max(0, "stop")
 
     timed_steps(step, max(args.warmup, 1), 0)
-    marks["began"].clear()
-    marks["ended"].clear()
+    for name in ("began", "ended", "done"):
+        marks[name].clear()
     del marks["waited"][:-1]   # the total before the timed steps
     waited_before = sum(sum(c.waited.values()) for c in comms)
     seconds = sum(timed_steps(step, 0, args.steps))
@@ -152,6 +162,7 @@ def summary(rows, steps, model, data_parallel):
             "waiting_ms": 1e3 * statistics.mean(r[1] for r in rows),
             "exposed_ms": 1e3 * statistics.median(exposed),
             "allreduce_ms": 1e3 * max(r[3] for r in rows),
+            "done": statistics.median(d for r in rows for d in r[2]["done"]),
             "backward_ms": 1e3 * statistics.median(
                 e - b for r in rows for b, e in zip(r[2]["began"], r[2]["ended"])),
             "gradient_bytes": data_parallel.bytes_per_step,
@@ -234,7 +245,8 @@ def main():
           "--warmup", str(args.warmup), "--worker"]
     rows = []
     print(f"{'round':>5} {'1x2 img/s':>10} {'2x1 img/s':>10} {'ratio':>6} {'step ms':>8} "
-          f"{'waiting':>8} {'exposed':>8} {'allreduce':>9} {'hidden':>6} {'load':>5}")
+          f"{'waiting':>8} {'exposed':>8} {'allreduce':>9} {'hidden':>6} {'done':>6} "
+          f"{'load':>5}")
     for i in range(args.rounds):
         order = [("single", me + ["single"]),
                  ("ranks", mpirun(2, args.yield_when_idle) + me + ["ranks"])]
@@ -242,21 +254,23 @@ def main():
         ranks = results["ranks"]
         ratio = ranks["images_per_s"] / results["single"]["images_per_s"]
         hidden = 1 - ranks["exposed_ms"] / ranks["allreduce_ms"]
-        rows.append((ratio, hidden, ranks["waiting_ms"] / ranks["step_ms"], ranks))
+        rows.append((ratio, hidden, ranks["done"], ranks["waiting_ms"] / ranks["step_ms"],
+                     ranks))
         print(f"{i + 1:5d} {results['single']['images_per_s']:10.1f} "
               f"{ranks['images_per_s']:10.1f} {ratio:6.2f} {ranks['step_ms']:8.1f} "
               f"{ranks['waiting_ms']:8.2f} {ranks['exposed_ms']:8.2f} "
-              f"{ranks['allreduce_ms']:9.2f} {hidden:6.2f} {os.getloadavg()[0]:5.1f}",
-              flush=True)
+              f"{ranks['allreduce_ms']:9.2f} {hidden:6.2f} {ranks['done']:6.1%} "
+              f"{os.getloadavg()[0]:5.1f}", flush=True)
     names = (("images/s, 2 ranks x 1 thread / 1 process x 2 threads", " (target >= 0.9)"),
              ("allreduce hidden behind backward", " (target >= 0.5)"),
+             ("share of the gradient bytes summed when backward ended", ""),
              ("share of a step spent waiting in collectives", ""))
-    for (name, target), values in zip(names, list(zip(*rows))[:3]):
-        print(f"{name}: median {statistics.median(values):.2f} (range {min(values):.2f}-"
-              f"{max(values):.2f}){target}")
+    for (name, target), values in zip(names, list(zip(*rows))[:4]):
+        print(f"{name}: median {statistics.median(values):.3f} (range {min(values):.3f}-"
+              f"{max(values):.3f}){target}")
     print(f"gradient bytes per rank and step: {ranks['gradient_bytes']} (float64, "
           f"{ranks['gradient_messages']} messages)")
-    scaling_estimate([row[3] for row in rows])
+    scaling_estimate([row[4] for row in rows])
 
 
 if __name__ == "__main__":
