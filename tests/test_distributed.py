@@ -13,13 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FD_TOL, assert_close, finite_difference
 
 import cyconv
 from cyconv import _norm, checkpoint, models, nn
 from cyconv.data import ArrayDataset, Augment, DataLoader
-from cyconv.distributed import (ShardedLoader, SyncBatchNorm, convert_sync_batchnorm,
-                                global_batch_ends)
+from cyconv.distributed import (
+    ShardedLoader,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    global_batch_ends,
+)
+
+from conftest import FD_TOL, assert_close, finite_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = Path(__file__).with_name("distributed_job.py")
