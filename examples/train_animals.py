@@ -20,9 +20,19 @@ Ctrl-C (or SIGTERM) saves a resumable checkpoint; run the same command with
 --resume to continue exactly where it stopped (the run keeps its own settings).
 A folder that holds a run is never overwritten unless --overwrite is given.
 --model chooses the network and its recipe: small (the default), resnet, reference.
+
+On several processes (MPI; pip install -e ".[mpi]"), each training on its share of
+every batch, with SyncBatchNorm: the same recipe, the same results to float rounding
+(docs/distributed.rst)::
+
+    mpirun -n 2 python examples/train_animals.py --data DIR --classes dog,panda,bird --distributed
+
+Each rank uses one kernel thread unless --threads; rank 0 prints and writes --out;
+--resume needs the same number of ranks.
 """
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -32,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 import cyconv
-from cyconv import checkpoint, models, nn, optim
+from cyconv import checkpoint, distributed, models, nn, optim
 from cyconv.data import (
     LAYOUT,
     Augment,
@@ -101,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int_range(1),
                    help="also save last.safetensors every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="one rank of an MPI job (mpirun -n N ... --distributed): each rank "
+                        "trains on 1/N of every batch; 1 kernel thread per rank by default")
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
@@ -134,15 +147,16 @@ def run_settings(args, folder):
     return config
 
 
-def prepare_folder(args, folder):
-    """Refuse to mix a new run with the files of another one (unless --overwrite: then they go)."""
+def prepare_folder(args, folder, writes=True):
+    """Refuse to mix a new run with the files of another one (unless --overwrite: then they go,
+    deleted by the process that ``writes``)."""
     existing = folder.existing_outputs(OUTPUTS)
     if args.resume or not existing:
         return
     if not args.overwrite:
         fail(f"{folder.path} already holds a run ({', '.join(existing)}): add --resume to continue "
              "it, --overwrite to replace it, or choose another --out")
-    for name in existing:
+    for name in existing if writes else ():
         (folder.path / name).unlink()
 
 
@@ -166,7 +180,7 @@ def open_data(args, config):
     return data
 
 
-def choose_split(data, config, folder, resume):
+def choose_split(data, config, folder, resume, writes=True):
     split_path = folder.path / "split.json"
     if resume and split_path.is_file():
         try:
@@ -186,7 +200,8 @@ def choose_split(data, config, folder, resume):
              "needs one each for train, valid and test")
     parts = split_indices(labels[indices], seed=config["seed"])
     train, valid, test = (indices[p] for p in parts)
-    save_split(split_path, data, train, valid, test)
+    if writes:
+        save_split(split_path, data, train, valid, test)
     return train, valid, test
 
 
@@ -208,8 +223,9 @@ class Decoded:
         return item
 
 
-def loaders(data, config, split, workers):
-    """(train loader, valid loader, test loader) and (mean, std) of the train split."""
+def loaders(data, config, split, workers, comm=None):
+    """(train loader, valid loader, test loader) and (mean, std) of the train split; with
+    ``comm``, the train and valid loaders give this rank's share of every batch."""
     train_idx, valid_idx, test_idx = split
     decoded = Decoded(data)
     if "mean" not in config:
@@ -218,16 +234,22 @@ def loaders(data, config, split, workers):
     mean, std = np.float32(config["mean"]), np.float32(config["std"])
     augment = Augment(**{k: tuple(v) if isinstance(v, list) else v
                          for k, v in config["augment"].items()})
-    train = DataLoader(Subset(decoded, train_idx), config["batch_size"], shuffle=True,
-                       augment=augment, seed=config["seed"],
-                       drop_last=len(train_idx) > config["batch_size"], mean=mean, std=std,
-                       num_workers=workers, cache=False)
-    valid, test = (DataLoader(Subset(decoded, idx), 64, mean=mean, std=std, cache=False,
-                              num_workers=workers) for idx in (valid_idx, test_idx))
-    return (train, valid, test), (mean, std)
+    train, valid, test = (Subset(decoded, idx) for idx in (train_idx, valid_idx, test_idx))
+    plain = {"mean": mean, "std": std, "cache": False, "num_workers": workers}
+    shuffled = dict(plain, shuffle=True, augment=augment, seed=config["seed"])
+    test = DataLoader(test, 64, **plain)
+    if comm is not None:   # every image once per epoch (docs/distributed.rst)
+        share = {"rank": comm.rank, "ranks": comm.size}
+        train = distributed.ShardedLoader(train, config["batch_size"] // comm.size, **share,
+                                          **shuffled)
+        valid = distributed.ShardedLoader(valid, max(1, 64 // comm.size), **share, **plain)
+        return (train, valid, test), (mean, std)
+    train = DataLoader(train, config["batch_size"],
+                       drop_last=len(train_idx) > config["batch_size"], **shuffled)
+    return (train, DataLoader(valid, 64, **plain), test), (mean, std)
 
 
-def trainer_for(config, data, loaders_, folder, args, argv):
+def trainer_for(config, data, loaders_, folder, args, argv, comm=None):
     cyconv.manual_seed(config["seed"])
     try:
         model = models.create(config["model"], len(data.classes), config["image_size"])
@@ -235,18 +257,25 @@ def trainer_for(config, data, loaders_, folder, args, argv):
     except ValueError as error:
         fail(f"--image-size {config['image_size']} does not suit --model {config['model']}: "
              f"{error}")
+    if comm is not None:
+        model = distributed.convert_sync_batchnorm(model, comm)
     opt = optim.SGD(model.parameters(), config["lr"], momentum=config["momentum"],
                     weight_decay=config["weight_decay"], nesterov=config["momentum"] > 0)
     schedule = LRSchedule(config["lr"], config["schedule"], warmup_epochs=config["warmup"],
                           step_size=config["step_size"])
     average = optim.ExponentialMovingAverage(model, config["ema"]) if config["ema"] else None
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    hint = (f"python {shlex.quote(sys.argv[0])} {argv_text}"
+    hint = (("" if comm is None else f"mpirun -n {comm.size} ")
+            + f"python {shlex.quote(sys.argv[0])} {argv_text}"
             + ("" if args.resume else " --resume"))
-    return Trainer(model, opt, nn.CrossEntropyLoss(config["label_smoothing"]), loaders_[0],
-                   loaders_[1], epochs=config["epochs"], schedule=schedule, average=average,
-                   run=folder, save_every=args.save_every, progress=not args.no_progress,
-                   resume_hint=hint)
+    arguments = (model, opt, nn.CrossEntropyLoss(config["label_smoothing"]), loaders_[0],
+                 loaders_[1])
+    settings = {"epochs": config["epochs"], "schedule": schedule, "average": average,
+                "run": folder, "save_every": args.save_every,
+                "progress": not args.no_progress, "resume_hint": hint}
+    if comm is not None:
+        return distributed.DistributedTrainer(comm, *arguments, **settings)
+    return Trainer(*arguments, **settings)
 
 
 def test_once(folder, data, test_loader, split, trainer):
@@ -266,24 +295,49 @@ def test_once(folder, data, test_loader, split, trainer):
     return result
 
 
+def start_distributed(args):
+    """This rank's communicator (only rank 0 prints: the others' stdout goes nowhere)."""
+    comm = distributed.init()
+    cyconv.set_num_threads(args.threads or 1)
+    if not comm.is_root:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return comm
+
+
+def check_ranks_agree(comm, config, data, split):
+    """Every rank must train on the same files, split and settings."""
+    try:
+        comm.check_same("the data and settings", config=config, split=[p.tolist() for p in split],
+                        files=[path.relative_to(data.root).as_posix() for path, _ in data.samples])
+    except distributed.RanksDisagree as error:
+        fail(str(error))
+    if config["batch_size"] % comm.size:
+        fail(f"--batch-size {config['batch_size']} must be a multiple of the {comm.size} ranks "
+             "(each takes an equal share of every batch)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    comm = start_distributed(args) if args.distributed else None
+    writes = comm is None or comm.is_root
     folder = RunFolder(args.out)
     config = run_settings(args, folder)
-    prepare_folder(args, folder)
+    prepare_folder(args, folder, writes)
     data = open_data(args, config)
     config["classes"] = data.classes
     if args.threads:
         cyconv.set_num_threads(args.threads)
-    split = choose_split(data, config, folder, args.resume)
+    split = choose_split(data, config, folder, args.resume, writes)
     print(f"{len(data.classes)} classes {data.classes}; train {len(split[0])}, valid "
           f"{len(split[1])}, test {len(split[2])} images of {config['image_size']}x"
           f"{config['image_size']}; model {config['model']}")
-    loaders_, (mean, std) = loaders(data, config, split, args.workers)
+    loaders_, (mean, std) = loaders(data, config, split, args.workers, comm)
+    if comm is not None:
+        check_ranks_agree(comm, config, data, split)
     folder.metadata = {"config": config}
     folder.preprocessing = dict(classes=data.classes, mean=mean, std=std,
                              image_size=(config["image_size"],) * 2)
-    trainer = trainer_for(config, data, loaders_, folder, args, argv)
+    trainer = trainer_for(config, data, loaders_, folder, args, argv, comm)
     try:
         trainer.fit(resume=args.resume)
     except TrainingDiverged as error:
@@ -292,6 +346,8 @@ def main(argv=None):
         fail(f"cannot resume: {error}")
     if trainer.interrupted:
         return 128 + signal.Signals[trainer.interrupted].value
+    if not writes:   # rank 0 tests the model alone
+        return 0
     result = test_once(folder, data, loaders_[2], split, trainer)
     print(f"\nbest epoch {trainer.position.best['epoch']} (valid accuracy "
           f"{trainer.position.best['accuracy']:.4f})")
