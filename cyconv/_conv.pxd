@@ -15,6 +15,8 @@ cdef void valid_range(int offset, int stride, int size, int out_size,
                       int* first, int* last) noexcept nogil
 
 cdef void im2col(const floating* image, floating* cols, Geometry g,
-                 int oh0, int oh1) noexcept nogil
+                 int oh0, int oh1, int k0, int k1) noexcept nogil
 cdef void col2im(const floating* cols, floating* image, Geometry g,
                  int oh0, int oh1) noexcept nogil
+cdef void padded_row(const floating* image_row, floating* dst, int phase, Geometry g,
+                     Py_ssize_t row_len) noexcept nogil
