@@ -396,6 +396,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
             k1 = min(k0 + block, K)
             target = &parts[j, grp * group_oc, k0] if chunks > 1 else &grad_weight[grp * group_oc, k0]
             first = j * N // chunks
+            if has_bias and b == 0:
+                for i in range(group_oc):
+                    bias_parts[j, grp * group_oc + i] = 0
             for n in range(first, (j + 1) * N // chunks):
                 dy = &grad_out[n, grp * group_oc, 0, 0]
                 if fuse_relu:
@@ -404,9 +407,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     dy = &masked_grad[slot, 0]
                 if has_bias and b == 0:
                     for i in range(group_oc):
-                        bias_parts[j, grp * group_oc + i] = (
-                            (0 if n == first else bias_parts[j, grp * group_oc + i])
-                            + sum_run(dy + <Py_ssize_t> i * P, P))
+                        bias_parts[j, grp * group_oc + i] += sum_run(dy + <Py_ssize_t> i * P, P)
                 add_weight_grad(dy, &x[n, grp * g.channels, 0, 0], &cols[slot, 0], target, K, g,
                                 group_oc, k0, k1, weight_rows, chunks > 1 and n == first)
                 if need_input_grad and n % blocks == b:

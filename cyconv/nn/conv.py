@@ -204,7 +204,7 @@ class Conv2d(Module):
         n, oc, k = x.shape[0], self.out_channels, self.weight.data[0].size
         blocks, chunks = weight_grad_split(n, self.groups, k, self.weight.data.nbytes)
         threads = min(get_num_threads(), self.groups * chunks * blocks)
-        weight_rows, cols = self._tile_workspace("cols", g, threads, -(-k // blocks))
+        weight_rows, cols = self._tile_workspace("weight_grad_cols", g, threads, -(-k // blocks))
         input_rows, grad_cols = (self._tile_workspace("grad_cols", g, threads, k) if input_grad
                                  else (1, empty(2, self.dtype)))
         masked = self._masked_grad_workspace(g, threads, oc // self.groups, fuse_relu)
