@@ -1,4 +1,11 @@
 from cython cimport floating
+from libc.string cimport memcpy
+
+
+cdef extern from "_row_loops.h" nogil:
+    void gather_stride2_float(float* dst, const float* src, Py_ssize_t n)
+    void gather_stride2_double(double* dst, const double* src, Py_ssize_t n)
+
 
 # Shape of one 2-D convolution (or pooling) problem, per image.
 cdef struct Geometry:
@@ -20,3 +27,20 @@ cdef void col2im(const floating* cols, floating* image, Geometry g,
                  int oh0, int oh1) noexcept nogil
 cdef void padded_row(const floating* image_row, floating* dst, int phase, Geometry g,
                      Py_ssize_t row_len) noexcept nogil
+
+
+cdef inline void gather_strided(floating* dst, const floating* src, Py_ssize_t n,
+                                int stride) noexcept nogil:
+    """dst[j] = src[j*stride] for j < n: a memcpy for stride 1, vectorised C (_row_loops.h)
+    for stride 2."""
+    cdef Py_ssize_t j
+    if stride == 1:
+        memcpy(dst, src, n * sizeof(floating))
+    elif stride == 2:
+        if floating is float:
+            gather_stride2_float(dst, src, n)
+        else:
+            gather_stride2_double(dst, src, n)
+    else:
+        for j in range(n):
+            dst[j] = src[j * stride]

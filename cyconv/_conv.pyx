@@ -35,8 +35,6 @@ from cyconv._elementwise cimport relu, relu_mask_run
 from cyconv._reduce cimport sum_run
 
 cdef extern from "_row_loops.h" nogil:
-    void gather_stride2_float(float* dst, const float* src, Py_ssize_t n)
-    void gather_stride2_double(double* dst, const double* src, Py_ssize_t n)
     void scatter_add_stride2_float(float* dst, const float* src, Py_ssize_t n)
     void scatter_add_stride2_double(double* dst, const double* src, Py_ssize_t n)
 
@@ -56,27 +54,6 @@ cdef extern from "_direct_conv.h" nogil:
 # compiler built its vectorised kernel (else it is slower than im2col + GEMM)
 MAX_DIRECT_TAPS = DIRECT_MAX_TAPS
 DIRECT_IS_VECTORIZED = bool(DIRECT_VECTORIZED)
-
-
-cdef inline void gather_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
-    """dst[i] = src[2*i] for i < n (vectorised C; see _row_loops.h)."""
-    if floating is float:
-        gather_stride2_float(dst, src, n)
-    else:
-        gather_stride2_double(dst, src, n)
-
-
-cdef inline void gather_strided(floating* dst, const floating* src, Py_ssize_t n,
-                                int stride) noexcept nogil:
-    """dst[j] = src[j*stride] for j < n: a memcpy for stride 1, the vectorised loop for 2."""
-    cdef Py_ssize_t j
-    if stride == 1:
-        memcpy(dst, src, n * sizeof(floating))
-    elif stride == 2:
-        gather_stride2(dst, src, n)
-    else:
-        for j in range(n):
-            dst[j] = src[j * stride]
 
 
 cdef inline void scatter_add_stride2(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:

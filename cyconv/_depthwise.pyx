@@ -1,34 +1,40 @@
 """Depthwise 2-D convolution kernels (groups == input channels), without im2col.
 
 Layouts (row-major, C-contiguous), M = output channels per input channel:
-    x            (N, C, H, W)          input batch
-    weight       (C*M, taps)           the (C*M, 1, kh, kw) weight viewed flat, taps = kh*kw
-    out          (N, C*M, OH, OW)      output channel c*M + m reads input channel c only
-    planes       (threads, plane_size) one padded input plane per thread
+    x        (N, C, H, W)       input batch
+    weight   (C*M, taps)        the (C*M, 1, kh, kw) weight viewed flat, taps = kh*kw
+    out      (N, C*M, OH, OW)   output channel c*M + m reads input channel c only
+    planes   (threads, plane)   one prepared input plane per thread (plane_size)
+    runs     (threads, runs)    M output planes with a row pitch of L (runs_size)
 
-A plane is copied once into the thread's workspace as R = (OH-1)*sh + (kh-1)*dh + 1
-padded rows, each split by stride phase into stride_w rows of L = direct_row_length
-elements (row (r, phase) = padded_row of input row r - ph, as _conv's direct
-kernel prepares them).  Tap t = (ki, kj) of output row oh is then the contiguous
-run at oh*row_step + tap_offset[t], row_step = sh*sw*L and tap_offset[t] =
-(ki*dh*sw + kj*dw % sw)*L + kj*dw // sw, whatever the stride, padding and dilation.
+An input plane is prepared once in the thread's workspace: zero-padded and split
+by stride phase in both directions into blocks (hp, wp) of Rh rows of L
+elements, element (i, j) of block (hp, wp) being the padded input pixel
+(i*sh + hp, j*sw + wp), L = OW + (kw-1)*dw // sw, Rh = OH + (kh-1)*dh // sh.
+Then tap t = (ki, kj) of every output pixel (oh, ow), taken in a row pitch of L,
+is one contiguous run of OH*L elements at tap_offset[t] = ((hp*sw + wp)*Rh + b)*L
++ a, where (b, hp) = divmod(ki*dh, sh) and (a, wp) = divmod(kj*dw, sw): a whole
+plane is one run per tap, whatever the stride, padding and dilation.  The
+columns past OW of each pitch-L row are junk: discarded by the forward, and
+multiplied by a zero output gradient in backward (the prepared plane holds 0
+wherever no window reads, so that junk never meets an inf: see prepare_phase).
 
-Forward: prange over (image, channel) planes; each output row of the M
-channels is one call of the direct kernel's row function (C, vectorised).
+Forward: prange over (image, channel) planes; the direct kernel's row function
+(_direct_conv.h) computes the M runs, which are copied into the output rows.
 Backward: prange over channels, the images in order inside, so the weight and
-bias gradients, sums over images, are added in the same order for any thread
-count; the input gradient of a plane is scattered tap by tap into a padded
-plane (the transpose of the forward's reads) and copied out.
+bias gradients (sums over images) are added in the same order for any thread
+count; the input gradient is scattered run by run into a prepared-layout plane,
+then copied out without its padding.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 
-from cyconv._conv cimport Geometry, padded_row, valid_range
-from cyconv._elementwise cimport relu_mask_run
+from cyconv._conv cimport Geometry, valid_range
 from cyconv._reduce cimport sum_run
 
 cdef extern from "_depthwise.h" nogil:
+    enum: DIRECT_COLUMNS
     void conv_row_direct_float(const float* weight, const float* bias, const float* rows,
                                const Py_ssize_t* tap_offset, int OC, int K, int OW, int relu,
                                float* out, Py_ssize_t P)
@@ -36,146 +42,289 @@ cdef extern from "_depthwise.h" nogil:
                                 const Py_ssize_t* tap_offset, int OC, int K, int OW, int relu,
                                 double* out, Py_ssize_t P)
     void depthwise_weight_grad_float(const float* dy, const float* rows,
-                                     const Py_ssize_t* tap_offset, int taps, int OH, int OW,
-                                     Py_ssize_t row_step, double* sums)
+                                     const Py_ssize_t* tap_offset, int taps, Py_ssize_t length,
+                                     float* lanes, double* sums, int flush)
     void depthwise_weight_grad_double(const double* dy, const double* rows,
-                                      const Py_ssize_t* tap_offset, int taps, int OH, int OW,
-                                      Py_ssize_t row_step, double* sums)
-    void depthwise_scatter_row_float(float* rows, const Py_ssize_t* tap_offset,
-                                     const float* weight, int taps, const float* dy_row, int OW)
-    void depthwise_scatter_row_double(double* rows, const Py_ssize_t* tap_offset,
-                                      const double* weight, int taps, const double* dy_row,
-                                      int OW)
+                                      const Py_ssize_t* tap_offset, int taps,
+                                      Py_ssize_t length, double* lanes, double* sums, int flush)
+    void depthwise_scatter_float(float* rows, const Py_ssize_t* tap_offset, const float* weight,
+                                 int taps, const float* dy, Py_ssize_t length)
+    void depthwise_scatter_double(double* rows, const Py_ssize_t* tap_offset,
+                                  const double* weight, int taps, const double* dy,
+                                  Py_ssize_t length)
+    void depthwise_run_float(const float* weight, const float* bias, const float* rows,
+                             const Py_ssize_t* tap_offset, int taps, Py_ssize_t n, int relu,
+                             float* out)
+    void depthwise_run_double(const double* weight, const double* bias, const double* rows,
+                              const Py_ssize_t* tap_offset, int taps, Py_ssize_t n, int relu,
+                              double* out)
+    void copy_runs_float(float* dst, Py_ssize_t dst_pitch, Py_ssize_t dst_step, const float* src,
+                         Py_ssize_t src_pitch, Py_ssize_t src_step, const float* mask,
+                         Py_ssize_t rows, Py_ssize_t width)
+    void copy_runs_double(double* dst, Py_ssize_t dst_pitch, Py_ssize_t dst_step,
+                          const double* src, Py_ssize_t src_pitch, Py_ssize_t src_step,
+                          const double* mask, Py_ssize_t rows, Py_ssize_t width)
 
 
-cdef inline int padded_rows(Geometry g) noexcept nogil:
-    """R: the padded input rows that the windows read."""
-    return (g.out_height - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1
+# Small planes are dealt out to the threads several at a time, about this many
+# input elements per task: one at a time, the scheduling would cost more than them.
+cdef int PLANES_PER_TASK_ELEMENTS = 4096
+# The weight gradient's lane sums of a channel (in the input's precision) go to its
+# double sums after 4096 products per lane at most: a bound on their rounding.
+cdef Py_ssize_t FLUSH_ELEMENTS = 4096 * DIRECT_COLUMNS
+LANES = DIRECT_COLUMNS
 
 
-def plane_size(Geometry g, Py_ssize_t L):
-    """Elements of one prepared plane: R * stride_w * L."""
-    return padded_rows(g) * g.stride_w * L
+cdef inline Py_ssize_t pitch(Geometry g) noexcept nogil:
+    """L: elements per prepared row, and the row pitch of the runs."""
+    return g.out_width + (g.kernel_w - 1) * g.dilation_w // g.stride_w
 
 
-cdef void set_tap_offsets(Py_ssize_t* tap_offset, Geometry g, Py_ssize_t L) noexcept:
+cdef inline Py_ssize_t block_rows(Geometry g) noexcept nogil:
+    """Rh: rows per stride-phase block of a prepared plane."""
+    return g.out_height + (g.kernel_h - 1) * g.dilation_h // g.stride_h
+
+
+cdef inline Py_ssize_t blocks_size(Geometry g) noexcept nogil:
+    return g.stride_h * g.stride_w * block_rows(g) * pitch(g)
+
+
+cdef inline Py_ssize_t slack(Geometry g) noexcept nogil:
+    """Elements after the blocks that a run may reach: its junk columns past the last block
+    (up to L - OW), and the vector loads past its end (DIRECT_COLUMNS - 1)."""
+    return pitch(g) - g.out_width + DIRECT_COLUMNS
+
+
+def plane_size(Geometry g):
+    """Elements of a prepared plane: the sh*sw blocks, then the slack."""
+    return blocks_size(g) + slack(g)
+
+
+cdef inline Py_ssize_t tap_offset_of(int ki, int kj, Geometry g) noexcept nogil:
+    return ((((ki * g.dilation_h % g.stride_h) * g.stride_w + kj * g.dilation_w % g.stride_w)
+             * block_rows(g) + ki * g.dilation_h // g.stride_h) * pitch(g)
+            + kj * g.dilation_w // g.stride_w)
+
+
+cdef inline Py_ssize_t lead(Geometry g) noexcept nogil:
+    """Zeros before each output-gradient plane in the runs: the largest tap offset."""
+    cdef Py_ssize_t largest = 0
     cdef int ki, kj
     for ki in range(g.kernel_h):
         for kj in range(g.kernel_w):
-            tap_offset[ki * g.kernel_w + kj] = (
-                (ki * g.dilation_h * g.stride_w + kj * g.dilation_w % g.stride_w) * L
-                + kj * g.dilation_w // g.stride_w)
+            largest = max(largest, tap_offset_of(ki, kj, g))
+    return largest
 
 
-cdef void prepare_plane(const floating* image, floating* plane, Geometry g,
-                        Py_ssize_t L) noexcept nogil:
-    """plane (R, stride_w, L) <- one input plane (H, W), padded and split by stride phase."""
-    cdef int r, ih, phase
-    cdef const floating* src
-    for r in range(padded_rows(g)):
-        ih = r - g.pad_h
-        src = image + <Py_ssize_t> ih * g.width if 0 <= ih < g.height else NULL
-        for phase in range(g.stride_w):
-            padded_row(src, plane + (<Py_ssize_t> r * g.stride_w + phase) * L, phase, g, L)
+cdef inline Py_ssize_t dy_stride(Geometry g) noexcept nogil:
+    """Elements per output-gradient plane in the runs: its lead of zeros, then Rh*L (its
+    OH*L elements and zeros): all that the input gradient's runs read."""
+    return lead(g) + block_rows(g) * pitch(g)
 
 
-cdef void unpad_plane(const floating* plane, floating* image, Geometry g,
-                      Py_ssize_t L) noexcept nogil:
-    """image (H, W) <- the padded plane (R, stride_w, L) without its padding: the inverse
-    of prepare_plane, with 0 for the input pixels that no window reads."""
-    cdef int R = padded_rows(g), ih, r, phase, lo, hi, j
-    cdef const floating* src
-    cdef floating* dst
-    for ih in range(g.height):
-        dst = image + <Py_ssize_t> ih * g.width
-        r = ih + g.pad_h
-        if r >= R:
-            memset(dst, 0, g.width * sizeof(floating))
-            continue
-        if g.stride_w == 1:
-            memcpy(dst, plane + <Py_ssize_t> r * L + g.pad_w, g.width * sizeof(floating))
-            continue
-        memset(dst, 0, g.width * sizeof(floating))
-        for phase in range(g.stride_w):
-            # element j of phase row is input column phase + stride_w*j - pad_w
-            valid_range(phase - g.pad_w, g.stride_w, g.width, <int> L, &lo, &hi)
-            src = plane + (<Py_ssize_t> r * g.stride_w + phase) * L
-            for j in range(lo, hi):
-                dst[phase + g.stride_w * j - g.pad_w] = src[j]
+def runs_size(Geometry g, int planes):
+    """Elements of the runs of `planes` output planes, then room for the vector loads past
+    the last."""
+    return planes * dy_stride(g) + DIRECT_COLUMNS
+
+
+cdef void set_tap_offsets(Py_ssize_t* tap_offset, Geometry g, int M) noexcept:
+    """tap_offset[t], t < taps: the run of tap t in a prepared plane; then, for the input
+    gradient of stride 1, tap_offset[taps + m*taps + t] = m*dy_stride + lead - tap_offset[t]:
+    the runs in the output-gradient planes that meet element 0 of the prepared plane."""
+    cdef int ki, kj, m, taps = g.kernel_h * g.kernel_w
+    for ki in range(g.kernel_h):
+        for kj in range(g.kernel_w):
+            tap_offset[ki * g.kernel_w + kj] = tap_offset_of(ki, kj, g)
+    for m in range(M):
+        for ki in range(taps):
+            tap_offset[taps + m * taps + ki] = m * dy_stride(g) + lead(g) - tap_offset[ki]
+
+
+cdef inline void copy_runs(floating* dst, Py_ssize_t dst_pitch, Py_ssize_t dst_step,
+                           const floating* src, Py_ssize_t src_pitch, Py_ssize_t src_step,
+                           const floating* mask, Py_ssize_t rows, Py_ssize_t width) noexcept nogil:
+    """Rows moved between layouts (C, _depthwise.h): dst[r*dst_pitch + k*dst_step] =
+    src[r*src_pitch + k*src_step], masked by mask > 0 unless mask is NULL."""
+    if rows <= 0 or width <= 0:
+        return
+    if floating is float:
+        copy_runs_float(dst, dst_pitch, dst_step, src, src_pitch, src_step, mask, rows, width)
+    else:
+        copy_runs_double(dst, dst_pitch, dst_step, src, src_pitch, src_step, mask, rows, width)
+
+
+def copies_size(Geometry g):
+    """The most copies plan_copies makes: one per merged interval per phase."""
+    return g.stride_h * g.kernel_w
+
+
+cdef void plan_copies(Py_ssize_t[:, ::1] copies, Geometry g) noexcept:
+    """copies[k] <- (offset in a prepared plane, offset in an input plane, rows, width) of
+    the k-th block of input pixels that some window reads; rows 0 for the unused ones.
+
+    Block (hp, wp) holds the pixels (i*sh + hp - ph, j*sw + wp - pw).  Tap
+    column kj reads elements [a, a + OW) of phase (kj*dw) % sw, a = kj*dw // sw;
+    the others (past the last window, or between dilated taps) would only ever
+    meet junk columns, so they are never copied (they stay 0).
+    """
+    cdef int hp, wp, i0, i1, lo, hi, kj, start, end, a, k = 0
+    copies[:, :] = 0
+    for hp in range(g.stride_h):
+        valid_range(hp - g.pad_h, g.stride_h, g.height, <int> block_rows(g), &i0, &i1)
+        for wp in range(g.stride_w):
+            valid_range(wp - g.pad_w, g.stride_w, g.width, <int> pitch(g), &lo, &hi)
+            start = end = 0
+            for kj in range(g.kernel_w + 1):
+                if kj < g.kernel_w and kj * g.dilation_w % g.stride_w != wp:
+                    continue
+                a = kj * g.dilation_w // g.stride_w if kj < g.kernel_w else end + 1
+                if a > end:  # a gap, or past the last tap: the interval [start, end) is done
+                    if min(end, hi) > max(start, lo) and i1 > i0:
+                        copies[k, 0] = (((hp * g.stride_w + wp) * block_rows(g) + i0) * pitch(g)
+                                        + max(start, lo))
+                        copies[k, 1] = (<Py_ssize_t> (i0 * g.stride_h + hp - g.pad_h) * g.width
+                                        + wp + max(start, lo) * g.stride_w - g.pad_w)
+                        copies[k, 2] = i1 - i0
+                        copies[k, 3] = min(end, hi) - max(start, lo)
+                        k += 1
+                    start = a
+                end = a + g.out_width
+
+
+cdef void prepare_plane(const floating* image, floating* plane, const Py_ssize_t* copies,
+                        int count, Geometry g) noexcept nogil:
+    """plane <- one input plane (H, W) in the prepared layout (see the module docstring).
+
+    Only the elements that windows read are written (copies: plan_copies): the
+    caller zeroed the plane once (clear), and every plane of a layer writes the
+    same elements.
+    """
+    cdef int k
+    for k in range(count):
+        copy_runs(plane + copies[4 * k], pitch(g), 1, image + copies[4 * k + 1],
+                  g.stride_h * g.width, g.stride_w, NULL, copies[4 * k + 2], copies[4 * k + 3])
+
+
+cdef void clear(floating[:, ::1] workspace) noexcept nogil:
+    if workspace.shape[0] > 0:
+        memset(&workspace[0, 0], 0, workspace.shape[0] * workspace.shape[1] * sizeof(floating))
+
+
+cdef void unprepare_plane(const floating* plane, floating* image, const Py_ssize_t* copies,
+                          int count, Geometry g) noexcept nogil:
+    """image (H, W) <- the input pixels of a prepared-layout plane (0 for those no window
+    reads): prepare_plane backwards."""
+    cdef int k
+    memset(image, 0, <Py_ssize_t> g.height * g.width * sizeof(floating))
+    for k in range(count):
+        copy_runs(image + copies[4 * k + 1], g.stride_h * g.width, g.stride_w,
+                  plane + copies[4 * k], pitch(g), 1, NULL, copies[4 * k + 2], copies[4 * k + 3])
+
+
+cdef inline void output_runs(const floating* weight, const floating* bias, const floating* plane,
+                             const Py_ssize_t* tap_offset, int M, int taps, Py_ssize_t run,
+                             bint relu, floating* result) noexcept nogil:
+    """result (M, run) <- the M output planes of one prepared input plane, in pitch L."""
+    if floating is float:
+        if M == 1:
+            depthwise_run_float(weight, bias, plane, tap_offset, taps, run, relu, result)
+        else:  # M channels at a time, from the same runs
+            conv_row_direct_float(weight, bias, plane, tap_offset, M, taps, run, relu, result,
+                                  run)
+    else:
+        if M == 1:
+            depthwise_run_double(weight, bias, plane, tap_offset, taps, run, relu, result)
+        else:
+            conv_row_direct_double(weight, bias, plane, tap_offset, M, taps, run, relu, result,
+                                   run)
 
 
 def depthwise_forward(const floating[:, :, :, ::1] x,   # IN   (N, C, H, W)
                       const floating[:, ::1] weight,   # IN   (C*M, taps)
                       const floating[::1] bias,        # IN   (C*M,), or empty for no bias
-                      Py_ssize_t[::1] tap_offset,      # WORK (taps,)
-                      floating[:, ::1] planes,         # WORK (threads, R*stride_w*L)
+                      Py_ssize_t[::1] tap_offset,      # WORK (taps*(1 + M),)
+                      Py_ssize_t[:, ::1] copies,       # WORK (copies_size, 4)
+                      floating[:, ::1] planes,         # WORK (threads, plane_size)
+                      floating[:, ::1] runs,           # WORK (threads, runs_size(g, M))
                       floating[:, :, :, ::1] out,      # OUT  (N, C*M, OH, OW)
-                      Geometry g, Py_ssize_t L, bint fuse_relu, int num_threads):
+                      Geometry g, bint fuse_relu, int num_threads):
     """out = depthwise conv(x) + bias (then max(., 0) when fuse_relu), plane by plane."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], task
-    cdef int M = out.shape[1] // C, taps = weight.shape[1], n, c, oh
-    cdef Py_ssize_t P = <Py_ssize_t> g.out_height * g.out_width
-    cdef Py_ssize_t row_step = <Py_ssize_t> g.stride_h * g.stride_w * L
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], task, run = g.out_height * pitch(g)
+    cdef int M = out.shape[1] // C, taps = weight.shape[1], n, c
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* plane
-    set_tap_offsets(&tap_offset[0], g, L)
+    cdef floating* result
+    cdef int chunk = max(1, PLANES_PER_TASK_ELEMENTS // (g.height * g.width))
+    set_tap_offsets(&tap_offset[0], g, M)
+    plan_copies(copies, g)
     with nogil:
-        for task in prange(N * C, schedule='dynamic', num_threads=num_threads):
+        clear(planes)
+        for task in prange(N * C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             n = task // C
             c = task % C
             plane = &planes[threadid(), 0]
-            prepare_plane(&x[n, c, 0, 0], plane, g, L)
-            for oh in range(g.out_height):
-                if floating is float:
-                    conv_row_direct_float(&weight[c * M, 0], bias_ptr + c * M if bias_ptr else NULL,
-                                          plane + oh * row_step, &tap_offset[0], M, taps,
-                                          g.out_width, fuse_relu, &out[n, c * M, oh, 0], P)
-                else:
-                    conv_row_direct_double(&weight[c * M, 0], bias_ptr + c * M if bias_ptr else NULL,
-                                           plane + oh * row_step, &tap_offset[0], M, taps,
-                                           g.out_width, fuse_relu, &out[n, c * M, oh, 0], P)
+            result = &runs[threadid(), 0]
+            prepare_plane(&x[n, c, 0, 0], plane, &copies[0, 0], copies.shape[0], g)
+            output_runs(&weight[c * M, 0], bias_ptr + c * M if bias_ptr else NULL, plane,
+                        &tap_offset[0], M, taps, run, fuse_relu, result)
+            copy_runs(&out[n, c * M, 0, 0], g.out_width, 1, result, pitch(g), 1, NULL,
+                      M * g.out_height, g.out_width)
 
 
-cdef void add_plane_grads(const floating* dy, const floating* plane, const Py_ssize_t* tap_offset,
-                          int M, int taps, Geometry g, Py_ssize_t L, bint has_bias,
-                          double* sums) noexcept nogil:
-    """sums (M, taps + 1) += for each of the M output planes dy (M, OH, OW): the weight
-    gradient of its taps over the prepared input plane, then the bias gradient."""
-    cdef Py_ssize_t P = <Py_ssize_t> g.out_height * g.out_width
-    cdef Py_ssize_t row_step = <Py_ssize_t> g.stride_h * g.stride_w * L
+cdef void add_plane_grads(const floating* dy, Py_ssize_t stride, const floating* plane,
+                          const Py_ssize_t* tap_offset, int M, int taps, Geometry g,
+                          bint has_bias, floating* lanes, double* sums, bint flush) noexcept nogil:
+    """sums (M, taps + 1) += for each of M output-gradient planes (their OH*L elements at
+    dy + m*stride): the weight gradient of its taps over the prepared input plane
+    (waiting in lanes (M, taps, LANES) until flush: see _depthwise.h), then its bias
+    gradient."""
+    cdef Py_ssize_t run = g.out_height * pitch(g)
     cdef int m
     for m in range(M):
         if floating is float:
-            depthwise_weight_grad_float(dy + m * P, plane, tap_offset, taps, g.out_height,
-                                        g.out_width, row_step, sums + m * (taps + 1))
+            depthwise_weight_grad_float(dy + m * stride, plane, tap_offset, taps, run,
+                                        lanes + m * taps * DIRECT_COLUMNS,
+                                        sums + m * (taps + 1), flush)
         else:
-            depthwise_weight_grad_double(dy + m * P, plane, tap_offset, taps, g.out_height,
-                                         g.out_width, row_step, sums + m * (taps + 1))
+            depthwise_weight_grad_double(dy + m * stride, plane, tap_offset, taps, run,
+                                         lanes + m * taps * DIRECT_COLUMNS,
+                                         sums + m * (taps + 1), flush)
         if has_bias:
-            sums[m * (taps + 1) + taps] += sum_run(dy + m * P, P)
+            sums[m * (taps + 1) + taps] += sum_run(dy + m * stride, run)
 
 
-cdef void plane_input_grad(const floating* dy, const floating* weight,
-                           const Py_ssize_t* tap_offset, int M, int taps, Geometry g,
-                           Py_ssize_t L, floating* grad_plane, floating* image_grad) noexcept nogil:
-    """image_grad (H, W) = the gradient of one input plane from its M output planes dy
-    (M, OH, OW) and their weights (M, taps), scattered into grad_plane (R, stride_w, L)."""
-    cdef int R = padded_rows(g)
-    cdef Py_ssize_t row_step = <Py_ssize_t> g.stride_h * g.stride_w * L
-    cdef Py_ssize_t P = <Py_ssize_t> g.out_height * g.out_width
-    cdef int m, oh
-    memset(grad_plane, 0, R * g.stride_w * L * sizeof(floating))
-    for m in range(M):
-        for oh in range(g.out_height):
+cdef void plane_input_grad(const floating* runs, Py_ssize_t lead_, Py_ssize_t stride,
+                           const floating* weight, const Py_ssize_t* tap_offset,
+                           const Py_ssize_t* copies, int count, int M, int taps, Geometry g,
+                           floating* grad_plane, floating* image_grad) noexcept nogil:
+    """image_grad (H, W) = the gradient of one input plane from its M output-gradient planes
+    (at runs + lead_ + m*stride) and their weights (M, taps), through grad_plane
+    (plane_size).
+
+    Stride 1: each element of grad_plane gathers its taps from the runs (one
+    run per tap, like the forward).  Otherwise each tap's run is scattered
+    (added) into grad_plane, the transpose of the forward's reads.
+    """
+    cdef Py_ssize_t run = g.out_height * pitch(g)
+    cdef int m
+    if g.stride_h == 1 and g.stride_w == 1:
+        if floating is float:
+            depthwise_run_float(weight, NULL, runs, tap_offset + taps, M * taps,
+                                blocks_size(g), 0, grad_plane)
+        else:
+            depthwise_run_double(weight, NULL, runs, tap_offset + taps, M * taps,
+                                 blocks_size(g), 0, grad_plane)
+    else:
+        memset(grad_plane, 0, (blocks_size(g) + slack(g)) * sizeof(floating))
+        for m in range(M):
             if floating is float:
-                depthwise_scatter_row_float(grad_plane + oh * row_step, tap_offset,
-                                            weight + m * taps, taps,
-                                            dy + m * P + oh * g.out_width, g.out_width)
+                depthwise_scatter_float(grad_plane, tap_offset, weight + m * taps, taps,
+                                        runs + m * stride + lead_, run)
             else:
-                depthwise_scatter_row_double(grad_plane + oh * row_step, tap_offset,
-                                             weight + m * taps, taps,
-                                             dy + m * P + oh * g.out_width, g.out_width)
-    unpad_plane(grad_plane, image_grad, g, L)
+                depthwise_scatter_double(grad_plane, tap_offset, weight + m * taps, taps,
+                                         runs + m * stride + lead_, run)
+    unprepare_plane(grad_plane, image_grad, copies, count, g)
 
 
 def depthwise_backward(const floating[:, :, :, ::1] grad_out,  # IN    (N, C*M, OH, OW)
@@ -184,43 +333,62 @@ def depthwise_backward(const floating[:, :, :, ::1] grad_out,  # IN    (N, C*M, 
                        const floating[:, ::1] weight,         # IN    (C*M, taps)
                        floating[:, ::1] grad_weight,          # INOUT (C*M, taps), accumulated
                        floating[::1] grad_bias,               # INOUT (C*M,), accumulated; empty for no bias
-                       Py_ssize_t[::1] tap_offset,            # WORK  (taps,)
-                       floating[:, ::1] planes,               # WORK  (threads, R*stride_w*L)
-                       floating[:, ::1] grad_planes,          # WORK  (threads, R*stride_w*L) for input grad
-                       floating[:, ::1] masked_grad,          # WORK  (threads, M*OH*OW) when fuse_relu
-                       double[:, ::1] sums,                   # WORK  (threads, M*(taps + 1))
+                       Py_ssize_t[::1] tap_offset,            # WORK  (taps*(1 + M),)
+                       Py_ssize_t[:, ::1] copies,             # WORK  (copies_size, 4)
+                       floating[:, ::1] planes,               # WORK  (threads, plane_size)
+                       floating[:, ::1] grad_planes,          # WORK  (threads, plane_size) for input grad
+                       floating[:, ::1] runs,                 # WORK  (threads, runs_size(g, M))
+                       floating[:, ::1] lanes,                # WORK  (threads, B*M*taps*LANES)
+                       double[:, ::1] sums,                   # WORK  (threads, B*M*(taps + 1))
                        floating[:, :, :, ::1] grad_input,     # OUT   (N, C, H, W); unused without input grad
-                       Geometry g, Py_ssize_t L, bint fuse_relu, bint need_input_grad,
+                       Geometry g, int channels_per_task, bint fuse_relu, bint need_input_grad,
                        int num_threads):
-    """dW, db (sums over images, in image order) and dx, channel by channel (prange over c).
+    """dW, db (sums over images, in image order) and dx, by blocks of B = channels_per_task
+    channels (prange over blocks; images, then the block's channels, inside: B planes
+    that lie side by side in memory).
 
-    With fuse_relu, dY is first masked by the forward output's sign.
+    Each channel's sums take its images in order, whatever B and the thread
+    count.  With fuse_relu, dY is first masked by the forward output's sign, as
+    it is copied into the runs' pitch.
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], c, n
-    cdef int M = grad_out.shape[1] // C, taps = weight.shape[1], slot, m, t
-    cdef Py_ssize_t MP = <Py_ssize_t> M * g.out_height * g.out_width
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], block, c, n, run = g.out_height * pitch(g)
+    cdef int M = grad_out.shape[1] // C, taps = weight.shape[1], slot, m, t, B = channels_per_task
+    cdef int flush_every = max(1, FLUSH_ELEMENTS // run)
+    cdef Py_ssize_t lead_ = lead(g), stride = dy_stride(g)
     cdef bint has_bias = grad_bias.shape[0] > 0
-    cdef const floating* dy
     cdef double* channel_sums
-    set_tap_offsets(&tap_offset[0], g, L)
+    set_tap_offsets(&tap_offset[0], g, M)
+    plan_copies(copies, g)
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        clear(planes)
+        clear(runs)
+        clear(lanes)
+        for block in prange((C + B - 1) // B, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
-            channel_sums = &sums[slot, 0]
-            memset(channel_sums, 0, M * (taps + 1) * sizeof(double))
+            memset(&sums[slot, 0], 0, sums.shape[1] * sizeof(double))
             for n in range(N):
-                dy = &grad_out[n, c * M, 0, 0]
-                if fuse_relu:
-                    relu_mask_run(dy, &out[n, c * M, 0, 0], &masked_grad[slot, 0], MP)
-                    dy = &masked_grad[slot, 0]
-                prepare_plane(&x[n, c, 0, 0], &planes[slot, 0], g, L)
-                add_plane_grads(dy, &planes[slot, 0], &tap_offset[0], M, taps, g, L, has_bias,
-                                channel_sums)
-                if need_input_grad:
-                    plane_input_grad(dy, &weight[c * M, 0], &tap_offset[0], M, taps, g, L,
-                                     &grad_planes[slot, 0], &grad_input[n, c, 0, 0])
-            for m in range(M):
-                for t in range(taps):
-                    grad_weight[c * M + m, t] += <floating> channel_sums[m * (taps + 1) + t]
-                if has_bias:
-                    grad_bias[c * M + m] += <floating> channel_sums[m * (taps + 1) + taps]
+                for c in range(block * B, min(C, block * B + B)):
+                    channel_sums = &sums[slot, (c - block * B) * M * (taps + 1)]
+                    for m in range(M):
+                        copy_runs(&runs[slot, m * stride + lead_], pitch(g), 1,
+                                  &grad_out[n, c * M + m, 0, 0], g.out_width, 1,
+                                  &out[n, c * M + m, 0, 0] if fuse_relu else NULL,
+                                  g.out_height, g.out_width)
+                    prepare_plane(&x[n, c, 0, 0], &planes[slot, 0], &copies[0, 0],
+                                  copies.shape[0], g)
+                    add_plane_grads(&runs[slot, lead_], stride, &planes[slot, 0], &tap_offset[0],
+                                    M, taps, g, has_bias,
+                                    &lanes[slot, (c - block * B) * M * taps * DIRECT_COLUMNS],
+                                    channel_sums, (n + 1) % flush_every == 0 or n == N - 1)
+                    if need_input_grad:
+                        plane_input_grad(&runs[slot, 0], lead_, stride, &weight[c * M, 0],
+                                         &tap_offset[0], &copies[0, 0],
+                                         copies.shape[0], M, taps, g, &grad_planes[slot, 0],
+                                         &grad_input[n, c, 0, 0])
+            for c in range(block * B, min(C, block * B + B)):
+                channel_sums = &sums[slot, (c - block * B) * M * (taps + 1)]
+                for m in range(M):
+                    for t in range(taps):
+                        grad_weight[c * M + m, t] += <floating> channel_sums[m * (taps + 1) + t]
+                    if has_bias:
+                        grad_bias[c * M + m] += <floating> channel_sums[m * (taps + 1) + taps]

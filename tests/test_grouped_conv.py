@@ -33,6 +33,7 @@ CASES = [
     _case(2, 4, 4, 5, 5, k=3, p=3, groups=4),                              # padding > kernel
     _case(1, 3, 6, 7, 40, k=(7, 7), s=(1, 2), p=3, groups=3),              # 49 taps, long rows
     _case(2, 8, 8, 21, 19, k=3, s=1, p=1, d=2, groups=8),                  # dilated depthwise
+    _case(1, 2, 2, 5, 30, k=(2, 3), p=(0, 4), d=(1, 9), groups=2),         # taps 18 columns apart
 ]
 
 
@@ -212,15 +213,20 @@ def test_paths_agree_on_a_mobilenet_layer(dtype, rng):
         assert_close(a, b, dtype)
 
 
-def test_columns_no_window_reads_do_not_reach_the_gradients(rng, path):
-    """Input columns past the last window (here the last one: W = 8, k = 3, stride 2) are
-    never read: an inf there must not turn the weight gradient into NaN (inf * 0)."""
-    c = _case(2, 4, 8, 6, 8, k=3, s=2, groups=4)
+@pytest.mark.parametrize("width, kernel, stride, dilation, unread", [
+    (8, 3, 2, 1, [7]),                # past the last window
+    (6, 2, 2, 3, [1, 4]),             # between dilated taps: windows read 0, 3 and 2, 5
+])
+def test_columns_no_window_reads_do_not_reach_the_gradients(width, kernel, stride, dilation,
+                                                            unread, rng, path):
+    """Input columns that no window reads: an inf there must not turn the weight gradient
+    into NaN (inf * 0)."""
+    c = _case(2, 4, 8, 6, width, k=(3, kernel), s=(1, stride), d=(1, dilation), groups=4)
     layer = make_layer(c, np.float64)
     x = _input(c, rng)
-    dy = rng.standard_normal((2, 8, 2, 3))
+    dy = rng.standard_normal((2, 8) + layer.output_shape(x.shape)[2:])
     expected = _run(layer, x, dy)
-    x[..., -1] = np.inf
+    x[..., unread] = np.inf
     for a, b in zip(expected, _run(layer, x, dy)):
         np.testing.assert_array_equal(a, b)
 

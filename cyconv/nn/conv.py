@@ -81,6 +81,9 @@ def weight_grad_split(batch, groups, k, weight_bytes):
 # (a 1 x kh*kw by kh*kw x P product: all copying, no reuse).  Tests and
 # benchmarks switch it off to compare.
 DEPTHWISE_KERNEL = True
+# Its backward takes blocks of channels whose planes (per image) span about this many
+# elements: one small plane at a time, it would jump through memory.
+DEPTHWISE_BLOCK_ELEMENTS = 16384
 
 
 def empty(ndim, dtype):
@@ -182,9 +185,9 @@ class Conv2d(Module):
 
     def _depthwise_forward(self, x, bias, out, g, fuse_relu):
         threads = min(get_num_threads(), x.shape[0] * self.in_channels)
-        tap_offset, (planes,) = self._depthwise_workspaces(g, threads, "planes")
-        _depthwise.depthwise_forward(x, self._flat_weight(), bias, tap_offset, planes, out, g,
-                                     _conv.direct_row_length(g), fuse_relu, threads)
+        layout, planes, runs = self._depthwise_workspaces(g, threads, "planes")
+        _depthwise.depthwise_forward(x, self._flat_weight(), bias, *layout, planes, runs, out, g,
+                                     fuse_relu, threads)
 
     def backward(self, grad_output, input_grad=True):
         x, g, fuse_relu, out = self._saved_for_backward()
@@ -207,7 +210,9 @@ class Conv2d(Module):
         weight_rows, cols = self._tile_workspace("weight_grad_cols", g, threads, -(-k // blocks))
         input_rows, grad_cols = (self._tile_workspace("grad_cols", g, threads, k) if input_grad
                                  else (1, empty(2, self.dtype)))
-        masked = self._masked_grad_workspace(g, threads, oc // self.groups, fuse_relu)
+        masked = (self._workspace("masked_grad", (threads, oc // self.groups * g["out_height"]
+                                                  * g["out_width"]), self.dtype)
+                  if fuse_relu else empty(2, self.dtype))
         bias_parts = self._workspace("grad_bias_parts", (chunks if grad_bias.size else 0, oc),
                                      np.float64)
         with blas_single_threaded():
@@ -219,16 +224,25 @@ class Conv2d(Module):
 
     def _depthwise_backward(self, grad_output, x, out, grad_bias, grad_input, g, fuse_relu,
                             input_grad):
-        threads = min(get_num_threads(), self.in_channels)
+        # blocks of channels whose planes lie side by side in memory, enough blocks to
+        # share out evenly (each channel's sums are the same whatever the blocks)
+        plane = x.shape[2] * x.shape[3]
+        channels = min(max(1, DEPTHWISE_BLOCK_ELEMENTS // plane),
+                       -(-self.in_channels // (4 * get_num_threads())))
+        blocks = -(-self.in_channels // channels)
+        threads = min(get_num_threads(), blocks)
         multiplier, taps = self.out_channels // self.in_channels, self.weight.data[0].size
-        tap_offset, (planes, grad_planes) = self._depthwise_workspaces(
+        layout, planes, grad_planes, runs = self._depthwise_workspaces(
             g, threads, "planes", "grad_planes" if input_grad else None)
-        sums = self._workspace("grad_sums", (threads, multiplier * (taps + 1)), np.float64)
-        _depthwise.depthwise_backward(
-            grad_output, x, out, self._flat_weight(), self.weight.grad.reshape(self.out_channels, -1),
-            grad_bias, tap_offset, planes, grad_planes,
-            self._masked_grad_workspace(g, threads, multiplier, fuse_relu), sums, grad_input, g,
-            _conv.direct_row_length(g), fuse_relu, input_grad, threads)
+        lanes = self._workspace("grad_lanes", (threads, channels * multiplier * taps
+                                               * _depthwise.LANES), self.dtype)
+        sums = self._workspace("grad_sums", (threads, channels * multiplier * (taps + 1)),
+                               np.float64)
+        _depthwise.depthwise_backward(grad_output, x, out, self._flat_weight(),
+                                      self.weight.grad.reshape(self.out_channels, taps),
+                                      grad_bias, *layout, planes, grad_planes, runs, lanes,
+                                      sums, grad_input, g, channels, fuse_relu, input_grad,
+                                      threads)
 
     def _weight_grad_parts(self, chunks):
         """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk):
@@ -238,19 +252,18 @@ class Conv2d(Module):
         flat = self._grad_input_array((PARTS_BYTES // self.dtype.itemsize,), self.dtype)
         return flat[:chunks * self.weight.data.size].reshape(chunks, self.out_channels, -1)
 
-    def _masked_grad_workspace(self, g, threads, channels, fuse_relu):
-        """(threads, channels * OH * OW) for the ReLU-masked output gradient, when fused."""
-        if not fuse_relu:
-            return empty(2, self.dtype)
-        return self._workspace("masked_grad", (threads, channels * g["out_height"]
-                                               * g["out_width"]), self.dtype)
-
-    def _depthwise_workspaces(self, g, threads, *names):
-        """(tap offsets, [a (threads, padded plane) workspace per name; None: unused])."""
-        tap_offset = self._workspace("tap_offset", (self.weight.data[0].size,), np.intp)
-        plane = _depthwise.plane_size(g, _conv.direct_row_length(g))
-        return tap_offset, [self._workspace(name, (threads, plane), self.dtype) if name
-                            else empty(2, self.dtype) for name in names]
+    def _depthwise_workspaces(self, g, threads, *plane_names):
+        """(tap offsets, copy plan), then a (threads, plane_size) workspace per name (None:
+        unused), then (threads, runs_size) runs for out_channels / in_channels planes."""
+        multiplier = self.out_channels // self.in_channels
+        layout = (self._workspace("tap_offset", (self.weight.data[0].size * (1 + multiplier),),
+                                  np.intp),
+                  self._workspace("plane_copies", (_depthwise.copies_size(g), 4), np.intp))
+        planes = [self._workspace(name, (threads, _depthwise.plane_size(g)), self.dtype) if name
+                  else empty(2, self.dtype) for name in plane_names]
+        runs = self._workspace("runs", (threads, _depthwise.runs_size(g, multiplier)),
+                               self.dtype)
+        return (layout, *planes, runs)
 
     def _flat_weight(self):
         """The weight as the (out_channels, in_channels/groups*kh*kw) matrix the kernels use."""
