@@ -151,6 +151,28 @@
     }
 #define MASK_OF_float int
 #define MASK_OF_double long long
+#if defined(__clang__) || __GNUC__ >= 12
+/* d[k] = s[2k], k < w, for 5 <= w < DIRECT_COLUMNS (a stride-2 row of a small plane):
+ * 8 elements loaded, every other one kept, never reading past s[2w - 2]. */
+#define CYCONV_GATHER_ROW2(T)                                                                \
+    typedef T oct_##T __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));      \
+    static inline __attribute__((always_inline)) int gather_row2_##T(T *d, const T *s,       \
+                                                                    ptrdiff_t w)             \
+    {                                                                                        \
+        if (w < 5 || w >= DIRECT_COLUMNS)                                                    \
+            return 0;                                                                        \
+        for (ptrdiff_t k = 0; k + 5 <= w; k += 4) {                                          \
+            oct_##T v = *(const oct_##T *)(s + 2 * k);                                       \
+            *(quad_##T *)(d + k) = (quad_##T)__builtin_shufflevector(v, v, 0, 2, 4, 6);      \
+        }                                                                                    \
+        oct_##T v = *(const oct_##T *)(s + 2 * w - 9);                                       \
+        *(quad_##T *)(d + w - 4) = (quad_##T)__builtin_shufflevector(v, v, 1, 3, 5, 7);      \
+        return 1;                                                                            \
+    }
+#else
+#define CYCONV_GATHER_ROW2(T)                                                                \
+    static inline int gather_row2_##T(T *d, const T *s, ptrdiff_t w) { return 0; }
+#endif
 #else
 #define CYCONV_COPY_ROW(T)                                                                   \
     static inline void copy_row_##T(T *d, const T *s, const T *m, ptrdiff_t w)              \
@@ -158,6 +180,8 @@
         for (ptrdiff_t k = 0; k < w; k++)                                                    \
             d[k] = m && !(m[k] > 0) ? (T)0 : s[k];                                           \
     }
+#define CYCONV_GATHER_ROW2(T)                                                                \
+    static inline int gather_row2_##T(T *d, const T *s, ptrdiff_t w) { return 0; }
 #endif
 
 /* dst[r * dst_pitch + k * dst_step] = src[r * src_pitch + k * src_step] (where mask is NULL
@@ -176,8 +200,12 @@
             if (dst_step == 1 && src_step == 1) {                                            \
                 copy_row_##T(d, s, mask ? mask + r * src_pitch : NULL, width);               \
             } else if (dst_step == 1 && src_step == 2) {                                     \
+                if (!gather_row2_##T(d, s, width))                                           \
+                    for (ptrdiff_t k = 0; k < width; k++)                                    \
+                        d[k] = s[2 * k];                                                     \
+            } else if (dst_step == 2 && src_step == 1) {                                     \
                 for (ptrdiff_t k = 0; k < width; k++)                                        \
-                    d[k] = s[2 * k];                                                         \
+                    d[2 * k] = s[k];                                                         \
             } else {                                                                         \
                 for (ptrdiff_t k = 0; k < width; k++)                                        \
                     d[k * dst_step] = s[k * src_step];                                       \
@@ -249,6 +277,8 @@
 
 CYCONV_COPY_ROW(float)
 CYCONV_COPY_ROW(double)
+CYCONV_GATHER_ROW2(float)
+CYCONV_GATHER_ROW2(double)
 CYCONV_COPY_RUNS(float)
 CYCONV_COPY_RUNS(double)
 CYCONV_DEPTHWISE_RUN(float)
