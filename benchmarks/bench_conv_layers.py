@@ -14,6 +14,10 @@ of two builds: run this script from each tree in turn, several times.
 (3x3, stride 1 or 2, batch 32) with cyconv's depthwise kernel, cyconv's grouped
 im2col + GEMM path, and PyTorch in NCHW and channels_last, all in this process,
 alternating call by call.  Every number: median [min-max] over the timed rounds.
+
+--clock cpu (with --threads 1) times the CPU time of the calling thread, which
+runs every kernel then, instead of the wall clock: on a shared machine it leaves
+out the time the process waited for a core.
 """
 import argparse
 import os
@@ -53,10 +57,13 @@ MOBILENET_DEPTHWISE = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (
                        (192, 28, 2), (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1)]
 
 
+clock = time.perf_counter
+
+
 def timed(task):
-    start = time.perf_counter()
+    start = clock()
     task()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def summary(seconds):
@@ -72,8 +79,8 @@ def run_backward(args):
     batch = args.batch or DEFAULT_BATCH[args.backward]
     rng = np.random.default_rng(0)
     total = []
-    print(f"{args.backward} conv layers, batch {batch}, {args.threads} thread(s): "
-          f"backward ms, median [min-max] of {args.rounds}")
+    print(f"{args.backward} conv layers, batch {batch}, {args.threads} thread(s), {args.clock} "
+          f"clock: backward ms, median [min-max] of {args.rounds}")
     for i, (cin, cout, k, s, p, size, relu) in enumerate(NETWORKS[args.backward]):
         layer = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=relu, seed=0, fuse_relu=relu)
         x = rng.standard_normal((batch, cin, size, size)).astype(np.float32)
@@ -81,10 +88,10 @@ def run_backward(args):
         times = []
         for step in range(args.warmup + args.rounds):
             layer(x)
-            start = time.perf_counter()
+            start = clock()
             layer.backward(dy, input_grad=i > 0)
             if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
         total.append(statistics.median(times))
         print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px | {summary(times)} | "
               f"scratch {scratch_bytes(layer) / 2**20:7.2f} MB", flush=True)
@@ -126,8 +133,8 @@ class TorchLayer:
 def run_depthwise(args):
     batch = args.batch or 32
     rng = np.random.default_rng(0)
-    print(f"MobileNetV2 3x3 depthwise layers, batch {batch}, {args.threads} thread(s): "
-          f"ms, median [min-max] of {args.rounds} alternating rounds")
+    print(f"MobileNetV2 3x3 depthwise layers, batch {batch}, {args.threads} thread(s), "
+          f"{args.clock} clock: ms, median [min-max] of {args.rounds} alternating rounds")
     for channels, size, stride in MOBILENET_DEPTHWISE:
         x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
         out = (size - 1) // stride + 1
@@ -159,7 +166,14 @@ def main():
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the calling thread's CPU time (only with --threads 1)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        if args.threads != 1:
+            parser.error("--clock cpu measures one thread: use it with --threads 1")
+        global clock
+        clock = time.thread_time
     cyconv.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)

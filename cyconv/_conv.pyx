@@ -93,33 +93,35 @@ cdef void im2col(const floating* image, floating* cols, Geometry g,
     holds, for each output pixel (oh, ow), the input pixel (oh*sh - ph + ki*dh,
     ow*sw - pw + kj*dw), or 0 where that falls in the padding.
     """
-    cdef int k, c, ki, kj, oh, ow, ih, off_h, off_w
+    cdef int k, c, ki, kj, oh, ow, ih, off_h, off_w, taps = g.kernel_h * g.kernel_w
     cdef int oh_lo, oh_hi, ow_lo, ow_hi
     cdef int OW = g.out_width
     cdef Py_ssize_t T = <Py_ssize_t> (oh1 - oh0) * OW
     cdef floating* dst
     cdef const floating* src
-    for k in range(k0, k1):
-        c = k // (g.kernel_h * g.kernel_w)
-        ki = k // g.kernel_w % g.kernel_h
-        kj = k % g.kernel_w
-        off_h = ki * g.dilation_h - g.pad_h
-        valid_range(off_h, g.stride_h, g.height, g.out_height, &oh_lo, &oh_hi)
-        off_w = kj * g.dilation_w - g.pad_w
-        valid_range(off_w, g.stride_w, g.width, OW, &ow_lo, &ow_hi)
-        for oh in range(oh0, oh1):
-            dst = cols + (k - k0) * T + (oh - oh0) * OW
-            if oh < oh_lo or oh >= oh_hi:  # this kernel row reads padding
-                memset(dst, 0, OW * sizeof(floating))
-                continue
-            ih = oh * g.stride_h + off_h
-            src = image + (<Py_ssize_t> c * g.height + ih) * g.width + off_w
-            for ow in range(ow_lo):
-                dst[ow] = 0
-            gather_strided(dst + ow_lo, src + <Py_ssize_t> ow_lo * g.stride_w,
-                           ow_hi - ow_lo, g.stride_w)
-            for ow in range(ow_hi, OW):
-                dst[ow] = 0
+    for c in range(k0 // taps, (k1 + taps - 1) // taps):
+        for ki in range(g.kernel_h):
+            off_h = ki * g.dilation_h - g.pad_h
+            valid_range(off_h, g.stride_h, g.height, g.out_height, &oh_lo, &oh_hi)
+            for kj in range(g.kernel_w):
+                k = (c * g.kernel_h + ki) * g.kernel_w + kj
+                if k < k0 or k >= k1:
+                    continue
+                off_w = kj * g.dilation_w - g.pad_w
+                valid_range(off_w, g.stride_w, g.width, OW, &ow_lo, &ow_hi)
+                for oh in range(oh0, oh1):
+                    dst = cols + (k - k0) * T + (oh - oh0) * OW
+                    if oh < oh_lo or oh >= oh_hi:  # this kernel row reads padding
+                        memset(dst, 0, OW * sizeof(floating))
+                        continue
+                    ih = oh * g.stride_h + off_h
+                    src = image + (<Py_ssize_t> c * g.height + ih) * g.width + off_w
+                    for ow in range(ow_lo):
+                        dst[ow] = 0
+                    gather_strided(dst + ow_lo, src + <Py_ssize_t> ow_lo * g.stride_w,
+                                   ow_hi - ow_lo, g.stride_w)
+                    for ow in range(ow_hi, OW):
+                        dst[ow] = 0
 
 
 cdef void col2im(const floating* cols, floating* image, Geometry g,
@@ -285,36 +287,51 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                         y[oc * P + p] += b
 
 
-cdef void add_weight_grad(const floating* dy, const floating* image, floating* tile,
-                          floating* target, int ldt, Geometry g, int group_oc, int k0, int k1,
-                          int rows_per_tile, bint overwrite) noexcept nogil:
-    """target (group_oc, k1 - k0), row stride ldt, += dy (group_oc, P) @ cols^T, where cols
-    are rows [k0, k1) of im2col(image), tile by tile; overwrite: = instead of += at first."""
-    cdef int t, oh0, oh1, T
-    cdef int OW = g.out_width, P = g.out_height * g.out_width
-    for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
-        oh0 = t * rows_per_tile
-        oh1 = min(oh0 + rows_per_tile, g.out_height)
-        T = (oh1 - oh0) * OW
-        im2col(image, tile, g, oh0, oh1, k0, k1)
-        gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * OW, P, tile, T,
-             0 if overwrite and t == 0 else 1, target, ldt)
+cdef void weight_grad_tile(const floating* dy, const floating* image, floating* tile,
+                           floating* target, int ldt, Geometry g, int group_oc, int k0, int k1,
+                           int oh0, int oh1, bint overwrite) noexcept nogil:
+    """target (group_oc, k1 - k0), row stride ldt, += (= when overwrite) dy @ cols^T for
+    output rows [oh0, oh1): cols are rows [k0, k1) of their im2col, dy (group_oc, P)."""
+    cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width
+    im2col(image, tile, g, oh0, oh1, k0, k1)
+    gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, tile, T,
+         0 if overwrite else 1, target, ldt)
 
 
-cdef void input_grad(const floating* dy, const floating* weight, floating* tile,
-                     floating* image_grad, Geometry g, int group_oc, int K,
-                     int rows_per_tile) noexcept nogil:
-    """image_grad (channels, H, W) = col2im(weight^T @ dy) for weight (group_oc, K) and
-    dy (group_oc, P), tile by tile."""
-    cdef int t, oh0, oh1, T
-    cdef int OW = g.out_width, P = g.out_height * g.out_width
-    memset(image_grad, 0, <Py_ssize_t> g.channels * g.height * g.width * sizeof(floating))
-    for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
-        oh0 = t * rows_per_tile
-        oh1 = min(oh0 + rows_per_tile, g.out_height)
-        T = (oh1 - oh0) * OW
-        gemm(True, False, K, T, group_oc, 1, weight, K, dy + oh0 * OW, P, 0, tile, T)
-        col2im(tile, image_grad, g, oh0, oh1)
+cdef void input_grad_tile(const floating* dy, const floating* weight, floating* tile,
+                          floating* image_grad, Geometry g, int group_oc, int K, int oh0,
+                          int oh1) noexcept nogil:
+    """image_grad (channels, H, W) += col2im(weight^T @ dy) for output rows [oh0, oh1),
+    weight (group_oc, K), dy (group_oc, P)."""
+    cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width
+    gemm(True, False, K, T, group_oc, 1, weight, K, dy + oh0 * g.out_width, P, 0, tile, T)
+    col2im(tile, image_grad, g, oh0, oh1)
+
+
+cdef void image_backward(const floating* dy, const floating* image, const floating* weight,
+                         floating* cols, floating* grad_cols, floating* target,
+                         floating* image_grad, Geometry g, int group_oc, int K, int k0, int k1,
+                         int weight_rows, int input_rows, bint overwrite) noexcept nogil:
+    """One image's part of a backward item: target (row stride K) += (= when overwrite) its
+    weight gradient of rows [k0, k1), and image_grad (NULL: not wanted) = its input
+    gradient, tile by tile.  When both take the same tiles (one block of K), each tile
+    of dy is used by both while it is in the cache."""
+    cdef int t, oh0
+    cdef bint together = image_grad != NULL and weight_rows == input_rows
+    if image_grad != NULL:
+        memset(image_grad, 0, <Py_ssize_t> g.channels * g.height * g.width * sizeof(floating))
+    for t in range((g.out_height + weight_rows - 1) // weight_rows):
+        oh0 = t * weight_rows
+        weight_grad_tile(dy, image, cols, target, K, g, group_oc, k0, k1, oh0,
+                         min(oh0 + weight_rows, g.out_height), overwrite and t == 0)
+        if together:
+            input_grad_tile(dy, weight, grad_cols, image_grad, g, group_oc, K, oh0,
+                            min(oh0 + weight_rows, g.out_height))
+    if image_grad != NULL and not together:
+        for t in range((g.out_height + input_rows - 1) // input_rows):
+            oh0 = t * input_rows
+            input_grad_tile(dy, weight, grad_cols, image_grad, g, group_oc, K, oh0,
+                            min(oh0 + input_rows, g.out_height))
 
 
 cdef inline void add_sum(const double* values, int count, int stride,
@@ -385,11 +402,12 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                 if has_bias and b == 0:
                     for i in range(group_oc):
                         bias_parts[j, grp * group_oc + i] += sum_run(dy + <Py_ssize_t> i * P, P)
-                add_weight_grad(dy, &x[n, grp * g.channels, 0, 0], &cols[slot, 0], target, K, g,
-                                group_oc, k0, k1, weight_rows, chunks > 1 and n == first)
-                if need_input_grad and n % blocks == b:
-                    input_grad(dy, &weight[grp * group_oc, 0], &grad_cols[slot, 0],
-                               &grad_input[n, grp * g.channels, 0, 0], g, group_oc, K, input_rows)
+                image_backward(dy, &x[n, grp * g.channels, 0, 0], &weight[grp * group_oc, 0],
+                               &cols[slot, 0], &grad_cols[slot, 0] if need_input_grad else NULL,
+                               target, &grad_input[n, grp * g.channels, 0, 0]
+                               if need_input_grad and n % blocks == b else NULL,
+                               g, group_oc, K, k0, k1, weight_rows, input_rows,
+                               chunks > 1 and n == first)
         for oc in prange(OC, schedule='static', num_threads=num_threads):
             for j in range(chunks if chunks > 1 else 0):
                 for k in range(K):
