@@ -23,7 +23,7 @@ from setuptools.command.build_ext import build_ext
 DEBUG = os.environ.get("CYCONV_DEBUG", "0") not in ("", "0")
 
 # One module per layer family; each has a .pxd declaring its kernels.
-MODULES = ["_parallel", "_conv", "_depthwise", "_pool", "_activation", "_linear",
+MODULES = ["_parallel", "_conv", "_conv_direct", "_depthwise", "_pool", "_activation", "_linear",
            "_norm", "_dropout", "_loss", "_optim"]
 
 DIRECTIVES = {

@@ -25,8 +25,6 @@ cdef void im2col(const floating* image, floating* cols, Geometry g,
                  int oh0, int oh1, int k0, int k1) noexcept nogil
 cdef void col2im(const floating* cols, floating* image, Geometry g,
                  int oh0, int oh1) noexcept nogil
-cdef void padded_row(const floating* image_row, floating* dst, int phase, Geometry g,
-                     Py_ssize_t row_len) noexcept nogil
 
 
 cdef inline void gather_strided(floating* dst, const floating* src, Py_ssize_t n,

@@ -8,7 +8,7 @@ from conftest import (DTYPES, FD_TOL, assert_close, finite_difference,
                       random_projection_loss)
 
 import cyconv
-from cyconv import _conv, nn
+from cyconv import _conv_direct, nn
 from cyconv.nn import conv as conv_module
 
 
@@ -89,8 +89,8 @@ def ref_backward(c, layer, x, dy):
 @pytest.fixture(params=["direct", "im2col"])
 def forward_path(request, monkeypatch):
     """Runs a test with each forward kernel: the direct one for every layer with
-    K = C*kh*kw <= _conv.MAX_DIRECT_TAPS, or im2col + GEMM for all."""
-    limit = _conv.MAX_DIRECT_TAPS if request.param == "direct" else 0
+    K = C*kh*kw <= _conv_direct.MAX_DIRECT_TAPS, or im2col + GEMM for all."""
+    limit = _conv_direct.MAX_DIRECT_TAPS if request.param == "direct" else 0
     monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", limit)
     return request.param
 

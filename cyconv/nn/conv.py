@@ -1,7 +1,7 @@
 """Conv2d: 2-D convolution (cross-correlation, as PyTorch computes it)."""
 import numpy as np
 
-from cyconv import _conv, _depthwise
+from cyconv import _conv, _conv_direct, _depthwise
 from cyconv._checks import (as_grad_output, as_input, check_shape, fits_int32, float_dtype,
                             positive_int, positive_pair)
 from cyconv._random import generator
@@ -50,8 +50,8 @@ TILE_BYTES = 128 * 1024
 # for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
 # which copies more than it multiplies for them.  Measured on the reference
 # network's first layer (K = 27): 4.4 -> 3.1 ms at batch 16 (README.rst, Speed).
-DIRECT_MAX_TAPS = 32 if _conv.DIRECT_IS_VECTORIZED else 0
-assert DIRECT_MAX_TAPS <= _conv.MAX_DIRECT_TAPS
+DIRECT_MAX_TAPS = 32 if _conv_direct.DIRECT_IS_VECTORIZED else 0
+assert DIRECT_MAX_TAPS <= _conv_direct.MAX_DIRECT_TAPS
 # The direct kernel keeps one copy of each input row per stride phase: only
 # for small horizontal strides.
 DIRECT_MAX_STRIDE = 4
@@ -171,10 +171,10 @@ class Conv2d(Module):
     def _direct_forward(self, x, bias, out, g, fuse_relu):
         threads = min(get_num_threads(), x.shape[0] * g["out_height"])
         row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
-                        * _conv.direct_row_length(g))
+                        * _conv_direct.direct_row_length(g))
         prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
-        _conv.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out, g,
-                                    fuse_relu, threads)
+        _conv_direct.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out,
+                                           g, fuse_relu, threads)
 
     def _im2col_forward(self, x, bias, out, g, fuse_relu):
         threads = min(get_num_threads(), x.shape[0])
