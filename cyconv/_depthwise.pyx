@@ -52,9 +52,6 @@ cdef extern from "_depthwise.h" nogil:
                               double* out)
 
 
-# Small planes are dealt out to the threads several at a time, about this many
-# input elements per task: one at a time, the scheduling would cost more than them.
-cdef int PLANES_PER_TASK_ELEMENTS = 4096
 # The weight gradient's lane sums of a channel (in the input's precision) go to its
 # double sums after 4096 products per lane at most: a bound on their rounding.
 cdef Py_ssize_t FLUSH_ELEMENTS = 4096 * DIRECT_COLUMNS
@@ -121,19 +118,20 @@ def depthwise_forward(const floating[:, :, :, ::1] x,   # IN   (N, C, H, W)
                       floating[:, ::1] planes,         # WORK (threads, plane_size)
                       floating[:, ::1] runs,           # WORK (threads, runs_size(g, M))
                       floating[:, :, :, ::1] out,      # OUT  (N, C*M, OH, OW)
-                      Geometry g, bint fuse_relu, int num_threads):
-    """out = depthwise conv(x) + bias (then max(., 0) when fuse_relu), plane by plane."""
+                      Geometry g, int planes_per_task, bint fuse_relu, int num_threads):
+    """out = depthwise conv(x) + bias (then max(., 0) when fuse_relu), plane by plane
+    (prange over (image, channel) planes, planes_per_task at a time)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], task, run = g.out_height * pitch(g)
     cdef int M = out.shape[1] // C, taps = weight.shape[1], n, c
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* plane
     cdef floating* result
-    cdef int chunk = max(1, PLANES_PER_TASK_ELEMENTS // (g.height * g.width))
     set_tap_offsets(&tap_offset[0], g, M)
     plan_copies(copies, g)
     with nogil:
         clear(planes)
-        for task in prange(N * C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
+        for task in prange(N * C, schedule='dynamic', chunksize=planes_per_task,
+                           num_threads=num_threads):
             n = task // C
             c = task % C
             plane = &planes[threadid(), 0]

@@ -501,7 +501,23 @@ def test_workspaces_are_sized_by_the_threads_the_kernels_get(groups, kernel, str
     layer.backward(np.ones_like(y))
     tasks = {"direct_rows": y.shape[2], "cols": 1,  # forward: output rows, images
              "weight_grad_cols": groups, "grad_cols": groups,  # backward items
-             "planes": 4, "grad_planes": 4, "grad_sums": 4}  # depthwise: channels
+             "planes": 1, "runs": 1,  # depthwise forward: 4 small planes in one task
+             "backward_planes": 4, "grad_planes": 4, "grad_runs": 4}  # by channel
     for name, array in layer._workspaces.items():
         if name in tasks:
             assert array.shape[0] <= tasks[name], name
+
+
+@pytest.mark.parametrize("groups, kernel", [(1, 3), (1, 1), (4, 3)])
+def test_workspaces_are_kept_from_one_step_to_the_next(groups, kernel, rng, threads):
+    """Forward and backward own their workspaces: none is reallocated at the next step
+    (one shared by both, with different shapes, would be reallocated every call)."""
+    threads(2)
+    layer = nn.Conv2d(4, 8, kernel, padding=1, groups=groups, seed=0, fuse_relu=True)
+    x = rng.standard_normal((3, 4, 9, 11)).astype(np.float32)
+    arrays = []
+    for _ in range(2):
+        y = layer(x)
+        layer.backward(np.ones_like(y))
+        arrays.append({name: id(a) for name, a in layer._workspaces.items()})
+    assert arrays[0] == arrays[1]

@@ -81,8 +81,10 @@ def weight_grad_split(batch, groups, k, weight_bytes):
 # (a 1 x kh*kw by kh*kw x P product: all copying, no reuse).  Tests and
 # benchmarks switch it off to compare.
 DEPTHWISE_KERNEL = True
-# Its backward takes blocks of channels whose planes (per image) span about this many
-# elements: one small plane at a time, it would jump through memory.
+# Its forward deals planes out to the threads about this many input elements at
+# a time; its backward takes blocks of channels whose planes (per image) span about
+# DEPTHWISE_BLOCK_ELEMENTS: one small plane at a time, it would jump through memory.
+DEPTHWISE_TASK_ELEMENTS = 4096
 DEPTHWISE_BLOCK_ELEMENTS = 16384
 
 
@@ -184,10 +186,14 @@ class Conv2d(Module):
                                  fuse_relu, threads)
 
     def _depthwise_forward(self, x, bias, out, g, fuse_relu):
-        threads = min(get_num_threads(), x.shape[0] * self.in_channels)
-        layout, planes, runs = self._depthwise_workspaces(g, threads, "planes")
-        _depthwise.depthwise_forward(x, self._flat_weight(), bias, *layout, planes, runs, out, g,
-                                     fuse_relu, threads)
+        # small planes go to the threads several at a time: one at a time, the
+        # scheduling would cost more than they do
+        planes_per_task = max(1, DEPTHWISE_TASK_ELEMENTS // (x.shape[2] * x.shape[3]))
+        threads = min(get_num_threads(), -(-x.shape[0] * self.in_channels // planes_per_task))
+        _depthwise.depthwise_forward(x, self._flat_weight(), bias, *self._depthwise_layout(g),
+                                     self._plane_workspace("planes", g, threads),
+                                     self._runs_workspace("runs", g, threads), out, g,
+                                     planes_per_task, fuse_relu, threads)
 
     def backward(self, grad_output, input_grad=True):
         x, g, fuse_relu, out = self._saved_for_backward()
@@ -232,17 +238,19 @@ class Conv2d(Module):
         blocks = -(-self.in_channels // channels)
         threads = min(get_num_threads(), blocks)
         multiplier, taps = self.out_channels // self.in_channels, self.weight.data[0].size
-        layout, planes, grad_planes, runs = self._depthwise_workspaces(
-            g, threads, "planes", "grad_planes" if input_grad else None)
+        grad_planes = (self._plane_workspace("grad_planes", g, threads) if input_grad
+                       else empty(2, self.dtype))
         lanes = self._workspace("grad_lanes", (threads, channels * multiplier * taps
                                                * _depthwise.LANES), self.dtype)
         sums = self._workspace("grad_sums", (threads, channels * multiplier * (taps + 1)),
                                np.float64)
         _depthwise.depthwise_backward(grad_output, x, out, self._flat_weight(),
                                       self.weight.grad.reshape(self.out_channels, taps),
-                                      grad_bias, *layout, planes, grad_planes, runs, lanes,
-                                      sums, grad_input, g, channels, fuse_relu, input_grad,
-                                      threads)
+                                      grad_bias, *self._depthwise_layout(g),
+                                      self._plane_workspace("backward_planes", g, threads),
+                                      grad_planes, self._runs_workspace("grad_runs", g, threads),
+                                      lanes, sums, grad_input, g, channels, fuse_relu,
+                                      input_grad, threads)
 
     def _weight_grad_parts(self, chunks):
         """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk):
@@ -252,18 +260,21 @@ class Conv2d(Module):
         flat = self._grad_input_array((PARTS_BYTES // self.dtype.itemsize,), self.dtype)
         return flat[:chunks * self.weight.data.size].reshape(chunks, self.out_channels, -1)
 
-    def _depthwise_workspaces(self, g, threads, *plane_names):
-        """(tap offsets, copy plan), then a (threads, plane_size) workspace per name (None:
-        unused), then (threads, runs_size) runs for out_channels / in_channels planes."""
+    def _depthwise_layout(self, g):
+        """Workspaces for the tap offsets and the copy plan (see _depthwise_layout.pxd)."""
         multiplier = self.out_channels // self.in_channels
-        layout = (self._workspace("tap_offset", (self.weight.data[0].size * (1 + multiplier),),
-                                  np.intp),
-                  self._workspace("plane_copies", (_depthwise.copies_size(g), 4), np.intp))
-        planes = [self._workspace(name, (threads, _depthwise.plane_size(g)), self.dtype) if name
-                  else empty(2, self.dtype) for name in plane_names]
-        runs = self._workspace("runs", (threads, _depthwise.runs_size(g, multiplier)),
-                               self.dtype)
-        return (layout, *planes, runs)
+        return (self._workspace("tap_offset", (self.weight.data[0].size * (1 + multiplier),),
+                                np.intp),
+                self._workspace("plane_copies", (_depthwise.copies_size(g), 4), np.intp))
+
+    def _plane_workspace(self, name, g, threads):
+        """(threads, plane_size): one prepared-layout plane per thread."""
+        return self._workspace(name, (threads, _depthwise.plane_size(g)), self.dtype)
+
+    def _runs_workspace(self, name, g, threads):
+        """(threads, runs_size): the runs of a plane's out_channels / in_channels outputs."""
+        return self._workspace(name, (threads, _depthwise.runs_size(
+            g, self.out_channels // self.in_channels)), self.dtype)
 
     def _flat_weight(self):
         """The weight as the (out_channels, in_channels/groups*kh*kw) matrix the kernels use."""
