@@ -189,7 +189,8 @@ class Conv2d(Module):
         # small planes go to the threads several at a time: one at a time, the
         # scheduling would cost more than they do
         planes_per_task = max(1, DEPTHWISE_TASK_ELEMENTS // (x.shape[2] * x.shape[3]))
-        threads = min(get_num_threads(), -(-x.shape[0] * self.in_channels // planes_per_task))
+        threads = max(1, min(get_num_threads(),
+                             -(-x.shape[0] * self.in_channels // planes_per_task)))
         _depthwise.depthwise_forward(x, self._flat_weight(), bias, *self._depthwise_layout(g),
                                      self._plane_workspace("planes", g, threads),
                                      self._runs_workspace("runs", g, threads), out, g,
