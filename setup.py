@@ -32,7 +32,8 @@ SANITIZE = os.environ.get("CYCONV_SANITIZE", "")
 NO_OPENMP = os.environ.get("CYCONV_NO_OPENMP", "0") not in ("", "0")
 
 # One module per layer family (plus _parallel, which reports whether OpenMP is on).
-MODULES = ["_parallel", "_conv", "_winograd", "_pool", "_activation", "_linear",
+MODULES = ["_parallel", "_conv", "_conv_direct", "_depthwise", "_winograd", "_pool",
+           "_activation", "_linear",
            "_norm", "_dropout", "_loss", "_optim"]
 
 DIRECTIVES = {

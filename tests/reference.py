@@ -48,7 +48,15 @@ def _conv_window(xp, i, j, Ho, Wo, stride, dilation):
               j * dw: j * dw + sw * (Wo - 1) + 1: sw]
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
+def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """groups G: the convolution of input channels [g*C/G, (g+1)*C/G) with output channels
+    [g*O/G, (g+1)*O/G) for each g, side by side (w is (O, C/G, kh, kw))."""
+    if groups > 1:
+        b = np.zeros(len(w)) if b is None else b
+        return np.concatenate([conv2d_forward(xg, wg, bg, stride, padding, dilation)
+                               for xg, wg, bg in zip(np.split(f64(x), groups, axis=1),
+                                                     np.split(f64(w), groups),
+                                                     np.split(f64(b), groups))], axis=1)
     x, w = f64(x), f64(w)
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     N, C, H, W = x.shape
@@ -69,8 +77,15 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
     return out
 
 
-def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, bias=True):
-    """Returns (dx, dw, db); db is None when bias is False."""
+def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, bias=True, groups=1):
+    """Returns (dx, dw, db); db is None when bias is False.  groups as in conv2d_forward."""
+    if groups > 1:
+        parts = [conv2d_backward(xg, wg, dyg, stride, padding, dilation)
+                 for xg, wg, dyg in zip(np.split(f64(x), groups, axis=1),
+                                        np.split(f64(w), groups), np.split(f64(dy), groups, axis=1))]
+        return (np.concatenate([p[0] for p in parts], axis=1),
+                np.concatenate([p[1] for p in parts]),
+                f64(dy).sum(axis=(0, 2, 3)) if bias else None)
     x, w, dy = f64(x), f64(w), f64(dy)
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     N, C, H, W = x.shape

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cyconv
-from cyconv import _conv, nn
+from cyconv import _conv_direct, nn
 from cyconv.nn import conv as conv_module
 
 import reference as R
@@ -88,8 +88,8 @@ def ref_backward(c, layer, x, dy):
 @pytest.fixture(params=["direct", "im2col"])
 def forward_path(request, monkeypatch):
     """Runs a test with each forward kernel: the direct one for every layer with
-    K = C*kh*kw <= _conv.MAX_DIRECT_TAPS, or im2col + GEMM for all."""
-    limit = _conv.MAX_DIRECT_TAPS if request.param == "direct" else 0
+    K = C*kh*kw <= _conv_direct.MAX_DIRECT_TAPS, or im2col + GEMM for all."""
+    limit = _conv_direct.MAX_DIRECT_TAPS if request.param == "direct" else 0
     monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", limit)
     return request.param
 
@@ -413,3 +413,111 @@ def test_fused_relu_option(c, rng, forward_path):
                                rtol=1e-12, atol=1e-14)
     for pf, pp in zip(fused.parameters(), plain.parameters()):
         np.testing.assert_allclose(pf.grad, pp.grad, rtol=1e-12, atol=1e-14)
+
+
+# How the weight gradient is split into work items (chunks of images x blocks of K,
+# see conv_module.weight_grad_split), forced into each regime by its constants.
+SPLITS = {
+    "default": lambda weight_bytes: {},
+    "one chunk, blocks of K": lambda weight_bytes: dict(PARTS_BYTES=1, MIN_BLOCK_COLUMNS=4),
+    "3 chunks x blocks": lambda weight_bytes: dict(PARTS_BYTES=3 * weight_bytes,
+                                                   WEIGHT_GRAD_ITEMS=64, MIN_BLOCK_COLUMNS=5),
+}
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_weight_grad_splits_match_reference_and_any_thread_count(split, dtype, groups, rng,
+                                                                 threads, monkeypatch):
+    c = _case(7, 8, 6, 11, 10, k=3, s=(2, 1), p=1)
+    layer = nn.Conv2d(8, 6, 3, stride=(2, 1), padding=1, groups=groups, dtype=dtype, seed=0,
+                      fuse_relu=True)
+    for name, value in SPLITS[split](layer.weight.data.nbytes).items():
+        monkeypatch.setattr(conv_module, name, value)
+    blocks, chunks = conv_module.weight_grad_split(7, groups, 8 // groups * 9,
+                                                   layer.weight.data.nbytes)
+    assert {"default": chunks == 7, "one chunk, blocks of K": chunks == 1 and blocks > 1,
+            "3 chunks x blocks": chunks == 3 and blocks > 1}[split]
+    x = _input(c, rng, dtype)
+    dy = rng.standard_normal((7, 6) + _out_hw(c)).astype(dtype)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        layer.zero_grad()
+        y = layer(x).copy()
+        results.append([y, layer.backward(dy).copy()] + [p.grad.copy() for p in layer.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    y, dx, dw, db = results[0]
+    dy_masked = np.where(y > 0, dy, 0)
+    rdx, rdw, rdb = R.conv2d_backward(x, layer.weight.data, dy_masked, c["s"], c["p"],
+                                      groups=groups)
+    assert_close(dx, rdx, dtype)
+    assert_close(dw, rdw, dtype)
+    assert_close(db, rdb, dtype)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 64, 1000])
+@pytest.mark.parametrize("groups, k", [(1, 9), (1, 576), (4, 144), (32, 9), (1, 4608)])
+@pytest.mark.parametrize("weight_bytes", [36, 300_000, 9_437_184])
+def test_weight_grad_split_bounds_the_parts(batch, groups, k, weight_bytes):
+    blocks, chunks = conv_module.weight_grad_split(batch, groups, k, weight_bytes)
+    assert 1 <= chunks <= batch
+    assert chunks == 1 or chunks * weight_bytes <= conv_module.PARTS_BYTES
+    block = -(-k // blocks)
+    assert 1 <= blocks <= k and (blocks - 1) * block < k  # no empty block
+    assert blocks == 1 or block >= conv_module.MIN_BLOCK_COLUMNS
+
+
+@pytest.mark.parametrize("kernel, bound", [(3, 16 * 2**20), (5, 2**20)])  # Winograd, im2col
+def test_backward_scratch_does_not_grow_with_the_batch(rng, kernel, bound):
+    """No per-image copy of the weight: the layer's own scratch is the same at batch 64 and
+    256, and bounded (Winograd's by its tile budgets), and the weight-gradient parts (from
+    the shared pool) stay within PARTS_BYTES."""
+    layer = nn.Conv2d(64, 64, kernel, padding=kernel // 2, bias=False, seed=0)
+    sizes = []
+    for batch in (64, 256):
+        x = rng.standard_normal((batch, 64, 9, 9)).astype(np.float32)
+        layer(x)
+        layer.backward(np.ones((batch, 64, 9, 9), np.float32))
+        sizes.append({name: a.nbytes for name, a in layer._workspaces.items()})
+    assert sizes[0] == sizes[1]
+    assert sum(sizes[1].values()) < bound
+    assert conv_module.weight_grad_split(256, 1, 576, layer.weight.data.nbytes)[1] * \
+        layer.weight.data.nbytes <= conv_module.PARTS_BYTES
+
+
+@pytest.mark.parametrize("groups, kernel, stride", [(1, 3, 1), (1, 1, 1), (2, 3, 2), (4, 3, 1)])
+def test_workspaces_are_sized_by_the_threads_the_kernels_get(groups, kernel, stride, rng,
+                                                             threads):
+    """With more threads than tasks (batch 1, few channels), no workspace keeps a slot for
+    a thread that the kernel does not start."""
+    threads(cyconv._threads.max_num_threads())
+    layer = nn.Conv2d(4, 4, kernel, stride=stride, groups=groups, seed=0)
+    x = rng.standard_normal((1, 4, 5, 6)).astype(np.float32)
+    y = layer(x)
+    layer.backward(np.ones_like(y))
+    tasks = {"direct_rows": y.shape[2], "cols": 1,  # forward: output rows, images
+             "weight_grad_cols": groups, "grad_cols": groups,  # backward items
+             "planes": 1, "runs": 1,  # depthwise forward: 4 small planes in one task
+             "backward_planes": 4, "grad_planes": 4, "grad_runs": 4}  # by channel
+    for name, array in layer._workspaces.items():
+        if name in tasks:
+            assert array.shape[0] <= tasks[name], name
+
+
+@pytest.mark.parametrize("groups, kernel", [(1, 3), (1, 1), (4, 3)])
+def test_workspaces_are_kept_from_one_step_to_the_next(groups, kernel, rng, threads):
+    """Forward and backward own their workspaces: none is reallocated at the next step
+    (one shared by both, with different shapes, would be reallocated every call)."""
+    threads(2)
+    layer = nn.Conv2d(4, 8, kernel, padding=1, groups=groups, seed=0, fuse_relu=True)
+    x = rng.standard_normal((3, 4, 9, 11)).astype(np.float32)
+    arrays = []
+    for _ in range(2):
+        y = layer(x)
+        layer.backward(np.ones_like(y))
+        arrays.append({name: id(a) for name, a in layer._workspaces.items()})
+    assert arrays[0] == arrays[1]

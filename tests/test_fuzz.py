@@ -91,8 +91,9 @@ def test_fuzz_conv2d(data):
     dilation = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
     bias, fuse = data.draw(st.booleans()), data.draw(st.booleans())
-    layer = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, bias=bias, dtype=dtype,
-                      seed=data.draw(st.integers(0, 99)), fuse_relu=fuse)
+    groups = data.draw(st.sampled_from([g for g in range(1, 5) if c_in % g == 0 == c_out % g]))
+    layer = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups=groups, bias=bias,
+                      dtype=dtype, seed=data.draw(st.integers(0, 99)), fuse_relu=fuse)
     n = data.draw(st.integers(0, 3))
     channels = data.draw(st.sampled_from([c_in] * 9 + [c_in + 1]))
     h, w = draw_extent(data), draw_extent(data)
@@ -113,7 +114,7 @@ def test_fuzz_conv2d(data):
         COUNTS[name, "legal"] += 1
         y = layer(x)
         b = layer.bias.data if bias else None
-        y_ref = ref.conv2d_forward(x, layer.weight.data, b, stride, padding, dilation)
+        y_ref = ref.conv2d_forward(x, layer.weight.data, b, stride, padding, dilation, groups)
         if fuse:
             y_ref = np.maximum(y_ref, 0)
         assert y.shape == y_ref.shape and y.dtype == dtype
@@ -123,7 +124,7 @@ def test_fuzz_conv2d(data):
         dx = layer.backward(dy, input_grad=input_grad)
     dy_eff = np.where(y > 0, dy, 0) if fuse else dy
     dx_ref, dw_ref, db_ref = ref.conv2d_backward(x, layer.weight.data, dy_eff, stride, padding,
-                                                 dilation, bias)
+                                                 dilation, bias, groups)
     if input_grad:
         assert_close(dx, dx_ref, dtype)
     else:

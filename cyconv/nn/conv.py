@@ -1,7 +1,7 @@
 """Conv2d: 2-D convolution (cross-correlation, as PyTorch computes it)."""
 import numpy as np
 
-from cyconv import _conv
+from cyconv import _conv, _conv_direct, _depthwise
 from cyconv._checks import (
     as_grad_output,
     as_input,
@@ -58,11 +58,42 @@ TILE_BYTES = 128 * 1024
 # for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
 # which copies more than it multiplies for them.  Measured on the reference
 # network's first layer (K = 27): 4.4 -> 3.1 ms at batch 16 (README.rst, Speed).
-DIRECT_MAX_TAPS = 32 if _conv.DIRECT_IS_VECTORIZED else 0
-assert DIRECT_MAX_TAPS <= _conv.MAX_DIRECT_TAPS
+DIRECT_MAX_TAPS = 32 if _conv_direct.DIRECT_IS_VECTORIZED else 0
+assert DIRECT_MAX_TAPS <= _conv_direct.MAX_DIRECT_TAPS
 # The direct kernel keeps one copy of each input row per stride phase: only
 # for small horizontal strides.
 DIRECT_MAX_STRIDE = 4
+
+
+# The weight gradient sum_n dY_n @ cols_n^T is split into work items that write
+# disjoint outputs (see _conv.conv2d_backward): chunks of the batch, whose sums
+# go to parts (copies of the weight, at most PARTS_BYTES in all, shared by all
+# layers) added in order at the end, times blocks of the K = C*kh*kw columns,
+# which cost a read of dY each.  The split depends on the shapes alone, never on
+# the thread count, so the sums are the same for any thread count.
+PARTS_BYTES = 8 << 20
+WEIGHT_GRAD_ITEMS = 16      # blocks are added until there are this many items
+MIN_BLOCK_COLUMNS = 32      # keeps each item's matrix product wide enough to run fast
+
+
+def weight_grad_split(batch, groups, k, weight_bytes):
+    """(blocks, chunks) for conv2d_backward: one chunk per image as far as PARTS_BYTES
+    allows, then blocks of K until there are WEIGHT_GRAD_ITEMS items."""
+    chunks = max(1, min(batch, PARTS_BYTES // weight_bytes))
+    blocks = max(1, min(k // MIN_BLOCK_COLUMNS, -(-WEIGHT_GRAD_ITEMS // (groups * chunks))))
+    return -(-k // -(-k // blocks)), chunks   # no empty block
+
+
+# Depthwise layers (groups == in_channels > 1) run the kernels of _depthwise.pyx,
+# which read each input plane directly, instead of im2col + a GEMM per channel
+# (a 1 x kh*kw by kh*kw x P product: all copying, no reuse).  Tests and
+# benchmarks switch it off to compare.
+DEPTHWISE_KERNEL = True
+# Its forward deals planes out to the threads about this many input elements at
+# a time; its backward takes blocks of channels whose planes (per image) span about
+# DEPTHWISE_BLOCK_ELEMENTS: one small plane at a time, it would jump through memory.
+DEPTHWISE_TASK_ELEMENTS = 4096
+DEPTHWISE_BLOCK_ELEMENTS = 16384
 
 
 def empty(ndim, dtype):
@@ -124,6 +155,9 @@ class Conv2d(Module):
         """A ReLU right after this conv can run inside its kernels (see Sequential)."""
         return type(next_layer) is ReLU and not self.fuse_relu
 
+    def _uses_depthwise_kernel(self):
+        return DEPTHWISE_KERNEL and self.groups == self.in_channels > 1
+
     def _uses_direct_kernel(self):
         return (self.groups == 1 and self.weight.data[0].size <= DIRECT_MAX_TAPS
                 and self.stride[1] <= DIRECT_MAX_STRIDE)
@@ -134,72 +168,143 @@ class Conv2d(Module):
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
                                  self.dtype)
         bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
-        threads = min(get_num_threads(), max(1, x.shape[0] * g["out_height"]))
         if winograd.applies(self):  # 3x3, stride 1: its own kernels (nn/winograd.py)
             winograd.forward(self, x, bias, out, fuse_relu)
+        elif self._uses_depthwise_kernel():
+            self._depthwise_forward(x, bias, out, g, fuse_relu)
         elif self._uses_direct_kernel():
-            row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
-                            * _conv.direct_row_length(g))
-            prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
-            _conv.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out, g,
-                                        fuse_relu, threads)
+            self._direct_forward(x, bias, out, g, fuse_relu)
         else:
-            threads = min(threads, max(1, x.shape[0]))
-            rows, cols = self._tile_workspace("cols", g, threads)
-            with blas_single_threaded():
-                _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, self.groups,
-                                     rows, fuse_relu, threads)
-        # backward rebuilds the columns from x; the output is kept only as a ReLU mask
+            self._im2col_forward(x, bias, out, g, fuse_relu)
+        # backward rebuilds what it needs from x; the output is kept only as a ReLU mask
         self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
         return out
 
+    def _direct_forward(self, x, bias, out, g, fuse_relu):
+        threads = min(get_num_threads(), x.shape[0] * g["out_height"])
+        row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
+                        * _conv_direct.direct_row_length(g))
+        prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
+        _conv_direct.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out,
+                                           g, fuse_relu, threads)
+
+    def _im2col_forward(self, x, bias, out, g, fuse_relu):
+        threads = min(get_num_threads(), x.shape[0])
+        rows, cols = self._tile_workspace("cols", g, threads, self.weight.data[0].size)
+        with blas_single_threaded():
+            _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, self.groups, rows,
+                                 fuse_relu, threads)
+
+    def _depthwise_forward(self, x, bias, out, g, fuse_relu):
+        # small planes go to the threads several at a time: one at a time, the
+        # scheduling would cost more than they do
+        planes_per_task = max(1, DEPTHWISE_TASK_ELEMENTS // (x.shape[2] * x.shape[3]))
+        threads = max(1, min(get_num_threads(),
+                             -(-x.shape[0] * self.in_channels // planes_per_task)))
+        _depthwise.depthwise_forward(x, self._flat_weight(), bias, *self._depthwise_layout(g),
+                                     self._plane_workspace("planes", g, threads),
+                                     self._runs_workspace("runs", g, threads), out, g,
+                                     planes_per_task, fuse_relu, threads)
+
     def backward(self, grad_output, input_grad=True):
         x, g, fuse_relu, out = self._saved_for_backward()
-        n, oc, k = x.shape[0], self.out_channels, self.weight.data[0].size
-        p = g["out_height"] * g["out_width"]
-        grad_output = as_grad_output(self, grad_output, (n, oc, g["out_height"], g["out_width"]),
+        grad_output = as_grad_output(self, grad_output, (x.shape[0], self.out_channels,
+                                                         g["out_height"], g["out_width"]),
                                      self.dtype)
+        grad_input = self._grad_input_array(x.shape, self.dtype) if input_grad else None
         if winograd.applies(self):
-            grad_input = self._grad_input_array(x.shape, self.dtype) if input_grad else None
             winograd.backward(self, grad_output, x, out, grad_input)
             return grad_input
-        threads = min(get_num_threads(), max(1, n))
-        rows, cols = self._tile_workspace("cols", g, threads)
-        if input_grad:
-            _, grad_cols = self._tile_workspace("grad_cols", g, threads)
-            grad_input = self._grad_input_array(x.shape, self.dtype)
-        else:
-            grad_cols, grad_input = empty(2, self.dtype), empty(4, self.dtype)
-        masked = (self._workspace("masked_grad", (threads, oc * p), self.dtype) if fuse_relu
-                  else empty(2, self.dtype))
-        if self.bias is not None:
-            grad_bias = self.bias.grad
-            bias_parts = self._workspace("grad_bias_parts", (n, oc), self.dtype)
-        else:
-            grad_bias, bias_parts = empty(1, self.dtype), empty(2, self.dtype)
+        grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
+        backward = (self._depthwise_backward if self._uses_depthwise_kernel()
+                    else self._im2col_backward)
+        backward(grad_output, x, out, grad_bias,
+                 grad_input if input_grad else empty(4, self.dtype), g, fuse_relu, input_grad)
+        return grad_input
+
+    def _im2col_backward(self, grad_output, x, out, grad_bias, grad_input, g, fuse_relu,
+                         input_grad):
+        n, oc, k = x.shape[0], self.out_channels, self.weight.data[0].size
+        blocks, chunks = weight_grad_split(n, self.groups, k, self.weight.data.nbytes)
+        threads = min(get_num_threads(), self.groups * chunks * blocks)
+        weight_rows, cols = self._tile_workspace("weight_grad_cols", g, threads, -(-k // blocks))
+        input_rows, grad_cols = (self._tile_workspace("grad_cols", g, threads, k) if input_grad
+                                 else (1, empty(2, self.dtype)))
+        masked = (self._workspace("masked_grad", (threads, oc // self.groups * g["out_height"]
+                                                  * g["out_width"]), self.dtype)
+                  if fuse_relu else empty(2, self.dtype))
+        bias_parts = self._workspace("grad_bias_parts", (chunks if grad_bias.size else 0, oc),
+                                     np.float64)
         with blas_single_threaded():
             _conv.conv2d_backward(grad_output, x, out, self._flat_weight(),
                                   self.weight.grad.reshape(oc, k), grad_bias,
-                                  self._workspace("grad_weight_parts", (n, oc, k), self.dtype),
-                                  bias_parts, cols, grad_cols, masked, grad_input, g,
-                                  self.groups, rows, fuse_relu, input_grad, threads)
-        return grad_input if input_grad else None
+                                  self._weight_grad_parts(chunks), bias_parts, cols, grad_cols,
+                                  masked, grad_input, g, self.groups, weight_rows, input_rows,
+                                  blocks, chunks, fuse_relu, input_grad, threads)
+
+    def _depthwise_backward(self, grad_output, x, out, grad_bias, grad_input, g, fuse_relu,
+                            input_grad):
+        # blocks of channels whose planes lie side by side in memory, enough blocks to
+        # share out evenly (each channel's sums are the same whatever the blocks)
+        plane = x.shape[2] * x.shape[3]
+        channels = min(max(1, DEPTHWISE_BLOCK_ELEMENTS // plane),
+                       -(-self.in_channels // (4 * get_num_threads())))
+        blocks = -(-self.in_channels // channels)
+        threads = min(get_num_threads(), blocks)
+        multiplier, taps = self.out_channels // self.in_channels, self.weight.data[0].size
+        grad_planes = (self._plane_workspace("grad_planes", g, threads) if input_grad
+                       else empty(2, self.dtype))
+        lanes = self._workspace("grad_lanes", (threads, channels * multiplier * taps
+                                               * _depthwise.LANES), self.dtype)
+        sums = self._workspace("grad_sums", (threads, channels * multiplier * (taps + 1)),
+                               np.float64)
+        _depthwise.depthwise_backward(grad_output, x, out, self._flat_weight(),
+                                      self.weight.grad.reshape(self.out_channels, taps),
+                                      grad_bias, *self._depthwise_layout(g),
+                                      self._plane_workspace("backward_planes", g, threads),
+                                      grad_planes, self._runs_workspace("grad_runs", g, threads),
+                                      lanes, sums, grad_input, g, channels, fuse_relu,
+                                      input_grad, threads)
+
+    def _weight_grad_parts(self, chunks):
+        """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk):
+        a view of one PARTS_BYTES array from the pool, which all layers share."""
+        if chunks == 1:
+            return empty(3, self.dtype)
+        flat = self._grad_input_array((PARTS_BYTES // self.dtype.itemsize,), self.dtype)
+        return flat[:chunks * self.weight.data.size].reshape(chunks, self.out_channels, -1)
+
+    def _depthwise_layout(self, g):
+        """Workspaces for the tap offsets and the copy plan (see _depthwise_layout.pxd)."""
+        multiplier = self.out_channels // self.in_channels
+        return (self._workspace("tap_offset", (self.weight.data[0].size * (1 + multiplier),),
+                                np.intp),
+                self._workspace("plane_copies", (_depthwise.copies_size(g), 4), np.intp))
+
+    def _plane_workspace(self, name, g, threads):
+        """(threads, plane_size): one prepared-layout plane per thread."""
+        return self._workspace(name, (threads, _depthwise.plane_size(g)), self.dtype)
+
+    def _runs_workspace(self, name, g, threads):
+        """(threads, runs_size): the runs of a plane's out_channels / in_channels outputs."""
+        return self._workspace(name, (threads, _depthwise.runs_size(
+            g, self.out_channels // self.in_channels)), self.dtype)
 
     def _flat_weight(self):
         """The weight as the (out_channels, in_channels/groups*kh*kw) matrix the kernels use."""
         return self.weight.data.reshape(self.out_channels, -1)
 
-    def _tile_workspace(self, name, g, threads):
-        """(output rows per tile, a (threads, K * rows * OW) workspace) for im2col tiles.
+    def _tile_workspace(self, name, g, threads, k_rows):
+        """(output rows per tile, a (threads, k_rows * rows * OW) workspace) for im2col
+        tiles of k_rows rows.
 
         A tile holds whole output rows, as many as keep its columns within
         TILE_BYTES, so that they stay in the core's cache between im2col and
         the matrix product.
         """
-        k = self.weight.data[0].size
-        row_bytes = k * g["out_width"] * self.dtype.itemsize
+        row_bytes = k_rows * g["out_width"] * self.dtype.itemsize
         rows = max(1, min(g["out_height"], TILE_BYTES // row_bytes))
-        return rows, self._workspace(name, (threads, k * rows * g["out_width"]), self.dtype)
+        return rows, self._workspace(name, (threads, k_rows * rows * g["out_width"]), self.dtype)
 
     def extra_repr(self):
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
