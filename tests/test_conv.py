@@ -471,11 +471,11 @@ def test_weight_grad_split_bounds_the_parts(batch, groups, k, weight_bytes):
     assert blocks == 1 or block >= conv_module.MIN_BLOCK_COLUMNS
 
 
-@pytest.mark.parametrize("kernel, bound", [(3, 16 * 2**20), (5, 2**20)])  # Winograd, im2col
-def test_backward_scratch_does_not_grow_with_the_batch(rng, kernel, bound):
+@pytest.mark.parametrize("kernel", [3, 5])  # Winograd, im2col
+def test_backward_scratch_does_not_grow_with_the_batch(rng, kernel):
     """No per-image copy of the weight: the layer's own scratch is the same at batch 64 and
-    256, and bounded (Winograd's by its tile budgets), and the weight-gradient parts (from
-    the shared pool) stay within PARTS_BYTES."""
+    256, and small (Winograd's large scratch comes from the shared pool), and the
+    weight-gradient parts (from the pool) stay within PARTS_BYTES."""
     layer = nn.Conv2d(64, 64, kernel, padding=kernel // 2, bias=False, seed=0)
     sizes = []
     for batch in (64, 256):
@@ -484,7 +484,7 @@ def test_backward_scratch_does_not_grow_with_the_batch(rng, kernel, bound):
         layer.backward(np.ones((batch, 64, 9, 9), np.float32))
         sizes.append({name: a.nbytes for name, a in layer._workspaces.items()})
     assert sizes[0] == sizes[1]
-    assert sum(sizes[1].values()) < bound
+    assert sum(sizes[1].values()) < 2**20
     assert conv_module.weight_grad_split(256, 1, 576, layer.weight.data.nbytes)[1] * \
         layer.weight.data.nbytes <= conv_module.PARTS_BYTES
 

@@ -151,6 +151,21 @@ def test_steps_after_the_first_allocate_no_new_arrays(rng):
     assert sum(len(bucket) for bucket in array_pool._pool.buckets.values()) == before
 
 
+def test_scratch_arrays_are_shared_between_layers():
+    """Scratch for one kernel call comes from the pool in power-of-two lengths: a second
+    layer reuses the first one's array once it is dropped, never one still held."""
+    first, second = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
+    a = first._scratch((3, 100), np.float32)
+    assert a.shape == (3, 100) and a.dtype == np.float32 and a.flags.c_contiguous
+    held = second._scratch((5, 50), np.float32)            # 250 -> 256 elements, as a's 300 -> 512
+    assert not np.shares_memory(a, held)
+    address = a.base.__array_interface__["data"][0]
+    del a
+    b = second._scratch((20, 20), np.float32)             # 400 -> 512: a's array again
+    assert b.base.__array_interface__["data"][0] == address
+    assert not np.shares_memory(b, held)
+
+
 # ---------------------------------------------------------------------------
 # One forward, one backward (hostile-input finding) and errors that name the layer
 # ---------------------------------------------------------------------------

@@ -267,12 +267,11 @@ class Conv2d(Module):
                                       input_grad, threads)
 
     def _weight_grad_parts(self, chunks):
-        """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk):
-        a view of one PARTS_BYTES array from the pool, which all layers share."""
+        """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk),
+        at most PARTS_BYTES (see weight_grad_split)."""
         if chunks == 1:
             return empty(3, self.dtype)
-        flat = self._grad_input_array((PARTS_BYTES // self.dtype.itemsize,), self.dtype)
-        return flat[:chunks * self.weight.data.size].reshape(chunks, self.out_channels, -1)
+        return self._scratch((chunks,) + self._flat_weight().shape, self.dtype)
 
     def _depthwise_layout(self, g):
         """Workspaces for the tap offsets and the copy plan (see _depthwise_layout.pxd)."""

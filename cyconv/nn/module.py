@@ -167,6 +167,14 @@ class Module(SavedState):
             self._workspaces[name] = array
         return array
 
+    def _scratch(self, shape, dtype):
+        """A scratch array for one kernel call only, from the pool: a view of a flat array
+        whose length is rounded up to a power of two, so that all layers share a few
+        large arrays instead of each keeping its own.  Uninitialised."""
+        size = int(np.prod(shape))
+        flat = reusable_array((1 << max(size - 1, 0).bit_length(),), dtype)
+        return flat[:size].reshape(shape)
+
     def _output_array(self, shape, dtype):
         """The array for this call's output (from the pool: see the module docstring)."""
         return reusable_array(shape, dtype)

@@ -49,17 +49,16 @@ def tile_count(shape):
     return n * ((oh + 1) // 2) * ((ow + 1) // 2)
 
 
-def row_workspace(layer, name, out_width, threads):
+def row_scratch(layer, out_width, threads):
     """Each thread's split input rows (see _winograd.h)."""
-    return layer._workspace(name,
-                            (threads, 8 * ((out_width + 1) // 2 + 1 + _winograd.ROW_SLACK)),
-                            layer.dtype)
+    return layer._scratch((threads, 8 * ((out_width + 1) // 2 + 1 + _winograd.ROW_SLACK)),
+                          layer.dtype)
 
 
-def convolve(layer, name, x, weight, bias, out, padding, transposed, fuse_relu, mask=None):
+def convolve(layer, x, weight, bias, out, padding, transposed, fuse_relu, mask=None):
     """out = conv3x3(x, weight) (+ bias, then max(., 0) when fuse_relu); transposed: weight
     is used transposed and flipped, x read as 0 where mask <= 0 (see winograd_forward).
-    name: the prefix of this call's workspaces."""
+    Its scratch arrays come from the pool, shared with every layer."""
     channels, outputs = x.shape[1], out.shape[1]
     packed_rows = round_up(outputs, _winograd.CHANNEL_BLOCK)
     tiles = tile_count(out.shape)
@@ -68,16 +67,15 @@ def convolve(layer, name, x, weight, bias, out, padding, transposed, fuse_relu, 
     empty = np.empty((0, 0, 0, 0), layer.dtype)
     _winograd.winograd_forward(
         x, empty if mask is None else mask, weight, bias,
-        layer._workspace(name + "_packed", (16, packed_rows, channels), layer.dtype),
-        layer._workspace(name + "_input", (threads, 16 * channels * span), layer.dtype),
-        layer._workspace(name + "_product",
-                         (threads, 16 * packed_rows * span + _winograd.ROW_SLACK), layer.dtype),
-        row_workspace(layer, name + "_rows", out.shape[3], threads), out, padding[0], padding[1],
-        transposed, span, fuse_relu, threads)
+        layer._scratch((16, packed_rows, channels), layer.dtype),
+        layer._scratch((threads, 16 * channels * span), layer.dtype),
+        layer._scratch((threads, 16 * packed_rows * span + _winograd.ROW_SLACK), layer.dtype),
+        row_scratch(layer, out.shape[3], threads), out, padding[0], padding[1], transposed, span,
+        fuse_relu, threads)
 
 
 def forward(layer, x, bias, out, fuse_relu):
-    convolve(layer, "winograd", x, layer.weight.data, bias, out, layer.padding, False,
+    convolve(layer, x, layer.weight.data, bias, out, layer.padding, False,
              fuse_relu)
 
 
@@ -95,14 +93,14 @@ def backward(layer, grad_output, x, out, grad_input):
                  else np.empty(0, layer.dtype))
     _winograd.winograd_weight_grad(
         grad_output, x, out, layer.weight.grad, grad_bias,
-        layer._workspace("winograd_grad_input", (16 * channels_g * span,), layer.dtype),
-        layer._workspace("winograd_grad_output", (16 * outputs_g * span,), layer.dtype),
-        layer._workspace("winograd_grad_weight", (16, outputs_g, channels_g), layer.dtype),
-        layer._workspace("winograd_grad_bias", (outputs_g,), np.float64),
-        row_workspace(layer, "winograd_grad_rows", grad_output.shape[3], threads), layer.padding[0],
-        layer.padding[1], span, threads)
+        layer._scratch((16 * channels_g * span,), layer.dtype),
+        layer._scratch((16 * outputs_g * span,), layer.dtype),
+        layer._scratch((16, outputs_g, channels_g), layer.dtype),
+        layer._scratch((outputs_g,), np.float64),
+        row_scratch(layer, grad_output.shape[3], threads), layer.padding[0], layer.padding[1],
+        span, threads)
     if grad_input is not None:
         flipped_padding = (2 - layer.padding[0], 2 - layer.padding[1])
-        convolve(layer, "winograd_input_grad", grad_output, layer.weight.data,
+        convolve(layer, grad_output, layer.weight.data,
                  np.empty(0, layer.dtype), grad_input, flipped_padding, True, False,
                  mask=out if out.shape[0] else None)
