@@ -13,10 +13,9 @@ depend on the thread count.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
 
 from cyconv._elementwise cimport relu, relu_mask_run
-from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
+from cyconv._reduce cimport sum_product_centered, sum_run
 
 
 cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
@@ -56,25 +55,13 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
     running ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n
-    cdef double M = <double> N * HW
-    cdef double total, mean, var, invstd, scale, shift
+    cdef double mean, invstd, scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            total = 0
-            for n in range(N):
-                total = total + sum_run(&x[n, c, 0], HW)
-            mean = total / M
-            total = 0
-            for n in range(N):  # two passes: the variance without cancellation
-                total = total + sum_squared_deviation(&x[n, c, 0], HW, mean)
-            var = total / M
-            invstd = 1.0 / sqrt(var + eps)
+            mean, invstd = batch_statistics(&x[0, c, 0], N, C * HW, HW, eps, momentum,
+                                            update_running, &running_mean[c], &running_var[c])
             saved_mean[c] = <floating> mean
             saved_invstd[c] = <floating> invstd
-            if update_running:
-                running_mean[c] = <floating> ((1 - momentum) * running_mean[c] + momentum * mean)
-                running_var[c] = <floating> ((1 - momentum) * running_var[c]
-                                             + momentum * var * M / max(M - 1, 1.0))
             scale = weight[c] * invstd
             shift = bias[c] - mean * scale
             for n in range(N):
@@ -96,8 +83,7 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
     cdef double scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            scale = weight[c] / sqrt(running_var[c] + eps)
-            shift = bias[c] - running_mean[c] * scale
+            scale, shift = running_affine(weight[c], bias[c], running_mean[c], running_var[c], eps)
             for n in range(N):
                 affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
                            fuse_relu)
@@ -143,15 +129,8 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
             sum_dy_xhat = sum_dy_xhat * istd
             grad_weight[c] += <floating> sum_dy_xhat
             grad_bias[c] += <floating> sum_dy
-            k = weight[c] * istd
-            # train: dx = k (dy - sum_dy/M - xhat sum_dy_xhat/M), xhat = (x - mu) istd,
-            # expanded to dx = k dy + b x + c0; eval: dx = k dy.
-            if batch_stats:
-                b = -k * istd * sum_dy_xhat / M
-                c0 = -k * sum_dy / M - b * mu
-            else:
-                b = 0
-                c0 = 0
+            k, b, c0 = input_grad_coefficients(weight[c], mu, istd, sum_dy, sum_dy_xhat, M,
+                                               batch_stats)
             for n in range(N):
                 dy = &grad_input[n, c, 0] if fuse_relu else &grad_out[n, c, 0]
                 combine_run(dy, &x[n, c, 0], &grad_input[n, c, 0], HW,
@@ -169,19 +148,13 @@ def batch_norm2d_moments(const floating[:, :, ::1] x,   # IN  (N, C, HW)
                          int num_threads):
     """Per-channel mean and sum of squared deviations (two passes, as the train kernel)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t c, n
-    cdef double total, mu
+    cdef Py_ssize_t c
+    cdef double mu, deviations
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            total = 0
-            for n in range(N):
-                total = total + sum_run(&x[n, c, 0], HW)
-            mu = total / (<double> N * HW)
-            total = 0
-            for n in range(N):
-                total = total + sum_squared_deviation(&x[n, c, 0], HW, mu)
+            mu, deviations = channel_moments(&x[0, c, 0], N, C * HW, HW)
             mean[c] = mu
-            m2[c] = total
+            m2[c] = deviations
 
 
 def batch_norm2d_normalize(const floating[:, :, ::1] x,    # IN  (N, C, HW)

@@ -11,6 +11,11 @@
 #define CYCONV_ROW_LOOPS_H
 #include <stddef.h>
 
+/* v takes the place of best in a max-pool window when greater, or when it is the
+ * window's first NaN (a NaN wins, as in PyTorch).  Written with || and && so that
+ * GCC vectorises the selects (bitwise | and & kept the loop scalar). */
+#define CYCONV_WINS(v, best) ((v) > (best) || ((v) != (v) && (best) == (best)))
+
 #define CYCONV_ROW_LOOPS(T)                                                              \
     /* im2col, stride 2: dst[i] = src[2 i], i < n */                                    \
     static inline void gather_stride2_##T(T *__restrict dst, const T *__restrict src,    \
@@ -68,6 +73,71 @@
             bottom[2 * i] = offset == W ? g : (T)0;                                      \
             bottom[2 * i + 1] = offset == W + 1 ? g : (T)0;                              \
         }                                                                                \
+    }                                                                                    \
+    /* max_pool_2x2_row of y = max(x * scale + shift, 0) (NaN kept): batch norm, ReLU   \
+     * and max-pool in one sweep, y never stored.  Here a NaN wins its window by the    \
+     * selects themselves (CYCONV_WINS).  store_where is a constant at each call (see   \
+     * below): with a test of where inside, GCC leaves the loop scalar. */             \
+    static inline void affine_relu_max_pool_2x2_loop_##T(                                \
+        const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
+        int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
+        int store_where)                                                                 \
+    {                                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            T a = top[2 * i] * scale + shift, b = top[2 * i + 1] * scale + shift;        \
+            T c = bottom[2 * i] * scale + shift, d = bottom[2 * i + 1] * scale + shift;  \
+            a = a <= 0 ? 0 : a;                                                          \
+            b = b <= 0 ? 0 : b;                                                          \
+            c = c <= 0 ? 0 : c;                                                          \
+            d = d <= 0 ? 0 : d;                                                          \
+            T best = a;                                                                  \
+            int offset = 0;                                                              \
+            offset = CYCONV_WINS(b, best) ? 1 : offset;                                  \
+            best = CYCONV_WINS(b, best) ? b : best;                                      \
+            offset = CYCONV_WINS(c, best) ? W : offset;                                  \
+            best = CYCONV_WINS(c, best) ? c : best;                                      \
+            offset = CYCONV_WINS(d, best) ? W + 1 : offset;                              \
+            best = CYCONV_WINS(d, best) ? d : best;                                      \
+            out[i] = best;                                                               \
+            if (store_where) where[i] = first + 2 * (int)i + offset;                     \
+        }                                                                                \
+    }                                                                                    \
+    /* The same, where = NULL when the argmax is not needed. */                        \
+    static inline void affine_relu_max_pool_2x2_row_##T(                                 \
+        const T *top, const T *bottom, T *out, int *where, ptrdiff_t n, int first, int W, \
+        T scale, T shift)                                                                \
+    {                                                                                    \
+        if (where)                                                                       \
+            affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,      \
+                                              scale, shift, 1);                          \
+        else                                                                             \
+            affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,      \
+                                              scale, shift, 0);                          \
+    }                                                                                    \
+    /* Its input gradient for two input rows: dx = k dy + b x + c0 (batch norm's),      \
+     * where dy is grad[i] at the input where[i] points to when its window's output     \
+     * kept[i] > 0 (the ReLU let it through), else 0, as the max-pool's and the ReLU's  \
+     * gradients would give it; the column no window covers (odd W) has dy = 0. */      \
+    static inline void batch_norm_max_pool_2x2_backward_row_##T(                         \
+        const T *__restrict grad, const T *__restrict kept, const int *__restrict where, \
+        const T *__restrict x_top, const T *__restrict x_bottom, T *__restrict top,      \
+        T *__restrict bottom, ptrdiff_t n, int first, int W, T k, T b, T c0)             \
+    {                                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            int offset = where[i] - (first + 2 * (int)i);                                \
+            T gi = grad[i], zero = 0; /* loaded either way: a select, not a branch */    \
+            T g = kept[i] > 0 ? gi : zero;                                               \
+            T g0 = offset == 0 ? g : zero, g1 = offset == 1 ? g : zero;                  \
+            T g2 = offset == W ? g : zero, g3 = offset == W + 1 ? g : zero;              \
+            top[2 * i] = k * g0 + b * x_top[2 * i] + c0;                                 \
+            top[2 * i + 1] = k * g1 + b * x_top[2 * i + 1] + c0;                         \
+            bottom[2 * i] = k * g2 + b * x_bottom[2 * i] + c0;                           \
+            bottom[2 * i + 1] = k * g3 + b * x_bottom[2 * i + 1] + c0;                   \
+        }                                                                                \
+        if (W > 2 * n) {                                                                 \
+            top[2 * n] = k * (T)0 + b * x_top[2 * n] + c0;                               \
+            bottom[2 * n] = k * (T)0 + b * x_bottom[2 * n] + c0;                         \
+        }                                                                                \
     }
 
 CYCONV_ROW_LOOPS(float)
@@ -79,5 +149,9 @@ CYCONV_ROW_LOOPS(double)
 #define max_pool_2x2_row(top, ...) CYCONV_TYPED(max_pool_2x2_row, top, __VA_ARGS__)
 #define max_pool_2x2_backward_row(grad, ...) \
     CYCONV_TYPED(max_pool_2x2_backward_row, grad, __VA_ARGS__)
+#define affine_relu_max_pool_2x2_row(top, ...) \
+    CYCONV_TYPED(affine_relu_max_pool_2x2_row, top, __VA_ARGS__)
+#define batch_norm_max_pool_2x2_backward_row(grad, ...) \
+    CYCONV_TYPED(batch_norm_max_pool_2x2_backward_row, grad, __VA_ARGS__)
 
 #endif

@@ -6,6 +6,13 @@ from cyconv._threads import threads_for
 from cyconv.nn.module import Module
 
 
+def passed_on(layer, grad_output, shape, dtype, input_grad):
+    """The backward of a layer that another one absorbed (see forward_chain): grad_output,
+    checked against the shape and dtype that the absorbed forward gave."""
+    grad_output = as_grad_output(layer, grad_output, shape, dtype)
+    return grad_output if input_grad else None
+
+
 class _Elementwise(Module):
     """An activation whose gradient is a mask or a scale read from its output (ReLU,
     ReLU6) or its input (LeakyReLU): any shape in, the same shape out."""
@@ -38,7 +45,8 @@ class ReLU(_Elementwise):
         return out
 
     def _absorb(self, out):
-        """Stand in for a forward that the preceding layer already applied (out >= 0).
+        """Stand in for a forward that the preceding layer already applied (out >= 0: its
+        output, or that of a max-pool it absorbed too).
 
         The preceding layer then also masks the gradient, so backward passes it on.
         """
@@ -48,8 +56,7 @@ class ReLU(_Elementwise):
     def backward(self, grad_output, input_grad=True):
         out, absorbed = self._saved_for_backward()
         if absorbed:
-            grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
-            return grad_output if input_grad else None
+            return passed_on(self, grad_output, out.shape, out.dtype, input_grad)
         return self._backward_through(_activation.relu_backward, out, grad_output, input_grad)
 
 

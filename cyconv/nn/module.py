@@ -181,6 +181,12 @@ class Module(SavedState):
         and ``next_layer._absorb(output)``."""
         return False
 
+    def _can_absorb_pool(self, pool):
+        """True when this layer, having absorbed a ReLU, can also compute the pooling layer
+        after it; a container then calls ``_forward_pooled(x, pool)`` here and the ReLU's
+        and the pool's ``_absorb(output)``."""
+        return False
+
     # -- the tree -------------------------------------------------------------------
     def named_children(self):
         """(name, sub-module) pairs in registration order."""

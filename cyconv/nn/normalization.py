@@ -1,7 +1,7 @@
 """BatchNorm2d: per-channel normalisation with batch (train) or running (eval) statistics."""
 import numpy as np
 
-from cyconv import _norm
+from cyconv import _norm, _norm_pool
 from cyconv._checks import (
     as_grad_output,
     as_input,
@@ -13,7 +13,8 @@ from cyconv._checks import (
 from cyconv._threads import threads_for
 from cyconv.nn.activation import ReLU
 from cyconv.nn.conv import empty
-from cyconv.nn.module import Module, Parameter
+from cyconv.nn.module import Module, Parameter, naming_errors
+from cyconv.nn.pooling import MaxPool2d
 
 
 class BatchNorm2d(Module):
@@ -59,47 +60,80 @@ class BatchNorm2d(Module):
         """A ReLU right after this layer can run inside its kernels (see Sequential)."""
         return type(next_layer) is ReLU
 
+    def _can_absorb_pool(self, pool):
+        """A MaxPool2d after that ReLU can run inside them too when its 2x2 windows tile the
+        input (not in subclasses: SyncBatchNorm takes its statistics otherwise)."""
+        return type(self) is BatchNorm2d and type(pool) is MaxPool2d and pool._tiles_2x2()
+
     def _forward(self, x, fuse_relu):
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
         out = self._output_array(x.shape, x.dtype)
-        threads = threads_for(x.size)
+        flat_out = out.reshape(n, c, h * w)
+        momentum, mean, invstd = self._statistics(x.shape)
         if self.training:
-            if n * h * w < 2:
-                raise ValueError("BatchNorm2d: expected more than 1 value per channel when "
-                                 f"training, got input of shape {x.shape}")
-            self.num_batches_tracked += 1
-            momentum = (1.0 / int(self.num_batches_tracked) if self.momentum is None
-                        else float(self.momentum))
-            mean = np.empty(c, self.dtype)
-            invstd = np.empty(c, self.dtype)
             _norm.batch_norm2d_forward_train(flat, self.weight.data, self.bias.data,
                                              self.running_mean, self.running_var, mean, invstd,
-                                             out.reshape(n, c, h * w), self.eps, momentum, True,
-                                             fuse_relu, threads)
+                                             flat_out, self.eps, momentum, True, fuse_relu,
+                                             threads_for(x.size))
         else:
             _norm.batch_norm2d_forward_eval(flat, self.weight.data, self.bias.data,
-                                            self.running_mean, self.running_var,
-                                            out.reshape(n, c, h * w), self.eps, fuse_relu,
-                                            threads)
-            mean = self.running_mean.copy()
-            invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-                      ).astype(self.dtype)
-        self._save_for_backward(x.shape, flat, mean, invstd, self.training,
-                                out.reshape(n, c, h * w) if fuse_relu else None)
+                                            self.running_mean, self.running_var, flat_out,
+                                            self.eps, fuse_relu, threads_for(x.size))
+        self._save_for_backward(x, mean, invstd, self.training, out if fuse_relu else None, None)
         return out
 
+    def _forward_pooled(self, x, pool):
+        """pool(max(self(x), 0)) in one kernel pass (cyconv/_norm_pool.pyx), where pool is a
+        MaxPool2d that _can_absorb_pool; only the pooled output is written."""
+        x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
+        with naming_errors(pool):
+            out_shape = pool.output_shape(x.shape)
+        out = self._output_array(out_shape, x.dtype)
+        argmax = pool._argmax_array(out_shape)
+        momentum, mean, invstd = self._statistics(x.shape)
+        _norm_pool.batch_norm2d_relu_max_pool_forward(
+            x, self.weight.data, self.bias.data, self.running_mean, self.running_var, mean,
+            invstd, out, argmax, self.eps, momentum, self.training, threads_for(x.size))
+        self._save_for_backward(x, mean, invstd, self.training, out, argmax)
+        return out
+
+    def _statistics(self, x_shape):
+        """(momentum, mean, invstd) for a forward on x_shape.  Train mode: this step counted
+        in num_batches_tracked, its momentum, and arrays for the kernel to fill with the
+        batch's mean and 1 / sqrt(var + eps); eval mode: the running statistics as such."""
+        n, c, h, w = x_shape
+        if not self.training:
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            return 0.0, self.running_mean.copy(), invstd.astype(self.dtype)
+        if n * h * w < 2:
+            raise ValueError("BatchNorm2d: expected more than 1 value per channel when "
+                             f"training, got input of shape {tuple(x_shape)}")
+        self.num_batches_tracked += 1
+        momentum = (1.0 / int(self.num_batches_tracked) if self.momentum is None
+                    else float(self.momentum))
+        return momentum, np.empty(c, self.dtype), np.empty(c, self.dtype)
+
     def backward(self, grad_output, input_grad=True):
-        x_shape, flat, mean, invstd, batch_stats, relu_out = self._saved_for_backward()
-        n, c, hw = flat.shape
-        grad_output = as_grad_output(self, grad_output, x_shape, self.dtype)
+        x, mean, invstd, batch_stats, relu_out, argmax = self._saved_for_backward()
+        if argmax is not None:   # a ReLU and a max-pool were fused: relu_out is pooled
+            grad_output = as_grad_output(self, grad_output, relu_out.shape, self.dtype)
+            grad_input = self._grad_input_array(x.shape, self.dtype)
+            _norm_pool.batch_norm2d_relu_max_pool_backward(
+                grad_output, relu_out, argmax, x, mean, invstd, self.weight.data,
+                self.weight.grad, self.bias.grad, grad_input, batch_stats, threads_for(x.size))
+            return grad_input if input_grad else None
+        n, c, h, w = x.shape
+        grad_output = as_grad_output(self, grad_output, x.shape, self.dtype)
         grad_input = self._grad_input_array(grad_output.shape, self.dtype)
-        _norm.batch_norm2d_backward(grad_output.reshape(n, c, hw), flat, mean, invstd,
-                                    self.weight.data, self.weight.grad, self.bias.grad,
-                                    relu_out if relu_out is not None else empty(3, self.dtype),
-                                    grad_input.reshape(n, c, hw), batch_stats,
-                                    relu_out is not None, threads_for(flat.size))
+        _norm.batch_norm2d_backward(grad_output.reshape(n, c, h * w), x.reshape(n, c, h * w),
+                                    mean, invstd, self.weight.data, self.weight.grad,
+                                    self.bias.grad,
+                                    empty(3, self.dtype) if relu_out is None
+                                    else relu_out.reshape(n, c, h * w),
+                                    grad_input.reshape(n, c, h * w), batch_stats,
+                                    relu_out is not None, threads_for(x.size))
         return grad_input if input_grad else None
 
     def extra_repr(self):
