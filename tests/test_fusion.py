@@ -1,6 +1,7 @@
 """Layers that a container runs as one kernel pass: BatchNorm2d + ReLU + MaxPool2d(2)
-(cyconv/_norm_pool.pyx).  The same results as the layers one by one (a hook on any of
-them turns the fusion off), as the numpy reference and as finite differences."""
+(cyconv/_norm_pool.pyx) and BatchNorm2d + ReLU6.  The same results as the layers one by
+one (a hook on any of them turns the fusion off), as the numpy reference and as finite
+differences."""
 import numpy as np
 import pytest
 
@@ -174,15 +175,62 @@ def test_other_pools_are_not_fused_and_give_the_same_results(pool, fused_calls, 
     assert not fused_calls
 
 
-def test_a_batchnorm_subclass_is_not_fused(fused_calls, rng):
+@pytest.fixture
+def relu6_calls(monkeypatch):
+    """A list that gets an entry for every call of ReLU6's own kernels."""
+    calls = []
+
+    def counted(kernel):
+        return lambda *args: calls.append(kernel) or kernel(*args)
+
+    monkeypatch.setattr(nn.ReLU6, "_kernels", tuple(map(counted, nn.ReLU6._kernels)))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 8, 8)])
+def test_batchnorm_relu6_matches_the_layers_one_by_one(shape, training, dtype, relu6_calls,
+                                                       rng):
+    def model(hooked):
+        bn = nn.BatchNorm2d(shape[1], dtype=dtype)
+        bn.weight.data[...] = np.linspace(-4, 5, shape[1])   # outputs above 6 too
+        layers = nn.Sequential(bn, nn.ReLU6()).train(training)
+        if hooked:
+            layers[1].register_forward_hook(lambda *args: None)
+        return layers
+
+    x = (rng.standard_normal(shape) * 2).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    fused = step(model(False), x, dy)
+    assert not relu6_calls
+    plain = step(model(True), x, dy)
+    assert len(relu6_calls) == 2
+    assert (fused[0] == 6).any() and (fused[0] == 0).any()
+    assert_same_step(fused, plain, dtype)
+
+
+def test_relu6_finite_differences_through_batchnorm(rng):
+    bn = nn.BatchNorm2d(2, dtype=np.float64)
+    bn.weight.data[...] = [3.0, -4.0]
+    model = nn.Sequential(bn, nn.ReLU6())
+    x = rng.standard_normal((3, 2, 4, 3))
+    weights = rng.standard_normal(x.shape)
+    _, dx, _, _ = step(model, x, weights)
+    np.testing.assert_allclose(dx, finite_difference(lambda v: (model(v) * weights).sum(), x),
+                               **FD_TOL)
+
+
+def test_a_batchnorm_subclass_is_not_fused(fused_calls, relu6_calls, rng):
     class Renamed(nn.BatchNorm2d):
         pass
 
-    model = nn.Sequential(Renamed(3, dtype=np.float64), nn.ReLU(), nn.MaxPool2d(2))
     x = rng.standard_normal((2, 3, 4, 4))
-    model(x)
-    model.backward(np.ones((2, 3, 2, 2)))
-    assert not fused_calls
+    for activation in (nn.ReLU(), nn.ReLU6()):
+        model = nn.Sequential(Renamed(3, dtype=np.float64), activation, nn.MaxPool2d(2))
+        model(x)
+        model.backward(np.ones((2, 3, 2, 2)))
+    assert not fused_calls and len(relu6_calls) == 2
 
 
 def test_no_grad_and_input_grad_false(rng):

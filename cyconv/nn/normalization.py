@@ -11,10 +11,14 @@ from cyconv._checks import (
     positive_int,
 )
 from cyconv._threads import threads_for
-from cyconv.nn.activation import ReLU
+from cyconv.nn.activation import ReLU, ReLU6
 from cyconv.nn.conv import empty
 from cyconv.nn.module import Module, Parameter, naming_errors
 from cyconv.nn.pooling import MaxPool2d
+
+# The activations that can run inside batch norm's kernels, by their codes there
+# (cyconv/_elementwise.pxd)
+ACTIVATION_CODES = {ReLU: 1, ReLU6: 2}
 
 
 class BatchNorm2d(Module):
@@ -57,15 +61,25 @@ class BatchNorm2d(Module):
         return self._forward(x, False)
 
     def _can_absorb(self, next_layer):
-        """A ReLU right after this layer can run inside its kernels (see Sequential)."""
-        return type(next_layer) is ReLU
+        """A ReLU right after this layer can run inside its kernels (see Sequential), and so
+        can a ReLU6 (not in subclasses: SyncBatchNorm's backward masks as a ReLU's)."""
+        return type(next_layer) is ReLU or (type(next_layer) is ReLU6
+                                            and type(self) is BatchNorm2d)
 
-    def _can_absorb_pool(self, pool):
-        """A MaxPool2d after that ReLU can run inside them too when its 2x2 windows tile the
-        input (not in subclasses: SyncBatchNorm takes its statistics otherwise)."""
-        return type(self) is BatchNorm2d and type(pool) is MaxPool2d and pool._tiles_2x2()
+    def _can_absorb_pool(self, activation, pool):
+        """A MaxPool2d after an absorbed ReLU can run inside them too when its 2x2 windows
+        tile the input (not in subclasses: SyncBatchNorm takes its statistics otherwise)."""
+        return (type(self) is BatchNorm2d and type(activation) is ReLU
+                and type(pool) is MaxPool2d and pool._tiles_2x2())
 
-    def _forward(self, x, fuse_relu):
+    def _forward_absorbing(self, x, absorbed):
+        if len(absorbed) == 2:
+            return self._forward_pooled(x, absorbed[1])
+        return self._forward(x, ACTIVATION_CODES[type(absorbed[0])])
+
+    def _forward(self, x, activation):
+        """The forward, then the activation of that code (ACTIVATION_CODES; 0 for none) in
+        the same pass."""
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
@@ -75,13 +89,14 @@ class BatchNorm2d(Module):
         if self.training:
             _norm.batch_norm2d_forward_train(flat, self.weight.data, self.bias.data,
                                              self.running_mean, self.running_var, mean, invstd,
-                                             flat_out, self.eps, momentum, True, fuse_relu,
+                                             flat_out, self.eps, momentum, True, activation,
                                              threads_for(x.size))
         else:
             _norm.batch_norm2d_forward_eval(flat, self.weight.data, self.bias.data,
                                             self.running_mean, self.running_var, flat_out,
-                                            self.eps, fuse_relu, threads_for(x.size))
-        self._save_for_backward(x, mean, invstd, self.training, out if fuse_relu else None, None)
+                                            self.eps, activation, threads_for(x.size))
+        self._save_for_backward(self.training, int(activation), x, mean, invstd,
+                                out if activation else None, None)
         return out
 
     def _forward_pooled(self, x, pool):
@@ -96,7 +111,8 @@ class BatchNorm2d(Module):
         _norm_pool.batch_norm2d_relu_max_pool_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var, mean,
             invstd, out, argmax, self.eps, momentum, self.training, threads_for(x.size))
-        self._save_for_backward(x, mean, invstd, self.training, out, argmax)
+        self._save_for_backward(self.training, ACTIVATION_CODES[ReLU], x, mean, invstd, out,
+                                argmax)
         return out
 
     def _statistics(self, x_shape):
@@ -116,12 +132,13 @@ class BatchNorm2d(Module):
         return momentum, np.empty(c, self.dtype), np.empty(c, self.dtype)
 
     def backward(self, grad_output, input_grad=True):
-        x, mean, invstd, batch_stats, relu_out, argmax = self._saved_for_backward()
-        if argmax is not None:   # a ReLU and a max-pool were fused: relu_out is pooled
-            grad_output = as_grad_output(self, grad_output, relu_out.shape, self.dtype)
+        # (SyncBatchNorm tells its own state by a first entry "sync")
+        batch_stats, activation, x, mean, invstd, out, argmax = self._saved_for_backward()
+        if argmax is not None:   # a ReLU and a max-pool were fused: out is pooled
+            grad_output = as_grad_output(self, grad_output, out.shape, self.dtype)
             grad_input = self._grad_input_array(x.shape, self.dtype)
             _norm_pool.batch_norm2d_relu_max_pool_backward(
-                grad_output, relu_out, argmax, x, mean, invstd, self.weight.data,
+                grad_output, out, argmax, x, mean, invstd, self.weight.data,
                 self.weight.grad, self.bias.grad, grad_input, batch_stats, threads_for(x.size))
             return grad_input if input_grad else None
         n, c, h, w = x.shape
@@ -130,10 +147,10 @@ class BatchNorm2d(Module):
         _norm.batch_norm2d_backward(grad_output.reshape(n, c, h * w), x.reshape(n, c, h * w),
                                     mean, invstd, self.weight.data, self.weight.grad,
                                     self.bias.grad,
-                                    empty(3, self.dtype) if relu_out is None
-                                    else relu_out.reshape(n, c, h * w),
-                                    grad_input.reshape(n, c, h * w), batch_stats,
-                                    relu_out is not None, threads_for(x.size))
+                                    empty(3, self.dtype) if out is None
+                                    else out.reshape(n, c, h * w),
+                                    grad_input.reshape(n, c, h * w), batch_stats, activation,
+                                    threads_for(x.size))
         return grad_input if input_grad else None
 
     def extra_repr(self):
