@@ -75,10 +75,39 @@
         }                                                                                \
     }                                                                                    \
     /* max_pool_2x2_row of y = max(x * scale + shift, 0) (NaN kept): batch norm, ReLU   \
-     * and max-pool in one sweep, y never stored.  Here a NaN wins its window by the    \
-     * selects themselves (CYCONV_WINS).  store_where is a constant at each call (see   \
-     * below): with a test of where inside, GCC leaves the loop scalar. */             \
-    static inline void affine_relu_max_pool_2x2_loop_##T(                                \
+     * and max-pool in one sweep, y never stored; returns nonzero when a y was a NaN.   \
+     * store_where is a constant at each call (see below): with a test of where        \
+     * inside, GCC leaves the loop scalar (and with has_nan taken after the ReLU too). */ \
+    static inline int affine_relu_max_pool_2x2_loop_##T(                                 \
+        const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
+        int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
+        int store_where)                                                                 \
+    {                                                                                    \
+        int has_nan = 0;                                                                 \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            T a = top[2 * i] * scale + shift, b = top[2 * i + 1] * scale + shift;        \
+            T c = bottom[2 * i] * scale + shift, d = bottom[2 * i + 1] * scale + shift;  \
+            has_nan |= (a != a) | (b != b) | (c != c) | (d != d);                        \
+            a = a <= 0 ? 0 : a;                                                          \
+            b = b <= 0 ? 0 : b;                                                          \
+            c = c <= 0 ? 0 : c;                                                          \
+            d = d <= 0 ? 0 : d;                                                          \
+            T best = a;                                                                  \
+            int offset = 0;                                                              \
+            offset = b > best ? 1 : offset;                                              \
+            best = b > best ? b : best;                                                  \
+            offset = c > best ? W : offset;                                              \
+            best = c > best ? c : best;                                                  \
+            offset = d > best ? W + 1 : offset;                                          \
+            best = d > best ? d : best;                                                  \
+            out[i] = best;                                                               \
+            if (store_where) where[i] = first + 2 * (int)i + offset;                     \
+        }                                                                                \
+        return has_nan;                                                                  \
+    }                                                                                    \
+    /* The same for a row that held a NaN: here the selects let a NaN win its window    \
+     * (CYCONV_WINS), at the price of a few more operations per window. */             \
+    static inline void affine_relu_max_pool_2x2_nan_loop_##T(                            \
         const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
         int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
         int store_where)                                                                 \
@@ -102,17 +131,21 @@
             if (store_where) where[i] = first + 2 * (int)i + offset;                     \
         }                                                                                \
     }                                                                                    \
-    /* The same, where = NULL when the argmax is not needed. */                        \
+    /* One output row, where = NULL when the argmax is not needed. */                  \
     static inline void affine_relu_max_pool_2x2_row_##T(                                 \
         const T *top, const T *bottom, T *out, int *where, ptrdiff_t n, int first, int W, \
         T scale, T shift)                                                                \
     {                                                                                    \
-        if (where)                                                                       \
-            affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,      \
-                                              scale, shift, 1);                          \
-        else                                                                             \
-            affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,      \
-                                              scale, shift, 0);                          \
+        int store = where != NULL;                                                       \
+        int has_nan = store ? affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, \
+                                                                n, first, W, scale,      \
+                                                                shift, 1)                \
+                            : affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, \
+                                                                n, first, W, scale,      \
+                                                                shift, 0);               \
+        if (has_nan)                                                                     \
+            affine_relu_max_pool_2x2_nan_loop_##T(top, bottom, out, where, n, first, W,  \
+                                                  scale, shift, store);                  \
     }                                                                                    \
     /* Its input gradient for two input rows: dx = k dy + b x + c0 (batch norm's),      \
      * where dy is grad[i] at the input where[i] points to when its window's output     \
