@@ -146,6 +146,8 @@ def test_a_nan_wins_its_window_as_in_the_layers_one_by_one(training, dtype, fuse
     assert len(fused_calls) == 1
     assert np.isnan(y[0, 0, 0, 0]) and np.isnan(y[1, 1, 1, 1])
     np.testing.assert_array_equal(y, y0)   # NaNs in the same places
+    with cyconv.no_grad():   # the kernel's path without the argmax
+        np.testing.assert_array_equal(fused(x), y)
     assert np.array_equal(np.isnan(dx), np.isnan(dx0))
     for g, g0 in zip(grads, grads0):
         np.testing.assert_array_equal(np.isnan(g), np.isnan(g0))
