@@ -11,10 +11,11 @@
 #define CYCONV_ROW_LOOPS_H
 #include <stddef.h>
 
-/* v takes the place of best in a max-pool window when greater, or when it is the
- * window's first NaN (a NaN wins, as in PyTorch).  Written with || and && so that
- * GCC vectorises the selects (bitwise | and & kept the loop scalar). */
-#define CYCONV_WINS(v, best) ((v) > (best) || ((v) != (v) && (best) == (best)))
+/* v takes the place of best in a max-pool window when greater or, with nan_wins, when
+ * it is the window's first NaN (a NaN wins, as in PyTorch).  Written with || and &&
+ * so that GCC vectorises the selects (bitwise | and & kept the loop scalar). */
+#define CYCONV_TAKES(v, best, nan_wins) \
+    ((v) > (best) || ((nan_wins) && (v) != (v) && (best) == (best)))
 
 #define CYCONV_ROW_LOOPS(T)                                                              \
     /* im2col, stride 2: dst[i] = src[2 i], i < n */                                    \
@@ -76,76 +77,53 @@
     }                                                                                    \
     /* max_pool_2x2_row of y = max(x * scale + shift, 0) (NaN kept): batch norm, ReLU   \
      * and max-pool in one sweep, y never stored; returns nonzero when a y was a NaN.   \
-     * store_where is a constant at each call (see below): with a test of where        \
-     * inside, GCC leaves the loop scalar (and with has_nan taken after the ReLU too). */ \
+     * With nan_wins the selects let a NaN win its window (CYCONV_TAKES), at the price \
+     * of a few more operations.  store_where and nan_wins are constants at each call  \
+     * (see below): with a test of them inside, GCC leaves the loop scalar. */         \
     static inline int affine_relu_max_pool_2x2_loop_##T(                                 \
         const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
         int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
-        int store_where)                                                                 \
+        int store_where, int nan_wins)                                                   \
     {                                                                                    \
         int has_nan = 0;                                                                 \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \
             T a = top[2 * i] * scale + shift, b = top[2 * i + 1] * scale + shift;        \
             T c = bottom[2 * i] * scale + shift, d = bottom[2 * i + 1] * scale + shift;  \
-            has_nan |= (a != a) | (b != b) | (c != c) | (d != d);                        \
+            has_nan |= (a != a) | (b != b) | (c != c) | (d != d); /* before the ReLU */  \
             a = a <= 0 ? 0 : a;                                                          \
             b = b <= 0 ? 0 : b;                                                          \
             c = c <= 0 ? 0 : c;                                                          \
             d = d <= 0 ? 0 : d;                                                          \
             T best = a;                                                                  \
             int offset = 0;                                                              \
-            offset = b > best ? 1 : offset;                                              \
-            best = b > best ? b : best;                                                  \
-            offset = c > best ? W : offset;                                              \
-            best = c > best ? c : best;                                                  \
-            offset = d > best ? W + 1 : offset;                                          \
-            best = d > best ? d : best;                                                  \
+            offset = CYCONV_TAKES(b, best, nan_wins) ? 1 : offset;                       \
+            best = CYCONV_TAKES(b, best, nan_wins) ? b : best;                           \
+            offset = CYCONV_TAKES(c, best, nan_wins) ? W : offset;                       \
+            best = CYCONV_TAKES(c, best, nan_wins) ? c : best;                           \
+            offset = CYCONV_TAKES(d, best, nan_wins) ? W + 1 : offset;                   \
+            best = CYCONV_TAKES(d, best, nan_wins) ? d : best;                           \
             out[i] = best;                                                               \
             if (store_where) where[i] = first + 2 * (int)i + offset;                     \
         }                                                                                \
         return has_nan;                                                                  \
     }                                                                                    \
-    /* The same for a row that held a NaN: here the selects let a NaN win its window    \
-     * (CYCONV_WINS), at the price of a few more operations per window. */             \
-    static inline void affine_relu_max_pool_2x2_nan_loop_##T(                            \
-        const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
-        int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
-        int store_where)                                                                 \
-    {                                                                                    \
-        for (ptrdiff_t i = 0; i < n; i++) {                                              \
-            T a = top[2 * i] * scale + shift, b = top[2 * i + 1] * scale + shift;        \
-            T c = bottom[2 * i] * scale + shift, d = bottom[2 * i + 1] * scale + shift;  \
-            a = a <= 0 ? 0 : a;                                                          \
-            b = b <= 0 ? 0 : b;                                                          \
-            c = c <= 0 ? 0 : c;                                                          \
-            d = d <= 0 ? 0 : d;                                                          \
-            T best = a;                                                                  \
-            int offset = 0;                                                              \
-            offset = CYCONV_WINS(b, best) ? 1 : offset;                                  \
-            best = CYCONV_WINS(b, best) ? b : best;                                      \
-            offset = CYCONV_WINS(c, best) ? W : offset;                                  \
-            best = CYCONV_WINS(c, best) ? c : best;                                      \
-            offset = CYCONV_WINS(d, best) ? W + 1 : offset;                              \
-            best = CYCONV_WINS(d, best) ? d : best;                                      \
-            out[i] = best;                                                               \
-            if (store_where) where[i] = first + 2 * (int)i + offset;                     \
-        }                                                                                \
-    }                                                                                    \
-    /* One output row, where = NULL when the argmax is not needed. */                  \
+    /* One output row, where = NULL when the argmax is not needed: the plain selects,  \
+     * and the row again with a NaN's rule when it held one. */                        \
     static inline void affine_relu_max_pool_2x2_row_##T(                                 \
         const T *top, const T *bottom, T *out, int *where, ptrdiff_t n, int first, int W, \
         T scale, T shift)                                                                \
     {                                                                                    \
-        int store = where != NULL;                                                       \
-        int has_nan = store ? affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, \
-                                                                n, first, W, scale,      \
-                                                                shift, 1)                \
-                            : affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, \
-                                                                n, first, W, scale,      \
-                                                                shift, 0);               \
-        if (has_nan)                                                                     \
-            affine_relu_max_pool_2x2_nan_loop_##T(top, bottom, out, where, n, first, W,  \
-                                                  scale, shift, store);                  \
+        if (where ? affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, \
+                                                      W, scale, shift, 1, 0)             \
+                  : affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, \
+                                                      W, scale, shift, 0, 0)) {          \
+            if (where)                                                                   \
+                affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,  \
+                                                  scale, shift, 1, 1);                   \
+            else                                                                         \
+                affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,  \
+                                                  scale, shift, 0, 1);                   \
+        }                                                                                \
     }                                                                                    \
     /* Its input gradient for two input rows: dx = k dy + b x + c0 (batch norm's),      \
      * where dy is grad[i] at the input where[i] points to when its window's output     \
