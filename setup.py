@@ -33,8 +33,7 @@ NO_OPENMP = os.environ.get("CYCONV_NO_OPENMP", "0") not in ("", "0")
 
 # One module per layer family (plus _parallel, which reports whether OpenMP is on).
 MODULES = ["_parallel", "_conv", "_conv_direct", "_depthwise", "_winograd", "_pool",
-           "_activation", "_linear",
-           "_norm", "_dropout", "_loss", "_optim"]
+           "_activation", "_linear", "_norm", "_norm_pool", "_dropout", "_loss", "_optim"]
 
 DIRECTIVES = {
     "language_level": 3,

@@ -8,7 +8,7 @@ another process does not hold the others up.
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cyconv._elementwise cimport relu, relu_mask_run
+from cyconv._elementwise cimport relu, relu6, relu6_mask_run, relu_mask_run
 
 # Elements per task of the masked-gradient loops (whole runs, so they vectorise).
 cdef Py_ssize_t RUN = 4096
@@ -40,10 +40,8 @@ def relu6_forward(const floating[::1] x,   # IN  (M,)
                   int num_threads):
     """out = min(max(x, 0), 6); NaN stays NaN (as in PyTorch)."""
     cdef Py_ssize_t i
-    cdef floating v
     for i in prange(x.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
-        v = relu(x[i])
-        out[i] = 6 if v >= 6 else v
+        out[i] = relu6(x[i])
 
 
 def relu6_backward(const floating[::1] out,       # IN  (M,) the forward output
@@ -51,11 +49,11 @@ def relu6_backward(const floating[::1] out,       # IN  (M,) the forward output
                    floating[::1] grad_input,      # OUT (M,)
                    int num_threads):
     """grad_input = grad_out where 0 < output < 6 (0 < input < 6), else 0."""
-    cdef Py_ssize_t i
-    cdef floating g
-    for i in prange(out.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
-        g = grad_out[i]
-        grad_input[i] = g if (out[i] > 0) & (out[i] < 6) else 0
+    cdef Py_ssize_t M = out.shape[0], task, start
+    for task in prange((M + RUN - 1) // RUN, nogil=True, schedule='guided',
+                       num_threads=num_threads):
+        start = task * RUN
+        relu6_mask_run(&grad_out[start], &out[start], &grad_input[start], min(RUN, M - start))
 
 
 def leaky_relu_forward(const floating[::1] x,   # IN  (M,)

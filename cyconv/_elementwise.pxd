@@ -2,9 +2,24 @@
 from cython cimport floating
 
 
+# The activations that batch norm's kernels can apply after the normalisation
+# (their codes in Python: cyconv/nn/normalization.py); 1 is also `True`, the
+# fuse_relu flag of the kernels that know no other.
+cdef enum Activation:
+    NO_ACTIVATION = 0
+    RELU = 1
+    RELU6 = 2
+
+
 cdef inline floating relu(floating x) noexcept nogil:
     """max(x, 0) keeping NaN (as PyTorch does): a select the compiler vectorises."""
     return 0 if x <= 0 else x
+
+
+cdef inline floating relu6(floating x) noexcept nogil:
+    """min(max(x, 0), 6) keeping NaN (as PyTorch does)."""
+    cdef floating v = relu(x)
+    return 6 if v >= 6 else v
 
 
 cdef inline void relu_mask_run(const floating* grad, const floating* out, floating* masked,
@@ -19,3 +34,23 @@ cdef inline void relu_mask_run(const floating* grad, const floating* out, floati
     for i in range(length):
         g = grad[i]
         masked[i] = g if out[i] > 0 else 0
+
+
+cdef inline void relu6_mask_run(const floating* grad, const floating* out, floating* masked,
+                                Py_ssize_t length) noexcept nogil:
+    """masked = grad where 0 < out < 6, else 0: the gradient of ReLU6 from its output."""
+    cdef Py_ssize_t i
+    cdef floating g
+    for i in range(length):
+        g = grad[i]
+        masked[i] = g if (out[i] > 0) & (out[i] < 6) else 0
+
+
+cdef inline void activation_mask_run(int activation, const floating* grad, const floating* out,
+                                     floating* masked, Py_ssize_t length) noexcept nogil:
+    """masked = grad times the derivative of the activation (RELU or RELU6) read from its
+    output out."""
+    if activation == RELU6:
+        relu6_mask_run(grad, out, masked, length)
+    else:
+        relu_mask_run(grad, out, masked, length)

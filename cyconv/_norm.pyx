@@ -10,25 +10,30 @@ depend on the thread count.
             running_mean = (1 - momentum) running_mean + momentum mean_c
             running_var  = (1 - momentum) running_var  + momentum var_c * M / (M - 1)
     eval:   the running statistics stand for mean_c and var_c.
+
+An activation (ReLU or ReLU6: the codes of _elementwise.pxd, 0 for none) may follow
+in the same pass, its gradient masked from the output in backward.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
 
-from cyconv._elementwise cimport relu, relu_mask_run
-from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
+from cyconv._elementwise cimport RELU, RELU6, activation_mask_run, relu, relu6
+from cyconv._reduce cimport sum_product_centered, sum_run
 
 
 cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
-                            floating scale, floating shift, bint fuse_relu) noexcept nogil:
-    """out = x * scale + shift, then max(., 0) (NaN kept) when relu.
+                            floating scale, floating shift, int activation) noexcept nogil:
+    """out = x * scale + shift, then the activation (RELU, RELU6 or none; NaN kept).
 
-    In the array's precision, so that it vectorises.
+    In the array's precision, so that it vectorises (one loop per activation).
     """
     cdef Py_ssize_t i
-    if fuse_relu:
+    if activation == RELU:
         for i in range(length):
             out[i] = relu(x[i] * scale + shift)
+    elif activation == RELU6:
+        for i in range(length):
+            out[i] = relu6(x[i] * scale + shift)
     else:
         for i in range(length):
             out[i] = x[i] * scale + shift
@@ -51,35 +56,23 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
                                floating[::1] saved_invstd,       # OUT   (C,) 1 / sqrt(var + eps)
                                floating[:, :, ::1] out,          # OUT   (N, C, HW)
                                double eps, double momentum, bint update_running,
-                               bint fuse_relu, int num_threads):
-    """Normalise with the batch statistics (then max(., 0) when fuse_relu); update the
-    running ones."""
+                               int activation, int num_threads):
+    """Normalise with the batch statistics (then the activation); update the running
+    ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n
-    cdef double M = <double> N * HW
-    cdef double total, mean, var, invstd, scale, shift
+    cdef double mean, invstd, scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            total = 0
-            for n in range(N):
-                total = total + sum_run(&x[n, c, 0], HW)
-            mean = total / M
-            total = 0
-            for n in range(N):  # two passes: the variance without cancellation
-                total = total + sum_squared_deviation(&x[n, c, 0], HW, mean)
-            var = total / M
-            invstd = 1.0 / sqrt(var + eps)
+            mean, invstd = batch_statistics(&x[0, c, 0], N, C * HW, HW, eps, momentum,
+                                            update_running, &running_mean[c], &running_var[c])
             saved_mean[c] = <floating> mean
             saved_invstd[c] = <floating> invstd
-            if update_running:
-                running_mean[c] = <floating> ((1 - momentum) * running_mean[c] + momentum * mean)
-                running_var[c] = <floating> ((1 - momentum) * running_var[c]
-                                             + momentum * var * M / max(M - 1, 1.0))
             scale = weight[c] * invstd
             shift = bias[c] - mean * scale
             for n in range(N):
                 affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
-                           fuse_relu)
+                           activation)
 
 
 def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, HW)
@@ -88,19 +81,18 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
                               const floating[::1] running_mean,   # IN  (C,)
                               const floating[::1] running_var,    # IN  (C,)
                               floating[:, :, ::1] out,            # OUT (N, C, HW)
-                              double eps, bint fuse_relu, int num_threads):
-    """Normalise with the running statistics (an affine map per channel; then
-    max(., 0) when fuse_relu)."""
+                              double eps, int activation, int num_threads):
+    """Normalise with the running statistics (an affine map per channel; then the
+    activation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n
     cdef double scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            scale = weight[c] / sqrt(running_var[c] + eps)
-            shift = bias[c] - running_mean[c] * scale
+            scale, shift = running_affine(weight[c], bias[c], running_mean[c], running_var[c], eps)
             for n in range(N):
                 affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
-                           fuse_relu)
+                           activation)
 
 
 def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, HW)
@@ -110,16 +102,16 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
                           const floating[::1] weight,           # IN    (C,)
                           floating[::1] grad_weight,            # INOUT (C,), accumulated
                           floating[::1] grad_bias,              # INOUT (C,), accumulated
-                          const floating[:, :, ::1] out,        # IN    (N, C, HW) forward output, when fuse_relu
+                          const floating[:, :, ::1] out,        # IN    (N, C, HW) forward output, with an activation
                           floating[:, :, ::1] grad_input,       # OUT   (N, C, HW)
-                          bint batch_stats, bint fuse_relu, int num_threads):
+                          bint batch_stats, int activation, int num_threads):
     """Gradients of y = (x - mean) * invstd * weight + bias.
 
     batch_stats (train mode): mean and invstd depend on x, so
         dx = weight * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M);
     otherwise (eval mode) they are constants and dx = weight * invstd * dy.
-    fuse_relu: the forward also applied max(., 0), so dy is first masked by
-    out > 0 (into grad_input, which then serves as dy in place).
+    activation: the forward also applied it, so dy is first masked by its derivative
+    read from out (into grad_input, which then serves as dy in place).
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n
@@ -133,8 +125,9 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
             sum_dy = 0
             sum_dy_xhat = 0
             for n in range(N):
-                if fuse_relu:
-                    relu_mask_run(&grad_out[n, c, 0], &out[n, c, 0], &grad_input[n, c, 0], HW)
+                if activation:
+                    activation_mask_run(activation, &grad_out[n, c, 0], &out[n, c, 0],
+                                        &grad_input[n, c, 0], HW)
                     dy = &grad_input[n, c, 0]
                 else:
                     dy = &grad_out[n, c, 0]
@@ -143,17 +136,10 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
             sum_dy_xhat = sum_dy_xhat * istd
             grad_weight[c] += <floating> sum_dy_xhat
             grad_bias[c] += <floating> sum_dy
-            k = weight[c] * istd
-            # train: dx = k (dy - sum_dy/M - xhat sum_dy_xhat/M), xhat = (x - mu) istd,
-            # expanded to dx = k dy + b x + c0; eval: dx = k dy.
-            if batch_stats:
-                b = -k * istd * sum_dy_xhat / M
-                c0 = -k * sum_dy / M - b * mu
-            else:
-                b = 0
-                c0 = 0
+            k, b, c0 = input_grad_coefficients(weight[c], mu, istd, sum_dy, sum_dy_xhat, M,
+                                               batch_stats)
             for n in range(N):
-                dy = &grad_input[n, c, 0] if fuse_relu else &grad_out[n, c, 0]
+                dy = &grad_input[n, c, 0] if activation else &grad_out[n, c, 0]
                 combine_run(dy, &x[n, c, 0], &grad_input[n, c, 0], HW,
                             <floating> k, <floating> b, <floating> c0)
 
@@ -169,19 +155,13 @@ def batch_norm2d_moments(const floating[:, :, ::1] x,   # IN  (N, C, HW)
                          int num_threads):
     """Per-channel mean and sum of squared deviations (two passes, as the train kernel)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t c, n
-    cdef double total, mu
+    cdef Py_ssize_t c
+    cdef double mu, deviations
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            total = 0
-            for n in range(N):
-                total = total + sum_run(&x[n, c, 0], HW)
-            mu = total / (<double> N * HW)
-            total = 0
-            for n in range(N):
-                total = total + sum_squared_deviation(&x[n, c, 0], HW, mu)
+            mu, deviations = channel_moments(&x[0, c, 0], N, C * HW, HW)
             mean[c] = mu
-            m2[c] = total
+            m2[c] = deviations
 
 
 def batch_norm2d_normalize(const floating[:, :, ::1] x,    # IN  (N, C, HW)
@@ -190,8 +170,8 @@ def batch_norm2d_normalize(const floating[:, :, ::1] x,    # IN  (N, C, HW)
                            const double[::1] mean,         # IN  (C,)
                            const double[::1] invstd,       # IN  (C,) 1 / sqrt(var + eps)
                            floating[:, :, ::1] out,        # OUT (N, C, HW)
-                           bint fuse_relu, int num_threads):
-    """out = (x - mean) * invstd * weight + bias (then max(., 0) when fuse_relu)."""
+                           int activation, int num_threads):
+    """out = (x - mean) * invstd * weight + bias (then the activation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n
     cdef double scale, shift
@@ -201,19 +181,19 @@ def batch_norm2d_normalize(const floating[:, :, ::1] x,    # IN  (N, C, HW)
             shift = bias[c] - mean[c] * scale
             for n in range(N):
                 affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
-                           fuse_relu)
+                           activation)
 
 
 def batch_norm2d_backward_sums(const floating[:, :, ::1] grad_out,   # IN  (N, C, HW)
                                const floating[:, :, ::1] x,          # IN  (N, C, HW)
                                const floating[::1] mean,             # IN  (C,)
-                               const floating[:, :, ::1] out,        # IN  (N, C, HW) forward output, when fuse_relu
-                               floating[:, :, ::1] masked,           # OUT (N, C, HW) masked grad_out, when fuse_relu
+                               const floating[:, :, ::1] out,        # IN  (N, C, HW) forward output, with an activation
+                               floating[:, :, ::1] masked,           # OUT (N, C, HW) masked grad_out, with an activation
                                double[::1] sum_dy,                   # OUT (C,) sum dy
                                double[::1] sum_dy_xmu,               # OUT (C,) sum dy * (x - mean)
-                               bint fuse_relu, int num_threads):
-    """The per-channel sums that the input gradient needs; dy is grad_out, or with
-    fuse_relu grad_out masked by out > 0 (written to masked)."""
+                               int activation, int num_threads):
+    """The per-channel sums that the input gradient needs; dy is grad_out, or with an
+    activation grad_out masked by its derivative (written to masked)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t c, n
     cdef double total_dy, total_dy_xmu
@@ -223,8 +203,9 @@ def batch_norm2d_backward_sums(const floating[:, :, ::1] grad_out,   # IN  (N, C
             total_dy = 0
             total_dy_xmu = 0
             for n in range(N):
-                if fuse_relu:
-                    relu_mask_run(&grad_out[n, c, 0], &out[n, c, 0], &masked[n, c, 0], HW)
+                if activation:
+                    activation_mask_run(activation, &grad_out[n, c, 0], &out[n, c, 0],
+                                        &masked[n, c, 0], HW)
                     dy = &masked[n, c, 0]
                 else:
                     dy = &grad_out[n, c, 0]

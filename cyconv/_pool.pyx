@@ -12,6 +12,12 @@ from libc.string cimport memset
 from cyconv._reduce cimport sum_run
 
 
+cdef inline void fill_run(floating* dst, Py_ssize_t length, floating value) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(length):
+        dst[i] = value
+
+
 cdef struct Window:
     int h0, h1, w0, w1   # input rows [h0, h1) and columns [w0, w1), padding cut off
 
@@ -249,27 +255,30 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
 def global_avg_pool2d_forward(const floating[:, :, ::1] x,  # IN  (N, C, H*W)
                               floating[:, ::1] out,         # OUT (N, C)
                               int num_threads):
-    """out[n, c] = the mean of plane (n, c)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t plane, n, c
-    with nogil:
-        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
-            n = plane // C
-            c = plane % C
-            out[n, c] = <floating> (sum_run(&x[n, c, 0], HW) / HW)
+    """out[n, c] = the mean of plane (n, c).
+
+    The planes are often small (4x4 to 7x7 at the end of a network): the loop over
+    them runs on plain pointers, and threads take them in shrinking chunks ('guided')
+    rather than one at a time, whose shared counter cost more than a plane's sum.
+    """
+    cdef Py_ssize_t planes = x.shape[0] * x.shape[1], HW = x.shape[2], plane
+    if planes == 0:
+        return
+    cdef const floating* src = &x[0, 0, 0]
+    cdef floating* dst = &out[0, 0]
+    for plane in prange(planes, nogil=True, schedule='guided', num_threads=num_threads):
+        dst[plane] = <floating> (sum_run(src + plane * HW, HW) / HW)
 
 
 def global_avg_pool2d_backward(const floating[:, ::1] grad_out,  # IN  (N, C)
                                floating[:, :, ::1] grad_input,   # OUT (N, C, H*W)
                                int num_threads):
-    """grad_input[n, c, :] = grad_out[n, c] / (H*W)."""
-    cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1], HW = grad_input.shape[2]
-    cdef Py_ssize_t plane, n, c, i
-    cdef floating share
-    with nogil:
-        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
-            n = plane // C
-            c = plane % C
-            share = grad_out[n, c] / HW
-            for i in range(HW):
-                grad_input[n, c, i] = share
+    """grad_input[n, c, :] = grad_out[n, c] / (H*W) (on pointers, guided: see forward)."""
+    cdef Py_ssize_t planes = grad_input.shape[0] * grad_input.shape[1]
+    cdef Py_ssize_t HW = grad_input.shape[2], plane
+    if planes == 0:
+        return
+    cdef const floating* src = &grad_out[0, 0]
+    cdef floating* dst = &grad_input[0, 0, 0]
+    for plane in prange(planes, nogil=True, schedule='guided', num_threads=num_threads):
+        fill_run(dst + plane * HW, HW, src[plane] / HW)

@@ -11,6 +11,12 @@
 #define CYCONV_ROW_LOOPS_H
 #include <stddef.h>
 
+/* v takes the place of best in a max-pool window when greater or, with nan_wins, when
+ * it is the window's first NaN (a NaN wins, as in PyTorch).  Written with || and &&
+ * so that GCC vectorises the selects (bitwise | and & kept the loop scalar). */
+#define CYCONV_TAKES(v, best, nan_wins) \
+    ((v) > (best) || ((nan_wins) && (v) != (v) && (best) == (best)))
+
 #define CYCONV_ROW_LOOPS(T)                                                              \
     /* im2col, stride 2: dst[i] = src[2 i], i < n */                                    \
     static inline void gather_stride2_##T(T *__restrict dst, const T *__restrict src,    \
@@ -68,6 +74,81 @@
             bottom[2 * i] = offset == W ? g : (T)0;                                      \
             bottom[2 * i + 1] = offset == W + 1 ? g : (T)0;                              \
         }                                                                                \
+    }                                                                                    \
+    /* max_pool_2x2_row of y = max(x * scale + shift, 0) (NaN kept): batch norm, ReLU   \
+     * and max-pool in one sweep, y never stored; returns nonzero when a y was a NaN.   \
+     * With nan_wins the selects let a NaN win its window (CYCONV_TAKES), at the price \
+     * of a few more operations.  store_where and nan_wins are constants at each call  \
+     * (see below): with a test of them inside, GCC leaves the loop scalar. */         \
+    static inline int affine_relu_max_pool_2x2_loop_##T(                                 \
+        const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
+        int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
+        int store_where, int nan_wins)                                                   \
+    {                                                                                    \
+        int has_nan = 0;                                                                 \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            T a = top[2 * i] * scale + shift, b = top[2 * i + 1] * scale + shift;        \
+            T c = bottom[2 * i] * scale + shift, d = bottom[2 * i + 1] * scale + shift;  \
+            has_nan |= (a != a) | (b != b) | (c != c) | (d != d); /* before the ReLU */  \
+            a = a <= 0 ? 0 : a;                                                          \
+            b = b <= 0 ? 0 : b;                                                          \
+            c = c <= 0 ? 0 : c;                                                          \
+            d = d <= 0 ? 0 : d;                                                          \
+            T best = a;                                                                  \
+            int offset = 0;                                                              \
+            offset = CYCONV_TAKES(b, best, nan_wins) ? 1 : offset;                       \
+            best = CYCONV_TAKES(b, best, nan_wins) ? b : best;                           \
+            offset = CYCONV_TAKES(c, best, nan_wins) ? W : offset;                       \
+            best = CYCONV_TAKES(c, best, nan_wins) ? c : best;                           \
+            offset = CYCONV_TAKES(d, best, nan_wins) ? W + 1 : offset;                   \
+            best = CYCONV_TAKES(d, best, nan_wins) ? d : best;                           \
+            out[i] = best;                                                               \
+            if (store_where) where[i] = first + 2 * (int)i + offset;                     \
+        }                                                                                \
+        return has_nan;                                                                  \
+    }                                                                                    \
+    /* One output row, where = NULL when the argmax is not needed: the plain selects,  \
+     * and the row again with a NaN's rule when it held one. */                        \
+    static inline void affine_relu_max_pool_2x2_row_##T(                                 \
+        const T *top, const T *bottom, T *out, int *where, ptrdiff_t n, int first, int W, \
+        T scale, T shift)                                                                \
+    {                                                                                    \
+        if (where ? affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, \
+                                                      W, scale, shift, 1, 0)             \
+                  : affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, \
+                                                      W, scale, shift, 0, 0)) {          \
+            if (where)                                                                   \
+                affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,  \
+                                                  scale, shift, 1, 1);                   \
+            else                                                                         \
+                affine_relu_max_pool_2x2_loop_##T(top, bottom, out, where, n, first, W,  \
+                                                  scale, shift, 0, 1);                   \
+        }                                                                                \
+    }                                                                                    \
+    /* Its input gradient for two input rows: dx = k dy + b x + c0 (batch norm's),      \
+     * where dy is grad[i] at the input where[i] points to when its window's output     \
+     * kept[i] > 0 (the ReLU let it through), else 0, as the max-pool's and the ReLU's  \
+     * gradients would give it; the column no window covers (odd W) has dy = 0. */      \
+    static inline void batch_norm_max_pool_2x2_backward_row_##T(                         \
+        const T *__restrict grad, const T *__restrict kept, const int *__restrict where, \
+        const T *__restrict x_top, const T *__restrict x_bottom, T *__restrict top,      \
+        T *__restrict bottom, ptrdiff_t n, int first, int W, T k, T b, T c0)             \
+    {                                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            int offset = where[i] - (first + 2 * (int)i);                                \
+            T gi = grad[i], zero = 0; /* loaded either way: a select, not a branch */    \
+            T g = kept[i] > 0 ? gi : zero;                                               \
+            T g0 = offset == 0 ? g : zero, g1 = offset == 1 ? g : zero;                  \
+            T g2 = offset == W ? g : zero, g3 = offset == W + 1 ? g : zero;              \
+            top[2 * i] = k * g0 + b * x_top[2 * i] + c0;                                 \
+            top[2 * i + 1] = k * g1 + b * x_top[2 * i + 1] + c0;                         \
+            bottom[2 * i] = k * g2 + b * x_bottom[2 * i] + c0;                           \
+            bottom[2 * i + 1] = k * g3 + b * x_bottom[2 * i + 1] + c0;                   \
+        }                                                                                \
+        if (W > 2 * n) {                                                                 \
+            top[2 * n] = k * (T)0 + b * x_top[2 * n] + c0;                               \
+            bottom[2 * n] = k * (T)0 + b * x_bottom[2 * n] + c0;                         \
+        }                                                                                \
     }
 
 CYCONV_ROW_LOOPS(float)
@@ -79,5 +160,9 @@ CYCONV_ROW_LOOPS(double)
 #define max_pool_2x2_row(top, ...) CYCONV_TYPED(max_pool_2x2_row, top, __VA_ARGS__)
 #define max_pool_2x2_backward_row(grad, ...) \
     CYCONV_TYPED(max_pool_2x2_backward_row, grad, __VA_ARGS__)
+#define affine_relu_max_pool_2x2_row(top, ...) \
+    CYCONV_TYPED(affine_relu_max_pool_2x2_row, top, __VA_ARGS__)
+#define batch_norm_max_pool_2x2_backward_row(grad, ...) \
+    CYCONV_TYPED(batch_norm_max_pool_2x2_backward_row, grad, __VA_ARGS__)
 
 #endif

@@ -12,8 +12,8 @@ the other layers are memory-bound and shown in GB/s of their input and output
 arrays, each counted once (a lower bound on what they move).
 
 Hooks make every layer run alone: inside containers a Conv2d or BatchNorm2d is then
-no longer fused with the ReLU after it.  So the model's own step, without hooks, is
-timed too (alternating with the profiled one) and reported beside it.
+no longer fused with the activation (and max-pool) after it.  So the model's own step,
+without hooks, is timed too (alternating with the profiled one) and reported beside it.
 
 Profiling leaves the model as it was: parameters, gradients, buffers (BatchNorm's
 running statistics), Dropout's call counters and train/eval modes are restored.
@@ -37,8 +37,9 @@ from cyconv._profile_report import LayerProfile, Pass, Profile
 from cyconv._threads import get_num_threads, set_num_threads
 from cyconv.nn import Conv2d, Dropout, Linear, Module
 
-FUSION_NOTE = ("hooks run every layer alone, so Conv2d/BatchNorm2d + ReLU are not fused "
-               "here as they are inside containers")
+FUSION_NOTE = ("hooks run every layer alone, so Conv2d/BatchNorm2d + ReLU (BatchNorm2d + "
+               "ReLU6, BatchNorm2d + ReLU + MaxPool2d) are not fused here as they are inside "
+               "containers")
 
 
 def gemm_peak(threads=None, dtype=np.float32, size=2048, repeats=3):

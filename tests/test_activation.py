@@ -97,7 +97,7 @@ def test_activations_match_torch(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("path", ["relu", "relu6", "conv+relu fused", "conv fuse_relu",
-                                  "direct conv fuse_relu", "bn+relu fused"])
+                                  "direct conv fuse_relu", "bn+relu fused", "bn+relu6 fused"])
 def test_nan_stays_nan_through_relu_plain_and_fused(path, dtype):
     """ReLU (and ReLU6) keep a NaN, as PyTorch does, in every kernel that applies it;
     its gradient there is 0."""
@@ -113,8 +113,9 @@ def test_nan_stays_nan_through_relu_plain_and_fused(path, dtype):
         "direct conv fuse_relu": lambda: nn.Conv2d(3, 2, 3, padding=1, dtype=dtype, seed=0,
                                                    fuse_relu=True),   # K = 27: direct kernel
         "bn+relu fused": lambda: nn.Sequential(nn.BatchNorm2d(3, dtype=dtype), nn.ReLU()),
+        "bn+relu6 fused": lambda: nn.Sequential(nn.BatchNorm2d(3, dtype=dtype), nn.ReLU6()),
     }[path]()
-    if path == "bn+relu fused":
+    if path.startswith("bn+"):
         layer.eval()
     y = layer(x)
     assert np.isnan(y).any(), "a NaN became a number"

@@ -6,6 +6,13 @@ from cyconv._threads import threads_for
 from cyconv.nn.module import Module
 
 
+def passed_on(layer, grad_output, shape, dtype, input_grad):
+    """The backward of a layer that another one absorbed (see forward_chain): grad_output,
+    checked against the shape and dtype that the absorbed forward gave."""
+    grad_output = as_grad_output(layer, grad_output, shape, dtype)
+    return grad_output if input_grad else None
+
+
 class _Elementwise(Module):
     """An activation whose gradient is a mask or a scale read from its output (ReLU,
     ReLU6) or its input (LeakyReLU): any shape in, the same shape out."""
@@ -29,16 +36,21 @@ class _Elementwise(Module):
         return grad_input
 
 
-class ReLU(_Elementwise):
-    """y = max(x, 0), NaN kept; dx = dy where y > 0, else 0."""
+class _Absorbable(_Elementwise):
+    """An activation whose gradient is a mask read from its output, which the layer before
+    it may apply in its own kernels (see forward_chain).  Subclasses name their
+    (forward, backward) kernels."""
+
+    _kernels = None
 
     def forward(self, x):
-        _, out = self._apply(_activation.relu_forward, x)
+        _, out = self._apply(self._kernels[0], x)
         self._save_for_backward(out, False)
         return out
 
     def _absorb(self, out):
-        """Stand in for a forward that the preceding layer already applied (out >= 0).
+        """Stand in for a forward that the preceding layer already applied (out: its
+        output, or that of a max-pool it absorbed too).
 
         The preceding layer then also masks the gradient, so backward passes it on.
         """
@@ -48,22 +60,20 @@ class ReLU(_Elementwise):
     def backward(self, grad_output, input_grad=True):
         out, absorbed = self._saved_for_backward()
         if absorbed:
-            grad_output = as_grad_output(self, grad_output, out.shape, out.dtype)
-            return grad_output if input_grad else None
-        return self._backward_through(_activation.relu_backward, out, grad_output, input_grad)
+            return passed_on(self, grad_output, out.shape, out.dtype, input_grad)
+        return self._backward_through(self._kernels[1], out, grad_output, input_grad)
 
 
-class ReLU6(_Elementwise):
+class ReLU(_Absorbable):
+    """y = max(x, 0), NaN kept; dx = dy where y > 0, else 0."""
+
+    _kernels = (_activation.relu_forward, _activation.relu_backward)
+
+
+class ReLU6(_Absorbable):
     """y = min(max(x, 0), 6), NaN kept (MobileNetV2); dx = dy where 0 < y < 6, else 0."""
 
-    def forward(self, x):
-        _, out = self._apply(_activation.relu6_forward, x)
-        self._save_for_backward(out)
-        return out
-
-    def backward(self, grad_output, input_grad=True):
-        (out,) = self._saved_for_backward()
-        return self._backward_through(_activation.relu6_backward, out, grad_output, input_grad)
+    _kernels = (_activation.relu6_forward, _activation.relu6_backward)
 
 
 class LeakyReLU(_Elementwise):

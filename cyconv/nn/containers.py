@@ -3,7 +3,9 @@ side) and Identity.  Each has a forward and a backward, so blocks built from the
 need no backward of their own.
 
 Inside a container, a Conv2d or BatchNorm2d followed by a ReLU runs as one kernel
-pass (neither may have hooks); the layers and their state_dict keys stay as written.
+pass, and so do a BatchNorm2d followed by a ReLU6, and a BatchNorm2d followed by a
+ReLU and a 2x2 MaxPool2d with stride 2 (none of them may have hooks); the layers and
+their state_dict keys stay as written.
 """
 from collections import OrderedDict
 
@@ -14,19 +16,35 @@ from cyconv.nn.module import Module, naming_errors
 
 
 def forward_chain(layers, x):
-    """x through ``layers`` in order, fusing a layer with a ReLU it can absorb."""
+    """x through ``layers`` in order, fusing a layer with those after it that it can
+    compute in its own kernels (an activation; or a ReLU and a max-pool)."""
     i = 0
     while i < len(layers):
-        layer = layers[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
-        if following is not None and not layer._hooked() and not following._hooked() \
-                and layer._can_absorb(following):
-            x = following._absorb(layer._forward(x, True))
-            i += 2
+        layer, absorbed = layers[i], _absorbed(layers, i)
+        if absorbed:
+            with naming_errors(layer):   # as layer(x) would, when no deeper module did
+                x = layer._forward_absorbing(x, absorbed)
+            for following in absorbed:
+                x = following._absorb(x)
         else:
             x = layer(x)
-            i += 1
+        i += 1 + len(absorbed)
     return x
+
+
+def _absorbed(layers, i):
+    """The layers after layers[i] that it computes in its own kernels: none, an activation,
+    or an activation and a pooling layer.  A layer with hooks is never fused (its hooks
+    must see it)."""
+    run = []
+    for following in layers[i + 1:i + 3]:
+        if following._hooked():
+            break
+        run.append(following)
+    layer = layers[i]
+    if layer._hooked() or not run or not layer._can_absorb(run[0]):
+        return []
+    return run if len(run) == 2 and layer._can_absorb_pool(*run) else run[:1]
 
 
 def backward_chain(layers, grad, input_grad):

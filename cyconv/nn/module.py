@@ -185,9 +185,20 @@ class Module(SavedState):
 
     def _can_absorb(self, next_layer):
         """True when this layer can also compute next_layer's forward (and its mask in
-        backward) in its own kernels; a container then calls ``_forward(x, True)`` here
-        and ``next_layer._absorb(output)``."""
+        backward) in its own kernels; a container then calls
+        ``_forward_absorbing(x, [next_layer])`` here and ``next_layer._absorb(output)``."""
         return False
+
+    def _can_absorb_pool(self, activation, pool):
+        """True when this layer, having absorbed ``activation``, can also compute the pooling
+        layer after it (then ``_forward_absorbing(x, [activation, pool])``, and each of the
+        two gets ``_absorb(output)``)."""
+        return False
+
+    def _forward_absorbing(self, x, absorbed):
+        """forward(x) followed by the forwards of the absorbed layers, in this layer's
+        kernels (by default: ``_forward(x, True)``, a ReLU fused)."""
+        return self._forward(x, True)
 
     # -- the tree -------------------------------------------------------------------
     def named_children(self):

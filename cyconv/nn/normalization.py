@@ -1,7 +1,7 @@
 """BatchNorm2d: per-channel normalisation with batch (train) or running (eval) statistics."""
 import numpy as np
 
-from cyconv import _norm
+from cyconv import _norm, _norm_pool
 from cyconv._checks import (
     as_grad_output,
     as_input,
@@ -11,9 +11,14 @@ from cyconv._checks import (
     positive_int,
 )
 from cyconv._threads import threads_for
-from cyconv.nn.activation import ReLU
+from cyconv.nn.activation import ReLU, ReLU6
 from cyconv.nn.conv import empty
-from cyconv.nn.module import Module, Parameter
+from cyconv.nn.module import Module, Parameter, naming_errors
+from cyconv.nn.pooling import MaxPool2d
+
+# The activations that can run inside batch norm's kernels, by their codes there
+# (cyconv/_elementwise.pxd)
+ACTIVATION_CODES = {ReLU: 1, ReLU6: 2}
 
 
 class BatchNorm2d(Module):
@@ -56,50 +61,96 @@ class BatchNorm2d(Module):
         return self._forward(x, False)
 
     def _can_absorb(self, next_layer):
-        """A ReLU right after this layer can run inside its kernels (see Sequential)."""
-        return type(next_layer) is ReLU
+        """A ReLU right after this layer can run inside its kernels (see Sequential), and so
+        can a ReLU6 (not in subclasses: SyncBatchNorm's backward masks as a ReLU's)."""
+        return type(next_layer) is ReLU or (type(next_layer) is ReLU6
+                                            and type(self) is BatchNorm2d)
 
-    def _forward(self, x, fuse_relu):
+    def _can_absorb_pool(self, activation, pool):
+        """A MaxPool2d after an absorbed ReLU can run inside them too when its 2x2 windows
+        tile the input (not in subclasses: SyncBatchNorm takes its statistics otherwise)."""
+        return (type(self) is BatchNorm2d and type(activation) is ReLU
+                and type(pool) is MaxPool2d and pool._tiles_2x2())
+
+    def _forward_absorbing(self, x, absorbed):
+        if len(absorbed) == 2:
+            return self._forward_pooled(x, absorbed[1])
+        return self._forward(x, ACTIVATION_CODES[type(absorbed[0])])
+
+    def _forward(self, x, activation):
+        """The forward, then the activation of that code (ACTIVATION_CODES; 0 for none) in
+        the same pass."""
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
         out = self._output_array(x.shape, x.dtype)
-        threads = threads_for(x.size)
+        flat_out = out.reshape(n, c, h * w)
+        momentum, mean, invstd = self._statistics(x.shape)
         if self.training:
-            if n * h * w < 2:
-                raise ValueError("BatchNorm2d: expected more than 1 value per channel when "
-                                 f"training, got input of shape {x.shape}")
-            self.num_batches_tracked += 1
-            momentum = (1.0 / int(self.num_batches_tracked) if self.momentum is None
-                        else float(self.momentum))
-            mean = np.empty(c, self.dtype)
-            invstd = np.empty(c, self.dtype)
             _norm.batch_norm2d_forward_train(flat, self.weight.data, self.bias.data,
                                              self.running_mean, self.running_var, mean, invstd,
-                                             out.reshape(n, c, h * w), self.eps, momentum, True,
-                                             fuse_relu, threads)
+                                             flat_out, self.eps, momentum, True, activation,
+                                             threads_for(x.size))
         else:
             _norm.batch_norm2d_forward_eval(flat, self.weight.data, self.bias.data,
-                                            self.running_mean, self.running_var,
-                                            out.reshape(n, c, h * w), self.eps, fuse_relu,
-                                            threads)
-            mean = self.running_mean.copy()
-            invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-                      ).astype(self.dtype)
-        self._save_for_backward(x.shape, flat, mean, invstd, self.training,
-                                out.reshape(n, c, h * w) if fuse_relu else None)
+                                            self.running_mean, self.running_var, flat_out,
+                                            self.eps, activation, threads_for(x.size))
+        self._save_for_backward(self.training, int(activation), x, mean, invstd,
+                                out if activation else None, None)
         return out
 
+    def _forward_pooled(self, x, pool):
+        """pool(max(self(x), 0)) in one kernel pass (cyconv/_norm_pool.pyx), where pool is a
+        MaxPool2d that _can_absorb_pool; only the pooled output is written."""
+        x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
+        with naming_errors(pool):
+            out_shape = pool.output_shape(x.shape)
+        out = self._output_array(out_shape, x.dtype)
+        argmax = pool._argmax_array(out_shape)
+        momentum, mean, invstd = self._statistics(x.shape)
+        _norm_pool.batch_norm2d_relu_max_pool_forward(
+            x, self.weight.data, self.bias.data, self.running_mean, self.running_var, mean,
+            invstd, out, argmax, self.eps, momentum, self.training, threads_for(x.size))
+        self._save_for_backward(self.training, ACTIVATION_CODES[ReLU], x, mean, invstd, out,
+                                argmax)
+        return out
+
+    def _statistics(self, x_shape):
+        """(momentum, mean, invstd) for a forward on x_shape.  Train mode: this step counted
+        in num_batches_tracked, its momentum, and arrays for the kernel to fill with the
+        batch's mean and 1 / sqrt(var + eps); eval mode: the running statistics as such."""
+        n, c, h, w = x_shape
+        if not self.training:
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            return 0.0, self.running_mean.copy(), invstd.astype(self.dtype)
+        if n * h * w < 2:
+            raise ValueError("BatchNorm2d: expected more than 1 value per channel when "
+                             f"training, got input of shape {tuple(x_shape)}")
+        self.num_batches_tracked += 1
+        momentum = (1.0 / int(self.num_batches_tracked) if self.momentum is None
+                    else float(self.momentum))
+        return momentum, np.empty(c, self.dtype), np.empty(c, self.dtype)
+
     def backward(self, grad_output, input_grad=True):
-        x_shape, flat, mean, invstd, batch_stats, relu_out = self._saved_for_backward()
-        n, c, hw = flat.shape
-        grad_output = as_grad_output(self, grad_output, x_shape, self.dtype)
+        # (SyncBatchNorm tells its own state by a first entry "sync")
+        batch_stats, activation, x, mean, invstd, out, argmax = self._saved_for_backward()
+        if argmax is not None:   # a ReLU and a max-pool were fused: out is pooled
+            grad_output = as_grad_output(self, grad_output, out.shape, self.dtype)
+            grad_input = self._grad_input_array(x.shape, self.dtype)
+            _norm_pool.batch_norm2d_relu_max_pool_backward(
+                grad_output, out, argmax, x, mean, invstd, self.weight.data,
+                self.weight.grad, self.bias.grad, grad_input, batch_stats, threads_for(x.size))
+            return grad_input if input_grad else None
+        n, c, h, w = x.shape
+        grad_output = as_grad_output(self, grad_output, x.shape, self.dtype)
         grad_input = self._grad_input_array(grad_output.shape, self.dtype)
-        _norm.batch_norm2d_backward(grad_output.reshape(n, c, hw), flat, mean, invstd,
-                                    self.weight.data, self.weight.grad, self.bias.grad,
-                                    relu_out if relu_out is not None else empty(3, self.dtype),
-                                    grad_input.reshape(n, c, hw), batch_stats,
-                                    relu_out is not None, threads_for(flat.size))
+        _norm.batch_norm2d_backward(grad_output.reshape(n, c, h * w), x.reshape(n, c, h * w),
+                                    mean, invstd, self.weight.data, self.weight.grad,
+                                    self.bias.grad,
+                                    empty(3, self.dtype) if out is None
+                                    else out.reshape(n, c, h * w),
+                                    grad_input.reshape(n, c, h * w), batch_stats, activation,
+                                    threads_for(x.size))
         return grad_input if input_grad else None
 
     def extra_repr(self):

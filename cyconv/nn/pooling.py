@@ -5,6 +5,7 @@ from cyconv import _pool
 from cyconv._checks import as_grad_output, as_input, check_shape, positive_pair
 from cyconv._grad_mode import is_grad_enabled
 from cyconv._threads import threads_for
+from cyconv.nn.activation import passed_on
 from cyconv.nn.conv import empty, geometry
 from cyconv.nn.module import Module
 
@@ -50,14 +51,33 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x):
         x, g, out = self._prepare(x)
-        argmax = (self._workspace("argmax", out.shape, np.int32) if is_grad_enabled()
-                  else empty(4, np.int32))
+        argmax = self._argmax_array(out.shape)
         _pool.max_pool2d_forward(x, out, argmax, g, threads_for(x.size))
         self._save_for_backward(x.shape, x.dtype, g, argmax)
         return out
 
+    def _tiles_2x2(self):
+        """True when the windows are 2x2 with stride 2 and no padding (they tile the input)."""
+        return self.kernel_size == (2, 2) and self.stride == (2, 2) and self.padding == (0, 0)
+
+    def _argmax_array(self, out_shape):
+        """The int32 array for where each window's maximum is (empty when no backward will
+        come)."""
+        return (self._workspace("argmax", out_shape, np.int32) if is_grad_enabled()
+                else empty(4, np.int32))
+
+    def _absorb(self, out):
+        """Stand in for a forward that the layers before already applied: a BatchNorm2d
+        and a ReLU computed this pooling in their kernel pass (see forward_chain), and the
+        BatchNorm2d's backward routes the gradient through the windows, so backward passes
+        it on."""
+        self._save_for_backward(out.shape, out.dtype, None, None)
+        return out
+
     def backward(self, grad_output, input_grad=True):
         x_shape, dtype, g, argmax = self._saved_for_backward()
+        if argmax is None:   # absorbed: x_shape is the output's shape
+            return passed_on(self, grad_output, x_shape, dtype, input_grad)
         grad_output = as_grad_output(self, grad_output, argmax.shape, dtype)
         if not input_grad:
             return None
