@@ -6,7 +6,8 @@
 from cython cimport floating
 from libc.math cimport sqrt
 
-from cyconv._reduce cimport sum_run, sum_squared_deviation
+from cyconv._elementwise cimport activation_mask_run
+from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
 
 
 cdef inline (double, double) channel_moments(const floating* x, Py_ssize_t planes,
@@ -48,6 +49,28 @@ cdef inline (double, double) running_affine(double weight, double bias, double r
     """(scale, shift) of the eval-mode map y = x * scale + shift."""
     cdef double scale = weight / sqrt(running_var + eps)
     return scale, bias - running_mean * scale
+
+
+cdef inline (double, double) gradient_sums(const floating* grad_out, const floating* x,
+                                           const floating* out, floating* masked,
+                                           Py_ssize_t planes, Py_ssize_t step,
+                                           Py_ssize_t length, double mean,
+                                           int activation) noexcept nogil:
+    """(sum dy, sum dy * (x - mean)) over the channel's planes: dy is grad_out, or with an
+    activation (code of _elementwise.pxd) grad_out masked by its derivative read from
+    out, written to masked (which may be grad_out's own gradient array)."""
+    cdef double total_dy = 0, total_dy_xmu = 0
+    cdef const floating* dy
+    cdef Py_ssize_t n, at
+    for n in range(planes):
+        at = n * step
+        dy = grad_out + at
+        if activation:
+            activation_mask_run(activation, dy, out + at, masked + at, length)
+            dy = masked + at
+        total_dy = total_dy + sum_run(dy, length)
+        total_dy_xmu = total_dy_xmu + sum_product_centered(dy, x + at, length, mean)
+    return total_dy, total_dy_xmu
 
 
 cdef inline (double, double, double) input_grad_coefficients(

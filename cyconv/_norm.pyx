@@ -17,8 +17,7 @@ in the same pass, its gradient masked from the output in backward.
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cyconv._elementwise cimport RELU, RELU6, activation_mask_run, relu, relu6
-from cyconv._reduce cimport sum_product_centered, sum_run
+from cyconv._elementwise cimport RELU, RELU6, relu, relu6
 
 
 cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
@@ -118,28 +117,25 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
     cdef double M = <double> N * HW
     cdef double sum_dy, sum_dy_xhat, k, b, c0, mu, istd
     cdef const floating* dy
+    if N == 0:  # (eval mode) nothing to add, and no plane to point at
+        return
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
             mu = mean[c]
             istd = invstd[c]
-            sum_dy = 0
-            sum_dy_xhat = 0
-            for n in range(N):
-                if activation:
-                    activation_mask_run(activation, &grad_out[n, c, 0], &out[n, c, 0],
-                                        &grad_input[n, c, 0], HW)
-                    dy = &grad_input[n, c, 0]
-                else:
-                    dy = &grad_out[n, c, 0]
-                sum_dy = sum_dy + sum_run(dy, HW)
-                sum_dy_xhat = sum_dy_xhat + sum_product_centered(dy, &x[n, c, 0], HW, mu)
+            sum_dy, sum_dy_xhat = gradient_sums(&grad_out[0, c, 0], &x[0, c, 0], &out[0, c, 0]
+                                                if activation else NULL,
+                                                &grad_input[0, c, 0], N, C * HW, HW, mu,
+                                                activation)
             sum_dy_xhat = sum_dy_xhat * istd
             grad_weight[c] += <floating> sum_dy_xhat
             grad_bias[c] += <floating> sum_dy
             k, b, c0 = input_grad_coefficients(weight[c], mu, istd, sum_dy, sum_dy_xhat, M,
                                                batch_stats)
             for n in range(N):
-                dy = &grad_input[n, c, 0] if activation else &grad_out[n, c, 0]
+                dy = &grad_out[n, c, 0]
+                if activation:  # the masked gradient is in grad_input
+                    dy = &grad_input[n, c, 0]
                 combine_run(dy, &x[n, c, 0], &grad_input[n, c, 0], HW,
                             <floating> k, <floating> b, <floating> c0)
 
@@ -195,22 +191,18 @@ def batch_norm2d_backward_sums(const floating[:, :, ::1] grad_out,   # IN  (N, C
     """The per-channel sums that the input gradient needs; dy is grad_out, or with an
     activation grad_out masked by its derivative (written to masked)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
-    cdef Py_ssize_t c, n
+    cdef Py_ssize_t c
     cdef double total_dy, total_dy_xmu
-    cdef const floating* dy
+    if N == 0:  # no plane to point at: the sums are 0
+        sum_dy[:] = 0
+        sum_dy_xmu[:] = 0
+        return
     with nogil:
         for c in prange(C, schedule='dynamic', num_threads=num_threads):
-            total_dy = 0
-            total_dy_xmu = 0
-            for n in range(N):
-                if activation:
-                    activation_mask_run(activation, &grad_out[n, c, 0], &out[n, c, 0],
-                                        &masked[n, c, 0], HW)
-                    dy = &masked[n, c, 0]
-                else:
-                    dy = &grad_out[n, c, 0]
-                total_dy = total_dy + sum_run(dy, HW)
-                total_dy_xmu = total_dy_xmu + sum_product_centered(dy, &x[n, c, 0], HW, mean[c])
+            total_dy, total_dy_xmu = gradient_sums(&grad_out[0, c, 0], &x[0, c, 0],
+                                                   &out[0, c, 0] if activation else NULL,
+                                                   &masked[0, c, 0] if activation else NULL,
+                                                   N, C * HW, HW, mean[c], activation)
             sum_dy[c] = total_dy
             sum_dy_xmu[c] = total_dy_xmu
 
