@@ -397,12 +397,8 @@ def test_input_grad_false_still_accumulates_param_grads(dtype, rng):
 def test_fused_relu_option(c, rng, forward_path):
     """Conv2d(..., fuse_relu=True) (an extension beyond the PyTorch API) must
     equal Conv2d followed by ReLU, forward and backward."""
-    try:
-        fused = nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"],
-                          dilation=c["d"], bias=c["bias"], dtype=np.float64, seed=0,
-                          fuse_relu=True)
-    except TypeError:
-        pytest.skip("no fuse_relu option")
+    fused = nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"], dilation=c["d"],
+                      bias=c["bias"], dtype=np.float64, seed=0, fuse_relu=True)
     plain = make_layer(c, np.float64)
     relu = nn.ReLU()
     x = _input(c, rng, np.float64)

@@ -70,6 +70,13 @@ def path(request, monkeypatch):
     return request.param
 
 
+def with_paths(cases):
+    """(case, path) for the tests that take both: depthwise layers through both paths,
+    the other grouped layers through im2col, their only one."""
+    return [pytest.param(c, path, id=f"{_id(c)}-{path}") for c in cases
+            for path in (("depthwise", "im2col") if _is_depthwise(c) else ("im2col",))]
+
+
 def _run(layer, x, dy, input_grad=True):
     """(y, dx, weight grad, bias grad or None) from a fresh forward and backward."""
     layer.zero_grad()
@@ -101,10 +108,8 @@ def test_grouped_reference_is_a_block_diagonal_dense_conv(c, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c", CASES, ids=_id)
+@pytest.mark.parametrize("c,path", with_paths(CASES), indirect=["path"])
 def test_matches_reference(c, dtype, rng, path):
-    if path == "depthwise" and not _is_depthwise(c):
-        pytest.skip("not a depthwise layer: one path only")
     layer = make_layer(c, dtype)
     x = _input(c, rng, dtype)
     dy = rng.standard_normal((c["N"], c["O"]) + layer.output_shape(x.shape)[2:]).astype(dtype)
@@ -121,11 +126,10 @@ def test_matches_reference(c, dtype, rng, path):
     np.testing.assert_array_equal(dw2, dw)
 
 
-@pytest.mark.parametrize("c", [c for c in CASES if c["N"] * c["C"] * c["H"] * c["W"] <= 1000],
-                         ids=_id)
+@pytest.mark.parametrize("c,path", with_paths([c for c in CASES
+                                                if c["N"] * c["C"] * c["H"] * c["W"] <= 1000]),
+                         indirect=["path"])
 def test_gradients_match_finite_differences(c, rng, path):
-    if path == "depthwise" and not _is_depthwise(c):
-        pytest.skip("not a depthwise layer: one path only")
     layer = make_layer(c, np.float64)
     x = _input(c, rng)
     proj = rng.standard_normal((c["N"], c["O"]) + layer.output_shape(x.shape)[2:])
@@ -140,11 +144,9 @@ def test_gradients_match_finite_differences(c, rng, path):
         np.testing.assert_allclose(db, finite_difference(loss, layer.bias.data), **FD_TOL)
 
 
-@pytest.mark.parametrize("c", CASES, ids=_id)
+@pytest.mark.parametrize("c,path", with_paths(CASES), indirect=["path"])
 def test_matches_torch(c, rng, path):
     torch = pytest.importorskip("torch")
-    if path == "depthwise" and not _is_depthwise(c):
-        pytest.skip("not a depthwise layer: one path only")
     layer = make_layer(c, np.float64)
     tconv = torch.nn.Conv2d(c["C"], c["O"], c["k"], c["s"], c["p"], c["d"], c["groups"],
                             c["bias"]).double()
