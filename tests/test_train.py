@@ -186,6 +186,7 @@ def test_exact_resume_after_epoch(shapes, tmp_path):
 
 @pytest.mark.parametrize("average_decay", [None, 0.9])
 def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys, average_decay):
+    handler_before = signal.getsignal(signal.SIGINT)   # SIG_IGN in a job started with &
     straight = make_trainer(shapes, tmp_path / "a", average_decay=average_decay)
     straight.fit()
     first = make_trainer(shapes, tmp_path / "b", trainer_class=SignalAtStep,
@@ -196,7 +197,7 @@ def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys, average_d
     assert (first.position.epoch, first.position.step_in_epoch) == (1, 4)
     err = capsys.readouterr().err
     assert "Interrupted by SIGINT" in err and "resume" in err and "last.safetensors" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     resumed = make_trainer(shapes, tmp_path / "b", average_decay=average_decay)
     resumed.fit(resume=True)
     assert_same_run(straight, resumed)
