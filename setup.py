@@ -127,6 +127,8 @@ class BuildExt(build_ext):
                 shutil.copy2(built, target)
             print(f"cyconv: {ext.name} is up to date", file=sys.stderr)
             return
+        if os.path.exists(target):   # else setuptools keeps a target newer than its C file,
+            os.remove(target)        # though built with other settings
         super().build_extension(ext)
 
     def _up_to_date(self, built, ext):
