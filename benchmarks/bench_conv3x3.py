@@ -18,7 +18,6 @@ is measured in the same run, with the same threads.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,15 @@ try:  # imported before cyconv so that its OpenMP runtime keeps its own defaults
     import torch
 except ImportError:
     torch = None
-from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cyconv
-from cyconv import nn
-from cyconv.nn import winograd
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+from timing import median_range, passes, rounds, seconds  # noqa: E402
+
+import cyconv  # noqa: E402
+from cyconv import nn  # noqa: E402
+from cyconv.nn import winograd  # noqa: E402
+from cyconv.profiling import gemm_peak  # noqa: E402
 
 # (name, in channels, out channels, input size)
 LAYERS = {
@@ -41,22 +43,6 @@ LAYERS = {
     "resnet18": [("resnet18 64", 64, 64, 56), ("resnet18 128", 128, 128, 28),
                  ("resnet18 256", 256, 256, 14), ("resnet18 512", 512, 512, 7)],
 }
-
-
-def gemm_peak(threads, size=2048):
-    """numpy's float32 GEMM GFLOP/s at size^3 (best of 5)."""
-    a = np.random.rand(size, size).astype(np.float32)
-    b = np.random.rand(size, size).astype(np.float32)
-    with threadpool_limits(threads, user_api="blas"):
-        a @ b
-        best = min(timed(lambda: a @ b) for _ in range(5))
-    return 2 * size ** 3 / best / 1e9
-
-
-def timed(task):
-    start = time.perf_counter()
-    task()
-    return time.perf_counter() - start
 
 
 def im2col_only(task):
@@ -72,16 +58,8 @@ def im2col_only(task):
 
 def cyconv_passes(c_in, c_out, x, dy):
     layer = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, seed=0)
-
-    def forward():
-        seconds = timed(lambda: layer(x))
-        layer.discard_saved()  # not backpropagated
-        return seconds
-
-    def backward():
-        layer(x)
-        return timed(lambda: layer.backward(dy))
-    return forward, backward, layer
+    tasks = passes(layer, x, dy)
+    return tasks["forward"], tasks["backward"], layer
 
 
 def torch_passes(layer, x, dy, channels_last):
@@ -96,11 +74,11 @@ def torch_passes(layer, x, dy, channels_last):
     tx.requires_grad_(True)
 
     def forward():
-        return timed(lambda: conv(tx))
+        return seconds(lambda: conv(tx))
 
     def backward():
         y = conv(tx)
-        return timed(lambda: y.backward(tdy))
+        return seconds(lambda: y.backward(tdy))
     return forward, backward
 
 
@@ -119,29 +97,22 @@ def measure_layer(c_in, c_out, size, batch, repeats, im2col):
         for label, channels_last in (("torch NCHW", False), ("torch NHWC", True)):
             fwd, bwd = torch_passes(layer, x, dy, channels_last)
             tasks[(label, "forward")], tasks[(label, "backward")] = fwd, bwd
-    for task in tasks.values():  # warm-up: workspaces, caches, oneDNN primitives
-        task()
-    times = {key: [] for key in tasks}
-    for _ in range(repeats):
-        for key, task in tasks.items():
-            times[key].append(task())
-    return times
+    return rounds(tasks, repeats)
 
 
 def report(name, flop, times, peak):
     """Markdown rows: median ms [range], GFLOP/s, share of the GEMM peak."""
     rows = []
-    for pass_name, passes in (("forward", 1), ("backward", 2)):
+    for pass_name, pass_count in (("forward", 1), ("backward", 2)):
         cells = {}
-        for (impl, p), seconds in times.items():
+        for (impl, p), values in times.items():
             if p == pass_name:
-                cells[impl] = (statistics.median(seconds), min(seconds), max(seconds))
-        ours = cells["cyconv"][0]
-        best_torch = min((v[0] for k, v in cells.items() if k.startswith("torch")),
+                cells[impl] = values
+        ours = statistics.median(cells["cyconv"])
+        best_torch = min((statistics.median(v) for k, v in cells.items() if k.startswith("torch")),
                          default=None)
-        text = " | ".join(f"{1e3 * m:.2f} [{1e3 * lo:.2f}-{1e3 * hi:.2f}]"
-                          for m, lo, hi in cells.values())
-        gflops = passes * flop / ours / 1e9
+        text = " | ".join(median_range(v) for v in cells.values())
+        gflops = pass_count * flop / ours / 1e9
         ratio = f"{best_torch / ours:.2f}" if best_torch else "-"
         rows.append(f"| {name} | {pass_name} | {text} | {gflops:.0f} | "
                     f"{100 * gflops / peak:.0f}% | {ratio} |")

@@ -34,10 +34,13 @@ try:
 except ImportError:  # the benchmark runs without PyTorch, reporting cyconv alone
     torch = None
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cyconv
-from cyconv import nn
-from cyconv.nn import conv as conv_module
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+from timing import median_range, seconds  # noqa: E402
+
+import cyconv  # noqa: E402
+from cyconv import nn  # noqa: E402
+from cyconv.nn import conv as conv_module  # noqa: E402
 
 # (in, out, kernel, stride, padding, input size, fused ReLU)
 NETWORKS = {
@@ -59,16 +62,6 @@ MOBILENET_DEPTHWISE = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (
 
 clock = time.perf_counter
 
-
-def timed(task):
-    start = clock()
-    task()
-    return clock() - start
-
-
-def summary(seconds):
-    ms = [s * 1e3 for s in seconds]
-    return f"{statistics.median(ms):8.2f} [{min(ms):7.2f}-{max(ms):7.2f}]"
 
 
 def scratch_bytes(layer):
@@ -93,7 +86,7 @@ def run_backward(args):
             if step >= args.warmup:
                 times.append(clock() - start)
         total.append(statistics.median(times))
-        print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px | {summary(times)} | "
+        print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px | {median_range(times, width=8)} | "
               f"scratch {scratch_bytes(layer) / 2**20:7.2f} MB", flush=True)
     print(f"  sum of medians {sum(total) * 1e3:.1f} ms")
 
@@ -108,8 +101,8 @@ class CyconvLayer:
 
     def step(self):
         conv_module.DEPTHWISE_KERNEL = self.depthwise
-        forward = timed(lambda: self.layer(self.x))
-        backward = timed(lambda: self.layer.backward(self.dy))
+        forward = seconds(lambda: self.layer(self.x), clock)
+        backward = seconds(lambda: self.layer.backward(self.dy), clock)
         self.layer.zero_grad()
         return forward, backward
 
@@ -124,8 +117,8 @@ class TorchLayer:
 
     def step(self):
         out = []
-        forward = timed(lambda: out.append(self.layer(self.x)))
-        backward = timed(lambda: out[0].backward(self.dy))
+        forward = seconds(lambda: out.append(self.layer(self.x)), clock)
+        backward = seconds(lambda: out[0].backward(self.dy), clock)
         self.x.grad, self.layer.weight.grad = None, None
         return forward, backward
 
@@ -153,7 +146,8 @@ def run_depthwise(args):
                     times[name][1].append(backward)
         print(f"{channels:4d} ch {size:3d}px s{stride}")
         for name, (forward, backward) in times.items():
-            print(f"    {name:10s} fwd {summary(forward)}  bwd {summary(backward)}", flush=True)
+            print(f"    {name:10s} fwd {median_range(forward, width=8)}  "
+                  f"bwd {median_range(backward, width=8)}", flush=True)
     conv_module.DEPTHWISE_KERNEL = True
 
 

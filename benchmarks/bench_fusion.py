@@ -24,7 +24,6 @@ median and the range over the rounds.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ except ImportError:
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from systems import NETWORKS, TORCH_LAYOUTS, build_systems  # noqa: E402
+from timing import median_range, passes, rounds, seconds  # noqa: E402
 
 import cyconv  # noqa: E402
 from cyconv import nn  # noqa: E402
@@ -45,46 +45,10 @@ STAGES = [(24, 64), (48, 32), (96, 16), (192, 8)]   # models.small(3, 128): chan
 GAP_SHAPES = [(32, 192, 4, 4), (32, 512, 7, 7), (32, 1280, 7, 7)]
 
 
-def seconds(task):
-    start = time.perf_counter()
-    task()
-    return time.perf_counter() - start
-
-
 def unfused(model, index):
     """model with a do-nothing forward hook on its layer ``index`` (no fusion through it)."""
     model[index].register_forward_hook(lambda *args: None)
     return model
-
-
-def layer_passes(model, x, dy):
-    """{"forward": task, "backward": task} of a model, each task returning its seconds;
-    backward times the backward of a forward run just before."""
-    def forward():
-        elapsed = seconds(lambda: model(x))
-        model.discard_saved()   # not backpropagated
-        return elapsed
-
-    def backward():
-        model(x)
-        return seconds(lambda: model.backward(dy))
-    return {"forward": forward, "backward": backward}
-
-
-def rounds(tasks, count):
-    """{name: [seconds of each round]}: after a warm-up, every task once per round."""
-    for task in tasks.values():
-        task()
-    times = {name: [] for name in tasks}
-    for _ in range(count):
-        for name, task in tasks.items():
-            times[name].append(task())
-    return times
-
-
-def cell(values, scale=1e3, digits=2):
-    return (f"{statistics.median(values) * scale:.{digits}f} "
-            f"[{min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f}]")
 
 
 def stage_tasks(channels, size, batch=32):
@@ -94,7 +58,7 @@ def stage_tasks(channels, size, batch=32):
     tasks = {}
     for label, hooked in (("fused", False), ("one by one", True)):
         model = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2))
-        for pass_name, task in layer_passes(unfused(model, 2) if hooked else model,
+        for pass_name, task in passes(unfused(model, 2) if hooked else model,
                                             x, dy).items():
             tasks[(label, pass_name)] = task
     return tasks
@@ -107,7 +71,7 @@ def relu6_tasks(channels=144, size=56, batch=16):
     tasks = {}
     for label, hooked in (("fused", False), ("one by one", True)):
         model = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU6())
-        for pass_name, task in layer_passes(unfused(model, 1) if hooked else model,
+        for pass_name, task in passes(unfused(model, 1) if hooked else model,
                                             x, dy).items():
             tasks[(label, pass_name)] = task
     return tasks
@@ -120,7 +84,7 @@ def print_passes(title, times):
     for pass_name in ("forward", "backward"):
         fused, plain = times[("fused", pass_name)], times[("one by one", pass_name)]
         saving = 1 - statistics.median(fused) / statistics.median(plain)
-        print(f"| {pass_name} | {cell(fused)} | {cell(plain)} | {saving:.0%} |")
+        print(f"| {pass_name} | {median_range(fused)} | {median_range(plain)} | {saving:.0%} |")
 
 
 def gap_speeds(shape, count):
@@ -128,7 +92,7 @@ def gap_speeds(shape, count):
     sum and np.copyto of the same bytes."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     copy = np.empty_like(x)
-    tasks = dict(layer_passes(nn.AdaptiveAvgPool2d(1), x, np.ones(shape[:2] + (1, 1), x.dtype)),
+    tasks = dict(passes(nn.AdaptiveAvgPool2d(1), x, np.ones(shape[:2] + (1, 1), x.dtype)),
                  sum=lambda: seconds(x.sum), copy=lambda: seconds(lambda: np.copyto(copy, x)))
     return {name: [x.nbytes / 1e9 / s * (2 if name == "copy" else 1) for s in values]
             for name, values in rounds(tasks, count).items()}
@@ -142,7 +106,8 @@ def gap_part(count):
     for shape in GAP_SHAPES:
         speeds = gap_speeds(shape, count * 10)
         print(f"| {'x'.join(map(str, shape))} ({np.prod(shape) * 4e-6:.1f} MB) | "
-              + " | ".join(cell(speeds[n], 1, 1) for n in ("forward", "backward", "sum", "copy"))
+              + " | ".join(median_range(speeds[n], 1, 1)
+                           for n in ("forward", "backward", "sum", "copy"))
               + " |")
 
 
@@ -161,7 +126,8 @@ def step_part(count):
     print("| system | step ms | images/s |")
     print("|---|---|---|")
     for name, values in times.items():
-        print(f"| {name} | {cell(values, digits=1)} | {32 / statistics.median(values):.0f} |")
+        print(f"| {name} | {median_range(values, digits=1)} | "
+              f"{32 / statistics.median(values):.0f} |")
     best_torch = min((statistics.median(times[n]) for n in TORCH_LAYOUTS if n in times),
                      default=None)
     if best_torch:
