@@ -300,4 +300,3 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     grad_weight[oc, k] += parts[j, oc, k]
             if has_bias:
                 add_sum(&bias_parts[0, oc], chunks, OC, &grad_bias[oc])
-

@@ -56,8 +56,8 @@ TILE_BYTES = 128 * 1024
 
 # Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
 # for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
-# which copies more than it multiplies for them.  Measured on the reference
-# network's first layer (K = 27): 4.4 -> 3.1 ms at batch 16 (README.rst, Speed).
+# which copies more than it multiplies for them (CHANGELOG.rst, 0.1, has the
+# measurement).
 DIRECT_MAX_TAPS = 32 if _conv_direct.DIRECT_IS_VECTORIZED else 0
 assert DIRECT_MAX_TAPS <= _conv_direct.MAX_DIRECT_TAPS
 # The direct kernel keeps one copy of each input row per stride phase: only
