@@ -421,6 +421,27 @@ SPLITS = {
 }
 
 
+def _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads):
+    """Forward and backward of a fused-ReLU layer on 1, 2 and 3 threads: the same bits,
+    and the reference's gradients."""
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        layer.zero_grad()
+        y = layer(x).copy()
+        results.append([y, layer.backward(dy).copy()] + [p.grad.copy() for p in layer.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    y, dx, dw, db = results[0]
+    dy_masked = np.where(y > 0, dy, 0)
+    rdx, rdw, rdb = R.conv2d_backward(x, layer.weight.data, dy_masked, c["s"], c["p"],
+                                      groups=layer.groups)
+    assert_close(dx, rdx, dtype)
+    assert_close(dw, rdw, dtype)
+    assert_close(db, rdb, dtype)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -437,22 +458,31 @@ def test_weight_grad_splits_match_reference_and_any_thread_count(split, dtype, g
             "3 chunks x blocks": chunks == 3 and blocks > 1}[split]
     x = _input(c, rng, dtype)
     dy = rng.standard_normal((7, 6) + _out_hw(c)).astype(dtype)
-    results = []
-    for n in (1, 2, 3):
-        threads(n)
-        layer.zero_grad()
-        y = layer(x).copy()
-        results.append([y, layer.backward(dy).copy()] + [p.grad.copy() for p in layer.parameters()])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            np.testing.assert_array_equal(a, b)
-    y, dx, dw, db = results[0]
-    dy_masked = np.where(y > 0, dy, 0)
-    rdx, rdw, rdb = R.conv2d_backward(x, layer.weight.data, dy_masked, c["s"], c["p"],
-                                      groups=groups)
-    assert_close(dx, rdx, dtype)
-    assert_close(dw, rdw, dtype)
-    assert_close(db, rdb, dtype)
+    _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads)
+
+
+# Output rows per im2col tile (see Conv2d._tile_workspace), forced by its constants:
+# the case's output is 6 rows of 10 pixels.
+TILE_ROWS = {"whole image": {}, "one row": dict(TILE_BYTES=1, MIN_TILE_COLUMNS=1),
+             "4 + 2 rows": dict(TILE_BYTES=1, MIN_TILE_COLUMNS=31)}
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", list(TILE_ROWS))
+def test_im2col_tiles_match_reference_and_any_thread_count(tiles, dtype, groups, rng, threads,
+                                                           monkeypatch):
+    c = _case(3, 8, 6, 11, 10, k=3, s=(2, 1), p=1)
+    layer = nn.Conv2d(8, 6, 3, stride=(2, 1), padding=1, groups=groups, dtype=dtype, seed=0,
+                      fuse_relu=True)
+    for name, value in TILE_ROWS[tiles].items():
+        monkeypatch.setattr(conv_module, name, value)
+    g = layer._geometry((3, 8, 11, 10))
+    rows, _ = layer._tile_workspace("cols", g, 1, layer.weight.data[0].size)
+    assert rows == {"whole image": 6, "one row": 1, "4 + 2 rows": 4}[tiles]
+    x = _input(c, rng, dtype)
+    dy = rng.standard_normal((3, 6) + _out_hw(c)).astype(dtype)
+    _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 64, 1000])
@@ -470,8 +500,9 @@ def test_weight_grad_split_bounds_the_parts(batch, groups, k, weight_bytes):
 @pytest.mark.parametrize("kernel", [3, 5])  # Winograd, im2col
 def test_backward_scratch_does_not_grow_with_the_batch(rng, kernel):
     """No per-image copy of the weight: the layer's own scratch is the same at batch 64 and
-    256, and small (Winograd's large scratch comes from the shared pool), and the
-    weight-gradient parts (from the pool) stay within PARTS_BYTES."""
+    256, and within its bound of three im2col tiles per thread (Winograd's large
+    scratch comes from the shared pool), and the weight-gradient parts (from the
+    pool) stay within PARTS_BYTES."""
     layer = nn.Conv2d(64, 64, kernel, padding=kernel // 2, bias=False, seed=0)
     sizes = []
     for batch in (64, 256):
@@ -480,7 +511,9 @@ def test_backward_scratch_does_not_grow_with_the_batch(rng, kernel):
         layer.backward(np.ones((batch, 64, 9, 9), np.float32))
         sizes.append({name: a.nbytes for name, a in layer._workspaces.items()})
     assert sizes[0] == sizes[1]
-    assert sum(sizes[1].values()) < 2**20
+    tile_bound = max(conv_module.TILE_BYTES,
+                     layer.weight.data[0].nbytes * conv_module.MIN_TILE_COLUMNS)
+    assert sum(sizes[1].values()) <= 3 * cyconv.get_num_threads() * tile_bound
     assert conv_module.weight_grad_split(256, 1, 576, layer.weight.data.nbytes)[1] * \
         layer.weight.data.nbytes <= conv_module.PARTS_BYTES
 

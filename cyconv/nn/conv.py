@@ -48,11 +48,15 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation, groups=1):
                 pad_h=padding[0], pad_w=padding[1], dilation_h=dilation[0], dilation_w=dilation[1])
 
 
-# Bytes of im2col columns per tile: an eighth of a core's L2 cache (1 MB on the
-# AMD EPYC here), leaving room for BLAS's packed panels and the output rows.
+# Bytes of im2col columns per tile: an eighth of a 1 MB L2 cache, leaving room
+# for BLAS's packed panels and the output rows.
 # Measured on the reference network at batch 4 and 16: 64-128 KB beat 256 KB by
 # 5-10%; 32 KB and 1 MB were slower.
 TILE_BYTES = 128 * 1024
+# ... but at least this many columns (output pixels): a narrower product runs
+# far below BLAS's peak, worst for the many-channel layers whose K alone fills
+# TILE_BYTES with one or two output rows (benchmarks/bench_conv_layers.py).
+MIN_TILE_COLUMNS = 256
 
 # Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
 # for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
@@ -299,10 +303,11 @@ class Conv2d(Module):
 
         A tile holds whole output rows, as many as keep its columns within
         TILE_BYTES, so that they stay in the core's cache between im2col and
-        the matrix product.
+        the matrix product, but at least MIN_TILE_COLUMNS columns.
         """
         row_bytes = k_rows * g["out_width"] * self.dtype.itemsize
-        rows = max(1, min(g["out_height"], TILE_BYTES // row_bytes))
+        rows = min(g["out_height"], max(1, TILE_BYTES // row_bytes,
+                                        -(-MIN_TILE_COLUMNS // g["out_width"])))
         return rows, self._workspace(name, (threads, k_rows * rows * g["out_width"]), self.dtype)
 
     def extra_repr(self):
