@@ -28,9 +28,7 @@
 #define WINOGRAD_TILE_BLOCK 32
 /* Output channels per block of the forward product (the packed weight's row block). */
 #define WINOGRAD_CHANNEL_BLOCK 8
-/* Input channels per block of the weight-gradient product (its rows are padded to it). */
-#define WINOGRAD_GRAD_BLOCK 4
-#define WINOGRAD_VECTOR_BYTES 64 /* winograd_lane_sum assumes 64 */
+#define WINOGRAD_VECTOR_BYTES 64
 /* Elements a row of the transforms' workspace extends past the tiles it holds
  * (vector loads read up to a vector past the end; also the slack the forward's
  * product block needs past its end, read by the output transform). */
@@ -73,6 +71,5 @@
 #define winograd_filter(g, ...) CYCONV_TYPED(winograd_filter, g, __VA_ARGS__)
 #define winograd_filter_grad(src, ...) CYCONV_TYPED(winograd_filter_grad, src, __VA_ARGS__)
 #define winograd_product(u, ...) CYCONV_TYPED(winograd_product, u, __VA_ARGS__)
-#define winograd_grad_product(a, ...) CYCONV_TYPED(winograd_grad_product, a, __VA_ARGS__)
 
 #endif

@@ -19,24 +19,24 @@ on the thread count.  The input gradient is the same computation on the output
 gradient, with the weight transposed and flipped and padding 2 - pad.
 
 Weight gradient (winograd_weight_grad): per range of tiles (in order), the
-transformed input (16, Cg, range) and output gradient (16, Mp, range) are made
-in shared blocks (one channel per task), then each (position, block of
-GRAD_BLOCK output channels) task adds its dot products over the range to the
-(16, Mp, Cg) gradient of the transformed weight.  Each element of that sum is
-owned by one task and the ranges are taken in order, so the additions happen in
-the same order for any thread count.  Last, each filter's gradient is
+transformed input (16, C, range) and output gradient (16, M, range) are made
+in shared blocks (one channel per task), then each position's task adds its
+matrix product over the range (one single-threaded BLAS call) to that
+position's (M, C) gradient of the transformed weight.  Each element of that sum
+is owned by one task and the ranges are taken in order, so the additions happen
+in the same order for any thread count.  Last, each filter's gradient is
 transformed back and added to grad_weight.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memset
 
+from cyconv._blas cimport gemm
 from cyconv._reduce cimport sum_run
 
 cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_TILE_BLOCK
     enum: WINOGRAD_CHANNEL_BLOCK
-    enum: WINOGRAD_GRAD_BLOCK
     enum: WINOGRAD_ROW_SLACK
     # C kernels with a float and a double version, one name each (see _typed.h and
     # _winograd_kernels.h for the arguments)
@@ -45,11 +45,9 @@ cdef extern from "_winograd.h" nogil:
     void winograd_filter(...)
     void winograd_filter_grad(...)
     void winograd_product(...)
-    void winograd_grad_product(...)
 
 TILE_BLOCK = WINOGRAD_TILE_BLOCK
 CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
-GRAD_BLOCK = WINOGRAD_GRAD_BLOCK
 ROW_SLACK = WINOGRAD_ROW_SLACK
 
 
@@ -129,42 +127,35 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
 
 
 cdef void transform_for_grad(const floating* x, const floating* grad_out, const floating* mask,
-                             floating* v, floating* d, floating* rows, int j, int C, int Cg,
-                             int M, int H, int W, int OH, int OW, int pad_h, int pad_w,
+                             floating* v, floating* d, floating* rows, int j, int C, int M,
+                             int H, int W, int OH, int OW, int pad_h, int pad_w,
                              Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T) noexcept nogil:
-    """Row j of the weight gradient's operands for tiles [t0, t1): j < Cg is input channel j
-    (into v, (16, Cg, T)), else output channel j - Cg of the (masked) output gradient
-    (into d, (16, Mg, T)); padding channels get zeros."""
-    cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2, xi
+    """Row j of the weight gradient's operands for tiles [t0, t1): j < C is input channel j
+    (into v, (16, C, T)), else output channel j - C of the (masked) output gradient
+    (into d, (16, M, T))."""
+    cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
-    cdef int Mg = (M + WINOGRAD_GRAD_BLOCK - 1) // WINOGRAD_GRAD_BLOCK * WINOGRAD_GRAD_BLOCK
     if j < C:
         winograd_transform(x + j * plane, NULL, C * plane, H, W, pad_h, pad_w, TH, TW, t0, t1,
-                           T, False, rows, v + j * T, Cg * T)
-    elif j < Cg:
-        for xi in range(16):
-            memset(v + (xi * Cg + j) * T, 0, T * sizeof(floating))
-    elif j - Cg < M:
-        j -= Cg
+                           T, False, rows, v + j * T, C * T)
+    else:
+        j -= C
         winograd_transform(grad_out + j * out_plane,
                            mask + j * out_plane if mask != NULL else NULL, M * out_plane, OH, OW,
-                           0, 0, TH, TW, t0, t1, T, True, rows, d + j * T, Mg * T)
-    else:
-        for xi in range(16):
-            memset(d + (xi * Mg + j - Cg) * T, 0, T * sizeof(floating))
+                           0, 0, TH, TW, t0, t1, T, True, rows, d + j * T, M * T)
 
 
 cdef void grad_product(const floating* v, const floating* d, floating* dw, double* bias_sums,
-                       int task, int Cg, int Mg, Py_ssize_t T) noexcept nogil:
-    """dw (16, Mg, Cg) rows of one (position, block of WINOGRAD_GRAD_BLOCK output channels) task +=
-    d @ v^T over the T tiles; position 5 of d is the sum of each tile's output gradient,
-    so that task also adds those to bias_sums."""
-    cdef int blocks = Mg // WINOGRAD_GRAD_BLOCK, xi = task // blocks, m = task % blocks * WINOGRAD_GRAD_BLOCK, i
-    cdef const floating* a = d + (xi * Mg + m) * T
-    winograd_grad_product(a, v + xi * Cg * T, T, Cg, T, dw + (xi * Mg + m) * Cg, Cg)
+                       int xi, int C, int M, Py_ssize_t T) noexcept nogil:
+    """dw (16, M, C) at position xi += d @ v^T over the T tiles; position 5 of d is the
+    sum of each tile's output gradient, so that task also adds those to bias_sums."""
+    cdef const floating* a = d + xi * M * T
+    cdef int m
+    gemm(False, True, M, C, <int> T, 1, a, <int> T, v + xi * C * T, <int> T, 1,
+         dw + xi * M * C, C)
     if xi == 5:
-        for i in range(WINOGRAD_GRAD_BLOCK):
-            bias_sums[m + i] += sum_run(a + i * T, T)
+        for m in range(M):
+            bias_sums[m] += sum_run(a + m * T, T)
 
 
 def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, OH, OW)
@@ -172,34 +163,35 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                          const floating[:, :, :, ::1] out,       # IN    (N, M, OH, OW) relu mask, or empty
                          floating[:, :, :, ::1] grad_weight,     # INOUT (M, C, 3, 3), accumulated
                          floating[::1] grad_bias,                # INOUT (M,), accumulated; empty for no bias
-                         floating[::1] v,                        # WORK  (16 * Cg * tile_range)
-                         floating[::1] d,                        # WORK  (16 * Mg * tile_range)
-                         floating[:, :, ::1] dw,                 # WORK  (16, Mg, Cg)
-                         double[::1] bias_sums,                  # WORK  (Mg,)
+                         floating[::1] v,                        # WORK  (16 * C * tile_range)
+                         floating[::1] d,                        # WORK  (16 * M * tile_range)
+                         floating[:, :, ::1] dw,                 # WORK  (16, M, C)
+                         double[::1] bias_sums,                  # WORK  (M,)
                          floating[:, ::1] rows,                  # WORK  (threads, 8 * (TW + 1 + ROW_SLACK))
                          int pad_h, int pad_w, Py_ssize_t tile_range, int num_threads):
     """grad_weight += the gradient of sum(grad_out * conv3x3(x, weight)); grad_bias += sum
     of grad_out over (N, OH, OW).  With out given, grad_out counts only where out > 0 (the
-    gradient through a fused ReLU).  Cg, Mg: C and M rounded up to GRAD_BLOCK."""
+    gradient through a fused ReLU).  The products are one task per position: one
+    single-threaded BLAS call per position and range."""
     cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef int M = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
-    cdef int Cg = dw.shape[2], Mg = dw.shape[1], j, task, m, c
+    cdef int j, xi, m, c
     cdef Py_ssize_t tiles = <Py_ssize_t> N * ((OH + 1) // 2) * ((OW + 1) // 2)
     cdef Py_ssize_t chunk, t0
     cdef const floating* mask_ptr = &out[0, 0, 0, 0] if out.shape[0] > 0 else NULL
-    memset(&dw[0, 0, 0], 0, 16 * Mg * Cg * sizeof(floating))
-    memset(&bias_sums[0], 0, Mg * sizeof(double))
+    memset(&dw[0, 0, 0], 0, 16 * M * C * sizeof(floating))
+    memset(&bias_sums[0], 0, M * sizeof(double))
     with nogil, parallel(num_threads=num_threads):
         for chunk in range((tiles + tile_range - 1) // tile_range):
             t0 = chunk * tile_range
-            for j in prange(Cg + Mg, schedule='dynamic'):
+            for j in prange(C + M, schedule='dynamic'):
                 transform_for_grad(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], mask_ptr, &v[0], &d[0],
-                                   &rows[threadid(), 0], j, C, Cg, M, H, W, OH, OW, pad_h, pad_w,
+                                   &rows[threadid(), 0], j, C, M, H, W, OH, OW, pad_h, pad_w,
                                    t0, min(t0 + tile_range, tiles), tile_range)
-            for task in prange(16 * Mg // WINOGRAD_GRAD_BLOCK, schedule='dynamic'):
-                grad_product(&v[0], &d[0], &dw[0, 0, 0], &bias_sums[0], task, Cg, Mg, tile_range)
+            for xi in prange(16, schedule='dynamic'):
+                grad_product(&v[0], &d[0], &dw[0, 0, 0], &bias_sums[0], xi, C, M, tile_range)
         for m in prange(M, schedule='static'):
             for c in range(C):
-                winograd_filter_grad(&dw[0, m, c], Mg * Cg, &grad_weight[m, c, 0, 0])
+                winograd_filter_grad(&dw[0, m, c], M * C, &grad_weight[m, c, 0, 0])
             if grad_bias.shape[0] > 0:
                 grad_bias[m] += <floating> bias_sums[m]

@@ -308,45 +308,6 @@ WINOGRAD_INLINE void WSUF(winograd_block)(
             *(WSUF(wvec) *)(c + i * ldc + v * WLANES) = acc[i][v];
 }
 
-/* sum of the lanes of x (64 bytes): halves added pairwise down to 16 bytes, then lane
- * by lane; a fixed order */
-typedef WT WSUF(wvec32) __attribute__((vector_size(32), aligned(sizeof(WT))));
-typedef WT WSUF(wvec16) __attribute__((vector_size(16), aligned(sizeof(WT))));
-WINOGRAD_INLINE WT WSUF(winograd_lane_sum)(WSUF(wvec) x)
-{
-    WSUF(wvec32) h32 = *(WSUF(wvec32) *)&x + *(WSUF(wvec32) *)((char *)&x + 32);
-    WSUF(wvec16) h16 = *(WSUF(wvec16) *)&h32 + *(WSUF(wvec16) *)((char *)&h32 + 16);
-    WT s = 0;
-    for (int l = 0; l < (int)(16 / sizeof(WT)); l++)
-        s += h16[l];
-    return s;
-}
-
-/* m[i * ldm + j] += sum_k a[i * lda + k] * b[j * ldb + k] for i, j < GRAD_BLOCK,
- * k < K (a multiple of the vector lanes): one register block of the weight-gradient
- * product (dot products along tiles, lanes summed at the end). */
-WINOGRAD_INLINE void WSUF(winograd_dot_block)(
-    const WT *a, ptrdiff_t lda, const WT *b, ptrdiff_t ldb, ptrdiff_t K, WT *m, ptrdiff_t ldm)
-{
-    enum { R = WINOGRAD_GRAD_BLOCK };
-    WSUF(wvec) acc[R][R];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < R; j++)
-            acc[i][j] = (WSUF(wvec)){0};
-    for (ptrdiff_t k = 0; k < K; k += WLANES) {
-        WSUF(wvec) x[R], y[R];
-        for (int i = 0; i < R; i++) {
-            x[i] = *(const WSUF(wvec) *)(a + i * lda + k);
-            y[i] = *(const WSUF(wvec) *)(b + i * ldb + k);
-        }
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < R; j++)
-                acc[i][j] += x[i] * y[j];
-    }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < R; j++)
-            m[i * ldm + j] += WSUF(winograd_lane_sum)(acc[i][j]);
-}
 #else
 /* Other compilers: the same blocks as plain loops. */
 static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c,
@@ -358,18 +319,6 @@ static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K,
             for (int k = 0; k < K; k++)
                 s += a[k * WINOGRAD_CHANNEL_BLOCK + i] * b[k * ldb + j];
             c[i * ldc + j] = s;
-        }
-}
-
-static void WSUF(winograd_dot_block)(const WT *a, ptrdiff_t lda, const WT *b, ptrdiff_t ldb,
-                                     ptrdiff_t K, WT *m, ptrdiff_t ldm)
-{
-    for (int i = 0; i < WINOGRAD_GRAD_BLOCK; i++)
-        for (int j = 0; j < WINOGRAD_GRAD_BLOCK; j++) {
-            WT s = 0;
-            for (ptrdiff_t k = 0; k < K; k++)
-                s += a[i * lda + k] * b[j * ldb + k];
-            m[i * ldm + j] += s;
         }
 }
 #endif
@@ -387,14 +336,4 @@ static void WSUF(winograd_product)(const WT *u, const WT *v, ptrdiff_t ldv, int 
             WSUF(winograd_block)(u + (ptrdiff_t)i * K, v + j, ldv, K, y + i * ldy + j, ldy);
 }
 
-/* m[i * ldm + j] += sum_k a[i * ld + k] * b[j * ld + k] for i < GRAD_BLOCK rows of a,
- * j < N (a multiple of GRAD_BLOCK), k < K (a multiple of WINOGRAD_TILE_BLOCK): one row
- * block of the weight-gradient product of one position xi. */
-WINOGRAD_MULTIVERSION
-static void WSUF(winograd_grad_product)(const WT *a, const WT *b, ptrdiff_t ld, int N,
-                                        ptrdiff_t K, WT *m, ptrdiff_t ldm)
-{
-    for (int j = 0; j < N; j += WINOGRAD_GRAD_BLOCK)
-        WSUF(winograd_dot_block)(a, ld, b + j * ld, ld, K, m + j, ldm);
-}
 #undef WLANES

@@ -7,7 +7,7 @@ results are the same for any number of threads.
 import numpy as np
 
 from cyconv import _winograd
-from cyconv._threads import get_num_threads
+from cyconv._threads import blas_single_threaded, get_num_threads
 
 # Layers with fewer input or output channels than this keep im2col + GEMM: their
 # products are too thin for the transforms to pay (see benchmarks/bench_conv3x3.py).
@@ -18,8 +18,8 @@ MIN_CHANNELS = 8
 # between the transforms and the product.
 FORWARD_BYTES = 1 << 20
 # Bytes of the weight gradient's shared transformed tiles per range: large ranges
-# mean few synchronisations of the threads (two per range).
-GRAD_BYTES = 8 << 20
+# mean few synchronisations of the threads (two per range) and long products.
+GRAD_BYTES = 16 << 20
 # Longest tile range: beyond it a range only costs memory.
 MAX_RANGE = 4096
 
@@ -82,23 +82,21 @@ def forward(layer, x, bias, out, fuse_relu):
 def backward(layer, grad_output, x, out, grad_input):
     """Accumulate the weight (and bias) gradients; grad_input (or None) <- the input
     gradient.  out: the forward output when a ReLU was fused (its mask), else empty."""
-    channels = x.shape[1]
-    outputs = layer.out_channels
-    block = _winograd.GRAD_BLOCK
-    channels_g, outputs_g = round_up(channels, block), round_up(outputs, block)
+    channels, outputs = x.shape[1], layer.out_channels
     tiles = tile_count(grad_output.shape)
-    span = tile_range(tiles, channels_g + outputs_g, layer.dtype.itemsize, GRAD_BYTES)
-    threads = min(get_num_threads(), channels_g + outputs_g)
+    span = tile_range(tiles, channels + outputs, layer.dtype.itemsize, GRAD_BYTES)
+    threads = min(get_num_threads(), channels + outputs)
     grad_bias = (layer.bias.grad if layer.bias is not None
                  else np.empty(0, layer.dtype))
-    _winograd.winograd_weight_grad(
-        grad_output, x, out, layer.weight.grad, grad_bias,
-        layer._scratch((16 * channels_g * span,), layer.dtype),
-        layer._scratch((16 * outputs_g * span,), layer.dtype),
-        layer._scratch((16, outputs_g, channels_g), layer.dtype),
-        layer._scratch((outputs_g,), np.float64),
-        row_scratch(layer, grad_output.shape[3], threads), layer.padding[0], layer.padding[1],
-        span, threads)
+    with blas_single_threaded():
+        _winograd.winograd_weight_grad(
+            grad_output, x, out, layer.weight.grad, grad_bias,
+            layer._scratch((16 * channels * span,), layer.dtype),
+            layer._scratch((16 * outputs * span,), layer.dtype),
+            layer._scratch((16, outputs, channels), layer.dtype),
+            layer._scratch((outputs,), np.float64),
+            row_scratch(layer, grad_output.shape[3], threads), layer.padding[0],
+            layer.padding[1], span, threads)
     if grad_input is not None:
         flipped_padding = (2 - layer.padding[0], 2 - layer.padding[1])
         convolve(layer, grad_output, layer.weight.data,
