@@ -7,6 +7,7 @@ do not depend on the thread count.  Windows follow PyTorch: out size
 (H + 2p - k) // s + 1, padding at most k // 2, so no window is empty.
 """
 from cython.parallel cimport prange
+from libc.math cimport INFINITY
 from libc.string cimport memset
 
 from cyconv._reduce cimport sum_run
@@ -72,6 +73,8 @@ cdef extern from "_row_loops.h" nogil:
     int max_pool_2x2_row(...)
     # (const T* grad, const int* where, T* top, T* bottom, n, int first, int W)
     void max_pool_2x2_backward_row(...)
+    # (const T* src, T* out, int* where, n, int stride, int first) -> has a NaN
+    int max_pool_tap(...)
 
 
 cdef void max_pool_2x2_row_with_nans(const floating* src, floating* dst, int* argmax,
@@ -124,6 +127,49 @@ cdef void max_pool_2x2_plane(const floating* src, floating* dst, int* argmax,
             max_pool_2x2_row_with_nans(src, dst, argmax, g, oh)
 
 
+cdef void max_pool_windows(const floating* src, floating* dst, int* argmax, Geometry g,
+                           int oh, int ow0, int ow1) noexcept nogil:
+    """Outputs [ow0, ow1) of row oh, window by window (argmax may be NULL)."""
+    cdef int ow, best_index
+    for ow in range(ow0, ow1):
+        best_index = window_argmax(src, g.width, window_at(g, oh, ow))
+        dst[oh * g.out_width + ow] = src[best_index]
+        if argmax != NULL:
+            argmax[oh * g.out_width + ow] = best_index
+
+
+cdef void max_pool_row(const floating* src, floating* dst, int* argmax, Geometry g,
+                       int oh) noexcept nogil:
+    """Output row oh of any window (argmax may be NULL).
+
+    The outputs [lo, hi) whose windows lie inside the width go tap by tap through
+    the vectorised C loop of _row_loops.h (which has no NaN rule), the others
+    window by window; a row that held a NaN is redone window by window.
+    """
+    cdef int W = g.width, OW = g.out_width, s = g.stride_w, p = g.pad_w
+    cdef int lo = (p + s - 1) // s, hi = 0, ow, ih, kj, start, has_nan = 0
+    cdef Window w = window_at(g, oh, 0)
+    cdef floating* row = dst + oh * OW
+    cdef int* where = argmax + oh * OW if argmax != NULL else NULL
+    if W + p >= g.kernel_w:
+        hi = min((W + p - g.kernel_w) // s + 1, OW)
+    lo = min(lo, hi)
+    fill_run(row + lo, hi - lo, -INFINITY)
+    if where != NULL:
+        for ow in range(lo, hi):
+            where[ow] = w.h0 * W + ow * s - p
+    for ih in range(w.h0, w.h1 if hi > lo else w.h0):
+        for kj in range(g.kernel_w):
+            start = ih * W + lo * s - p + kj
+            has_nan |= max_pool_tap(src + start, row + lo, where + lo if where != NULL else NULL,
+                                    <Py_ssize_t> (hi - lo), s, start)
+    if has_nan:
+        max_pool_windows(src, dst, argmax, g, oh, 0, OW)
+    else:
+        max_pool_windows(src, dst, argmax, g, oh, 0, lo)
+        max_pool_windows(src, dst, argmax, g, oh, hi, OW)
+
+
 def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                        floating[:, :, :, ::1] out,       # OUT (N, C, OH, OW)
                        int[:, :, :, ::1] argmax,         # OUT (N, C, OH, OW), or empty when not needed
@@ -131,26 +177,19 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     """out = the maximum of each window; argmax = where it is (the first maximum)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t plane, n, c
-    cdef int W = g.width, OW = g.out_width, oh, ow, best_index
-    cdef bint store_argmax = argmax.shape[0] > 0
+    cdef int oh
     cdef bint is_2x2 = g.kernel_h == 2 and g.kernel_w == 2 and g.pad_h == 0 and g.pad_w == 0
-    cdef const floating* src
-    cdef floating* dst
+    cdef int* where
     with nogil:
         for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
             n = plane // C
             c = plane % C
-            src = &x[n, c, 0, 0]
-            dst = &out[n, c, 0, 0]
+            where = &argmax[n, c, 0, 0] if argmax.shape[0] > 0 else NULL
             if is_2x2:
-                max_pool_2x2_plane(src, dst, &argmax[n, c, 0, 0] if store_argmax else NULL, g)
+                max_pool_2x2_plane(&x[n, c, 0, 0], &out[n, c, 0, 0], where, g)
                 continue
             for oh in range(g.out_height):
-                for ow in range(OW):
-                    best_index = window_argmax(src, W, window_at(g, oh, ow))
-                    dst[oh * OW + ow] = src[best_index]
-                    if store_argmax:
-                        argmax[n, c, oh, ow] = best_index
+                max_pool_row(&x[n, c, 0, 0], &out[n, c, 0, 0], where, g, oh)
 
 
 cdef void max_pool_2x2_backward_plane(const floating* dy, const int* where, floating* dst,

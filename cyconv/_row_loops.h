@@ -17,6 +17,19 @@
 #define CYCONV_TAKES(v, best, nan_wins) \
     ((v) > (best) || ((nan_wins) && (v) != (v) && (best) == (best)))
 
+/* The loop of max_pool_tap for one stride and with or without where (constants at
+ * each use, so that GCC vectorises each copy; where's select is written with a
+ * mask: as a ?: it kept the loop scalar). */
+#define CYCONV_MAX_POOL_TAP(T, STRIDE, STORE_WHERE)                                      \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+        T v = src[(STRIDE) * i], best = out[i];                                          \
+        int takes = -(v > best);                                                         \
+        if (STORE_WHERE)                                                                 \
+            where[i] = ((first + (STRIDE) * (int)i) & takes) | (where[i] & ~takes);      \
+        out[i] = v > best ? v : best;                                                    \
+        has_nan |= v != v;                                                               \
+    }
+
 #define CYCONV_ROW_LOOPS(T)                                                              \
     /* im2col, stride 2: dst[i] = src[2 i], i < n */                                    \
     static inline void gather_stride2_##T(T *__restrict dst, const T *__restrict src,    \
@@ -55,6 +68,26 @@
             out[i] = best;                                                               \
             if (where) where[i] = first + 2 * (int)i + offset;                           \
         }                                                                                \
+        return has_nan;                                                                  \
+    }                                                                                    \
+    /* One tap of n max-pool windows side by side in a row, stride apart: v =          \
+     * src[stride i] takes out[i] when greater, and then where[i] = first + stride i    \
+     * (where may be NULL).  Taps applied in each window's row-major order keep its    \
+     * first maximum.  Returns nonzero when a v was a NaN: the caller redoes the row,   \
+     * since a NaN must win. */                                                         \
+    static inline int max_pool_tap_##T(const T *__restrict src, T *__restrict out,       \
+                                       int *__restrict where, ptrdiff_t n, int stride,   \
+                                       int first)                                        \
+    {                                                                                    \
+        int has_nan = 0;                                                                 \
+        if (stride == 2 && where)                                                        \
+            CYCONV_MAX_POOL_TAP(T, 2, 1)                                                 \
+        else if (stride == 2)                                                            \
+            CYCONV_MAX_POOL_TAP(T, 2, 0)                                                 \
+        else if (where)                                                                  \
+            CYCONV_MAX_POOL_TAP(T, stride, 1)                                            \
+        else                                                                             \
+            CYCONV_MAX_POOL_TAP(T, stride, 0)                                            \
         return has_nan;                                                                  \
     }                                                                                    \
     /* The gradient of that max-pool for two input rows: the input where[i] points to   \
@@ -158,6 +191,7 @@ CYCONV_ROW_LOOPS(double)
 #define gather_stride2(dst, ...) CYCONV_TYPED(gather_stride2, dst, __VA_ARGS__)
 #define scatter_add_stride2(dst, ...) CYCONV_TYPED(scatter_add_stride2, dst, __VA_ARGS__)
 #define max_pool_2x2_row(top, ...) CYCONV_TYPED(max_pool_2x2_row, top, __VA_ARGS__)
+#define max_pool_tap(src, ...) CYCONV_TYPED(max_pool_tap, src, __VA_ARGS__)
 #define max_pool_2x2_backward_row(grad, ...) \
     CYCONV_TYPED(max_pool_2x2_backward_row, grad, __VA_ARGS__)
 #define affine_relu_max_pool_2x2_row(top, ...) \

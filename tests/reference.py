@@ -119,18 +119,19 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     ph, pw = pair(padding)
     N, C, H, W = x.shape
     Ho, Wo = pool_out_size(H, kh, sh, ph), pool_out_size(W, kw, sw, pw)
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
     out = np.empty((N, C, Ho, Wo))
     arg = np.empty((N, C, Ho, Wo, 2), dtype=np.int64)
     for n in range(N):
         for c in range(C):
             for ho in range(Ho):
                 for wo in range(Wo):
-                    win = xp[n, c, ho * sh: ho * sh + kh, wo * sw: wo * sw + kw]
-                    k = int(np.argmax(win))  # first maximum, row-major
-                    r, q = divmod(k, kw)
+                    # the window without its padding: padding never wins, even over -inf
+                    r0, q0 = max(ho * sh - ph, 0), max(wo * sw - pw, 0)
+                    win = x[n, c, r0:min(ho * sh - ph + kh, H), q0:min(wo * sw - pw + kw, W)]
+                    k = int(np.argmax(win))  # first maximum (or NaN), row-major
+                    r, q = divmod(k, win.shape[1])
                     out[n, c, ho, wo] = win[r, q]
-                    arg[n, c, ho, wo] = (ho * sh + r - ph, wo * sw + q - pw)
+                    arg[n, c, ho, wo] = (r0 + r, q0 + q)
     return out, arg
 
 

@@ -117,20 +117,43 @@ def test_maxpool_ties_within_window(dtype):
                                              [0, 0, 0, 0]])
 
 
+# (kernel, stride, padding): the vectorised 2x2/2 rows, the per-window loop, and the
+# tap-by-tap rows (windows inside the width) with the per-window edges
+WINDOWS = [(2, 2, 0), (2, 1, 0), (3, 2, 0), (3, 2, 1), (3, 1, 1), (4, 3, 2)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel, stride", [(2, 2), (2, 1), (3, 2)])
-def test_maxpool_nan_wins_its_window(kernel, stride, dtype, rng):
-    # the first NaN of a window wins, as in PyTorch; odd sizes so that the
-    # vectorised 2x2/2 rows and the per-window loop both meet NaNs and ties
+@pytest.mark.parametrize("kernel, stride, padding", WINDOWS)
+def test_maxpool_nan_wins_its_window(kernel, stride, padding, dtype, rng):
+    # the first NaN of a window wins, as in PyTorch; odd sizes so that every path
+    # meets NaNs and ties
     x = rng.integers(-2, 3, (2, 3, 9, 11)).astype(dtype)
     x[rng.random(x.shape) < 0.05] = np.nan
-    layer = nn.MaxPool2d(kernel, stride)
+    layer = nn.MaxPool2d(kernel, stride, padding)
     y = layer(x)
-    ref, _ = R.max_pool2d_forward(x, kernel, stride)
+    ref, _ = R.max_pool2d_forward(x, kernel, stride, padding)
     np.testing.assert_array_equal(y, ref.astype(dtype))  # NaNs in the same places
     assert np.isnan(y).any() and not np.isnan(y).all()
     dy = rng.standard_normal(y.shape).astype(dtype)
-    assert_close(layer.backward(dy), R.max_pool2d_backward(x, dy, kernel, stride), dtype)
+    assert_close(layer.backward(dy), R.max_pool2d_backward(x, dy, kernel, stride, padding),
+                 dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel, stride, padding", WINDOWS)
+def test_maxpool_ties_and_infinities_go_to_first_maximum(kernel, stride, padding, dtype, rng):
+    # few distinct values, some -inf (whole windows of them too): the first maximum
+    # in row-major order gets the gradient, exactly as the reference picks it
+    x = rng.integers(-1, 2, (2, 3, 9, 11)).astype(dtype)
+    x[rng.random(x.shape) < 0.3] = -np.inf
+    x[0, 0, :4, :5] = -np.inf
+    layer = nn.MaxPool2d(kernel, stride, padding)
+    y = layer(x)
+    ref, _ = R.max_pool2d_forward(x, kernel, stride, padding)
+    np.testing.assert_array_equal(y, ref.astype(dtype))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    assert_close(layer.backward(dy), R.max_pool2d_backward(x, dy, kernel, stride, padding),
+                 dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
