@@ -1,12 +1,13 @@
 """Layers that a container runs as one kernel pass: BatchNorm2d + ReLU + MaxPool2d(2)
-(cyconv/_norm_pool.pyx) and BatchNorm2d + ReLU6.  The same results as the layers one by
-one (a hook on any of them turns the fusion off), as the numpy reference and as finite
+(cyconv/_norm_pool.pyx) and BatchNorm2d + ReLU6; and in inference a BatchNorm2d (and a
+ReLU) folded into the Conv2d before it.  The same results as the layers one by one (a
+hook on any of them turns the fusion off), as the numpy reference and as finite
 differences."""
 import numpy as np
 import pytest
 
 import cyconv
-from cyconv import _norm_pool, models, nn
+from cyconv import _norm, _norm_pool, models, nn
 
 import reference as R
 from conftest import FD_TOL, assert_close, finite_difference, num_threads
@@ -248,10 +249,14 @@ def test_no_grad_and_input_grad_false(rng):
         np.testing.assert_allclose(g, g0, rtol=1e-12)
 
 
-def test_every_stage_of_the_small_network_is_fused(fused_calls, rng):
-    model = models.small(3, 32)   # below 128 px: no stem, four stages of 32 -> 2 px
-    keys = list(model.state_dict())
-    model(rng.standard_normal((2, 3, 32, 32)).astype(np.float32))
+@pytest.mark.parametrize("inference", [False, True], ids=["train", "inference"])
+def test_every_stage_of_the_small_network_is_fused(inference, fused_calls, rng):
+    """In inference too: BatchNorm2d + ReLU + MaxPool2d in one pass beat folding the
+    BatchNorm2d into the conv before, so the conv leaves them whole."""
+    model = models.small(3, 32).train(not inference)   # below 128 px: no stem, four
+    keys = list(model.state_dict())                     # stages of 32 -> 2 px
+    with cyconv.no_grad() if inference else cyconv.enable_grad():
+        model(rng.standard_normal((2, 3, 32, 32)).astype(np.float32))
     assert [shape[2] for shape in fused_calls] == [32, 16, 8, 4]
     assert list(model.state_dict()) == keys
     assert "1.running_mean" in keys   # the layers keep their names
@@ -264,3 +269,92 @@ def test_errors_name_the_layer_that_refused(fused_calls):
     with pytest.raises(ValueError, match=r"^1: BatchNorm2d: expected input of shape \(N, 3"):
         model[1:](np.zeros((1, 4, 4, 4), np.float32))   # slices keep the names
     assert not fused_calls
+
+
+# A Conv2d on each of its forward paths: (in_channels, layer)
+FOLDED_CONVS = {
+    "winograd": (8, lambda bias, dtype: nn.Conv2d(8, 8, 3, padding=1, bias=bias, dtype=dtype,
+                                                  seed=1)),
+    "im2col": (6, lambda bias, dtype: nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=bias,
+                                                dtype=dtype, seed=1)),
+    "direct": (3, lambda bias, dtype: nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=bias,
+                                                dtype=dtype, seed=1)),
+    "depthwise": (6, lambda bias, dtype: nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=bias,
+                                                   dtype=dtype, seed=1)),
+    "grouped": (6, lambda bias, dtype: nn.Conv2d(6, 8, 3, padding=1, groups=2, bias=bias,
+                                                 dtype=dtype, seed=1)),
+}
+
+
+@pytest.fixture
+def batchnorm_calls(monkeypatch):
+    """A list that gets an entry for every call of BatchNorm2d's eval-mode kernel."""
+    calls = []
+    kernel = _norm.batch_norm2d_forward_eval
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(_norm, "batch_norm2d_forward_eval", counted)
+    return calls
+
+
+def conv_bn(path, bias, dtype, relu=True, seed=0):
+    """(in_channels, Sequential(Conv2d, BatchNorm2d with random statistics[, ReLU])) in
+    eval mode."""
+    channels, make = FOLDED_CONVS[path]
+    conv = make(bias, dtype)
+    bn = stage(conv.out_channels, dtype, seed)[0]
+    return channels, nn.Sequential(conv, bn, *([nn.ReLU()] if relu else [])).eval()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("path", list(FOLDED_CONVS))
+def test_inference_folds_batchnorm_into_the_conv(path, bias, relu, dtype, batchnorm_calls,
+                                                 rng):
+    channels, model = conv_bn(path, bias, dtype, relu)
+    x = rng.standard_normal((2, channels, 9, 11)).astype(dtype)
+    parameters = [p.data.copy() for p in model.parameters()]
+    with cyconv.no_grad():
+        expected = x
+        for layer in model:   # one by one: nothing to fold
+            expected = layer(expected)
+        assert len(batchnorm_calls) == 1
+        y = model(x)
+    assert len(batchnorm_calls) == 1   # folded: BatchNorm2d's kernel did not run
+    assert_close(y, expected, dtype)
+    if relu:
+        assert (y == 0).any() and (y > 0).any()
+    for p, before in zip(model.parameters(), parameters):
+        np.testing.assert_array_equal(p.data, before)
+
+
+def test_batchnorm_is_folded_only_in_inference_and_without_hooks(batchnorm_calls, rng):
+    _, model = conv_bn("winograd", True, np.float64)
+    x = rng.standard_normal((2, 8, 6, 7))
+    with cyconv.no_grad():
+        folded = model(x)
+    assert not batchnorm_calls
+    y = model(x)   # eval mode with gradients: BatchNorm2d runs, and backward works
+    assert len(batchnorm_calls) == 1
+    assert_close(y, folded, np.float64)
+    assert model.backward(np.ones_like(y)).shape == x.shape
+    seen = []
+    model[1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with cyconv.no_grad():
+        assert_close(model(x), folded, np.float64)
+    assert len(batchnorm_calls) == 2 and seen[0].shape == (2, 8, 6, 7)   # the conv's output
+    model.train()
+    with cyconv.no_grad():
+        model(x)
+    assert len(batchnorm_calls) == 2   # training mode: batch statistics, another kernel
+
+
+def test_a_folded_batchnorm_of_other_channels_names_itself(rng):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5), nn.ReLU()).eval()
+    with cyconv.no_grad(), pytest.raises(ValueError, match=r"^1: BatchNorm2d: expected input "
+                                                           r"of shape \(N, 5"):
+        model(rng.standard_normal((1, 3, 5, 5)).astype(np.float32))

@@ -4,8 +4,10 @@ need no backward of their own.
 
 Inside a container, a Conv2d or BatchNorm2d followed by a ReLU runs as one kernel
 pass, and so do a BatchNorm2d followed by a ReLU6, and a BatchNorm2d followed by a
-ReLU and a 2x2 MaxPool2d with stride 2 (none of them may have hooks); the layers and
-their state_dict keys stay as written.
+ReLU and a 2x2 MaxPool2d with stride 2.  In inference (eval mode under no_grad), a
+Conv2d folds the BatchNorm2d after it (and a ReLU after that) into its weight and
+bias.  None of them may have hooks; the layers and their state_dict keys stay as
+written.
 """
 from collections import OrderedDict
 
@@ -33,9 +35,11 @@ def forward_chain(layers, x):
 
 
 def _absorbed(layers, i):
-    """The layers after layers[i] that it computes in its own kernels: none, an activation,
-    or an activation and a pooling layer.  A layer with hooks is never fused (its hooks
-    must see it)."""
+    """The layers after layers[i] that it computes in its own kernels: none, one (an
+    activation; a BatchNorm2d folded into a Conv2d) or two (an activation and a pooling
+    layer; a folded BatchNorm2d and a ReLU).  A next layer that would absorb two of its
+    own (BatchNorm2d + ReLU + MaxPool2d) is left whole: one pass over the large array.
+    A layer with hooks is never fused (its hooks must see it)."""
     run = []
     for following in layers[i + 1:i + 3]:
         if following._hooked():
@@ -44,7 +48,9 @@ def _absorbed(layers, i):
     layer = layers[i]
     if layer._hooked() or not run or not layer._can_absorb(run[0]):
         return []
-    return run if len(run) == 2 and layer._can_absorb_pool(*run) else run[:1]
+    if len(_absorbed(layers, i + 1)) == 2:   # the next layer fuses more on its own
+        return []
+    return run if len(run) == 2 and layer._can_absorb_second(*run) else run[:1]
 
 
 def backward_chain(layers, grad, input_grad):

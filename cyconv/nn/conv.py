@@ -156,8 +156,21 @@ class Conv2d(Module):
         return self._forward(x, self.fuse_relu)
 
     def _can_absorb(self, next_layer):
-        """A ReLU right after this conv can run inside its kernels (see Sequential)."""
-        return type(next_layer) is ReLU and not self.fuse_relu
+        """A ReLU right after this conv can run inside its kernels (see Sequential), and in
+        inference a BatchNorm2d folds into its weight and bias."""
+        return not self.fuse_relu and (type(next_layer) is ReLU
+                                       or next_layer._folds_into(self))
+
+    def _can_absorb_second(self, first, second):
+        """... and a ReLU after a folded BatchNorm2d."""
+        return first._folds_into(self) and type(second) is ReLU
+
+    def _forward_absorbing(self, x, absorbed):
+        if type(absorbed[0]) is ReLU:
+            return self._forward(x, True)
+        bias = self.bias.data if self.bias is not None else np.zeros(self.out_channels)
+        weight, bias = absorbed[0]._folded(self.weight.data, bias)
+        return self._forward(x, len(absorbed) == 2, weight, bias)
 
     def _uses_depthwise_kernel(self):
         return DEPTHWISE_KERNEL and self.groups == self.in_channels > 1
@@ -166,46 +179,51 @@ class Conv2d(Module):
         return (self.groups == 1 and self.weight.data[0].size <= DIRECT_MAX_TAPS
                 and self.stride[1] <= DIRECT_MAX_STRIDE)
 
-    def _forward(self, x, fuse_relu):
+    def _forward(self, x, fuse_relu, weight=None, bias=None):
+        """The forward with weight and bias in place of the parameters' when given (a
+        folded BatchNorm2d's)."""
         x = as_input(self, x, ("N", self.in_channels, "H", "W"), self.dtype)
         g = self._geometry(x.shape)
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
                                  self.dtype)
-        bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
+        if weight is None:
+            weight = self.weight.data
+            bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
+        flat_weight = weight.reshape(self.out_channels, -1)
         if winograd.applies(self):  # 3x3, stride 1: its own kernels (nn/winograd.py)
-            winograd.forward(self, x, bias, out, fuse_relu)
+            winograd.forward(self, x, weight, bias, out, fuse_relu)
         elif self._uses_depthwise_kernel():
-            self._depthwise_forward(x, bias, out, g, fuse_relu)
+            self._depthwise_forward(x, flat_weight, bias, out, g, fuse_relu)
         elif self._uses_direct_kernel():
-            self._direct_forward(x, bias, out, g, fuse_relu)
+            self._direct_forward(x, flat_weight, bias, out, g, fuse_relu)
         else:
-            self._im2col_forward(x, bias, out, g, fuse_relu)
+            self._im2col_forward(x, flat_weight, bias, out, g, fuse_relu)
         # backward rebuilds what it needs from x; the output is kept only as a ReLU mask
         self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
         return out
 
-    def _direct_forward(self, x, bias, out, g, fuse_relu):
+    def _direct_forward(self, x, weight, bias, out, g, fuse_relu):
         threads = min(get_num_threads(), x.shape[0] * g["out_height"])
         row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
                         * _conv_direct.direct_row_length(g))
         prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
-        _conv_direct.conv2d_forward_direct(x, self._flat_weight(), bias, prepared_rows, out,
-                                           g, fuse_relu, threads)
+        _conv_direct.conv2d_forward_direct(x, weight, bias, prepared_rows, out, g, fuse_relu,
+                                           threads)
 
-    def _im2col_forward(self, x, bias, out, g, fuse_relu):
+    def _im2col_forward(self, x, weight, bias, out, g, fuse_relu):
         threads = min(get_num_threads(), x.shape[0])
         rows, cols = self._tile_workspace("cols", g, threads, self.weight.data[0].size)
         with blas_single_threaded():
-            _conv.conv2d_forward(x, self._flat_weight(), bias, cols, out, g, self.groups, rows,
-                                 fuse_relu, threads)
+            _conv.conv2d_forward(x, weight, bias, cols, out, g, self.groups, rows, fuse_relu,
+                                 threads)
 
-    def _depthwise_forward(self, x, bias, out, g, fuse_relu):
+    def _depthwise_forward(self, x, weight, bias, out, g, fuse_relu):
         # small planes go to the threads several at a time: one at a time, the
         # scheduling would cost more than they do
         planes_per_task = max(1, DEPTHWISE_TASK_ELEMENTS // (x.shape[2] * x.shape[3]))
         threads = max(1, min(get_num_threads(),
                              -(-x.shape[0] * self.in_channels // planes_per_task)))
-        _depthwise.depthwise_forward(x, self._flat_weight(), bias, *self._depthwise_layout(g),
+        _depthwise.depthwise_forward(x, weight, bias, *self._depthwise_layout(g),
                                      self._plane_workspace("planes", g, threads),
                                      self._runs_workspace("runs", g, threads), out, g,
                                      planes_per_task, fuse_relu, threads)

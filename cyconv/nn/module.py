@@ -189,10 +189,15 @@ class Module(SavedState):
         ``_forward_absorbing(x, [next_layer])`` here and ``next_layer._absorb(output)``."""
         return False
 
-    def _can_absorb_pool(self, activation, pool):
-        """True when this layer, having absorbed ``activation``, can also compute the pooling
-        layer after it (then ``_forward_absorbing(x, [activation, pool])``, and each of the
-        two gets ``_absorb(output)``)."""
+    def _can_absorb_second(self, first, second):
+        """True when this layer, having absorbed ``first``, can also compute the layer after
+        it (then ``_forward_absorbing(x, [first, second])``, and each of the two gets
+        ``_absorb(output)``)."""
+        return False
+
+    def _folds_into(self, conv):
+        """True when the Conv2d ``conv`` before this layer can apply it through its weight
+        and bias (``_folded``), and will (see Conv2d._forward_absorbing)."""
         return False
 
     def _forward_absorbing(self, x, absorbed):

@@ -10,6 +10,7 @@ from cyconv._checks import (
     number_in,
     positive_int,
 )
+from cyconv._grad_mode import is_grad_enabled
 from cyconv._threads import threads_for
 from cyconv.nn.activation import ReLU, ReLU6
 from cyconv.nn.conv import empty
@@ -66,11 +67,32 @@ class BatchNorm2d(Module):
         return type(next_layer) is ReLU or (type(next_layer) is ReLU6
                                             and type(self) is BatchNorm2d)
 
-    def _can_absorb_pool(self, activation, pool):
+    def _can_absorb_second(self, activation, pool):
         """A MaxPool2d after an absorbed ReLU can run inside them too when its 2x2 windows
         tile the input (not in subclasses: SyncBatchNorm takes its statistics otherwise)."""
         return (type(self) is BatchNorm2d and type(activation) is ReLU
                 and type(pool) is MaxPool2d and pool._tiles_2x2())
+
+    def _folds_into(self, conv):
+        """True when conv (a Conv2d) can apply this layer through its weight and bias: in
+        inference (eval mode, no gradient wanted), on conv's channels and dtype."""
+        return (type(self) is BatchNorm2d and not self.training and not is_grad_enabled()
+                and self.num_features == conv.out_channels and self.dtype == conv.dtype)
+
+    def _folded(self, weight, bias):
+        """(weight, bias) of a convolution followed by this layer in eval mode:
+        weight * s and (bias - running_mean) * s + self.bias, s = self.weight /
+        sqrt(running_var + eps) per output channel, computed in float64."""
+        scale = self.weight.data / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        shift = self.bias.data + (bias - self.running_mean) * scale
+        scaled = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        return scaled.astype(weight.dtype), shift.astype(weight.dtype)
+
+    def _absorb(self, out):
+        """Stand in for a forward that the Conv2d before folded into its own (inference
+        only: no backward follows)."""
+        self._save_for_backward()
+        return out
 
     def _forward_absorbing(self, x, absorbed):
         if len(absorbed) == 2:
@@ -101,7 +123,7 @@ class BatchNorm2d(Module):
 
     def _forward_pooled(self, x, pool):
         """pool(max(self(x), 0)) in one kernel pass (cyconv/_norm_pool.pyx), where pool is a
-        MaxPool2d that _can_absorb_pool; only the pooled output is written."""
+        MaxPool2d that _can_absorb_second; only the pooled output is written."""
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         with naming_errors(pool):
             out_shape = pool.output_shape(x.shape)

@@ -74,9 +74,8 @@ def convolve(layer, x, weight, bias, out, padding, transposed, fuse_relu, mask=N
         fuse_relu, threads)
 
 
-def forward(layer, x, bias, out, fuse_relu):
-    convolve(layer, x, layer.weight.data, bias, out, layer.padding, False,
-             fuse_relu)
+def forward(layer, x, weight, bias, out, fuse_relu):
+    convolve(layer, x, weight, bias, out, layer.padding, False, fuse_relu)
 
 
 def backward(layer, grad_output, x, out, grad_input):
