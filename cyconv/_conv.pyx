@@ -16,7 +16,9 @@ rebuilds them tile by tile.  Every thread multiplies with single-threaded BLAS
 calls and no two threads write the same output element.  Backward splits the
 work into items by chunks of images and blocks of K instead (the weight
 gradient is a sum over images: see conv2d_backward).  Tiles and items are fixed
-by the shapes alone, so results do not depend on the thread count.  Work is
+by the shapes alone, so results do not depend on the thread count.  A pointwise
+layer (1x1, stride 1, no padding) reads the image in place of its columns and
+writes its input gradient straight into the image's rows.  Work is
 dealt out one image or item at a time (schedule 'dynamic'), so a thread that
 loses its core to another process does not hold the others up.  Backward never
 inserts zeros for strides: col2im scatters each column entry back onto the
@@ -129,6 +131,30 @@ cdef void col2im(const floating* cols, floating* image, Geometry g,
                             dst[ow * g.stride_w] += src[ow]
 
 
+cdef inline bint is_pointwise(Geometry g) noexcept nogil:
+    """1x1 kernel, stride 1, no padding: an image (C, H*W) is its own im2col."""
+    return (g.kernel_h == 1 and g.kernel_w == 1 and g.stride_h == 1 and g.stride_w == 1
+            and g.pad_h == 0 and g.pad_w == 0)
+
+
+def pointwise(Geometry g):
+    """True when the kernels read the image itself as its im2col columns (no tile)."""
+    return is_pointwise(g)
+
+
+cdef const floating* columns(const floating* image, floating* tile, Geometry g, int oh0,
+                             int oh1, int k0, int k1, int* ld) noexcept nogil:
+    """Rows [k0, k1) of the im2col columns of output rows [oh0, oh1), and (in ld) their row
+    stride: built in tile, or for a pointwise layer read from the image in place."""
+    cdef int P = g.out_height * g.out_width
+    if is_pointwise(g):
+        ld[0] = P
+        return image + <Py_ssize_t> k0 * P + oh0 * g.out_width
+    im2col(image, tile, g, oh0, oh1, k0, k1)
+    ld[0] = (oh1 - oh0) * g.out_width
+    return tile
+
+
 def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                    const floating[:, ::1] weight,      # IN  (OC, K), K = (C/groups)*kh*kw
                    const floating[::1] bias,           # IN  (OC,), or empty for no bias
@@ -146,9 +172,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     cdef Py_ssize_t plane = <Py_ssize_t> g.channels * g.height * g.width
     cdef bint has_bias = bias.shape[0] > 0
     cdef Py_ssize_t n, oc, p
-    cdef int t, oh0, oh1, slot, grp
+    cdef int t, oh0, oh1, slot, grp, ld
     cdef floating* y
     cdef floating* tile
+    cdef const floating* cols_tile
     cdef floating b
     with nogil:
         for n in prange(N, schedule='dynamic', num_threads=num_threads):
@@ -158,9 +185,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                 for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
                     oh0 = t * rows_per_tile
                     oh1 = min(oh0 + rows_per_tile, g.out_height)
-                    im2col(&x[n, 0, 0, 0] + grp * plane, tile, g, oh0, oh1, 0, K)
+                    cols_tile = columns(&x[n, 0, 0, 0] + grp * plane, tile, g, oh0, oh1, 0, K,
+                                        &ld)
                     gemm(False, False, group_oc, (oh1 - oh0) * OW, K, 1,
-                         &weight[grp * group_oc, 0], K, tile, (oh1 - oh0) * OW, 0,
+                         &weight[grp * group_oc, 0], K, cols_tile, ld, 0,
                          &out[n, grp * group_oc, oh0, 0], P)
             y = &out[n, 0, 0, 0]
             for oc in range(OC):
@@ -178,9 +206,9 @@ cdef void weight_grad_tile(const floating* dy, const floating* image, floating* 
                            int oh0, int oh1, bint overwrite) noexcept nogil:
     """target (group_oc, k1 - k0), row stride ldt, += (= when overwrite) dy @ cols^T for
     output rows [oh0, oh1): cols are rows [k0, k1) of their im2col, dy (group_oc, P)."""
-    cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width
-    im2col(image, tile, g, oh0, oh1, k0, k1)
-    gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, tile, T,
+    cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width, ld
+    cdef const floating* cols = columns(image, tile, g, oh0, oh1, k0, k1, &ld)
+    gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, cols, ld,
          0 if overwrite else 1, target, ldt)
 
 
@@ -188,8 +216,13 @@ cdef void input_grad_tile(const floating* dy, const floating* weight, floating* 
                           floating* image_grad, Geometry g, int group_oc, int K, int oh0,
                           int oh1) noexcept nogil:
     """image_grad (channels, H, W) += col2im(weight^T @ dy) for output rows [oh0, oh1),
-    weight (group_oc, K), dy (group_oc, P)."""
+    weight (group_oc, K), dy (group_oc, P); for a pointwise layer, = weight^T @ dy straight
+    into those rows of image_grad (each input pixel is read by one output pixel)."""
     cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width
+    if is_pointwise(g):
+        gemm(True, False, K, T, group_oc, 1, weight, K, dy + oh0 * g.out_width, P, 0,
+             image_grad + oh0 * g.out_width, P)
+        return
     gemm(True, False, K, T, group_oc, 1, weight, K, dy + oh0 * g.out_width, P, 0, tile, T)
     col2im(tile, image_grad, g, oh0, oh1)
 
@@ -204,7 +237,7 @@ cdef void image_backward(const floating* dy, const floating* image, const floati
     of dy is used by both while it is in the cache."""
     cdef int t, oh0
     cdef bint together = image_grad != NULL and weight_rows == input_rows
-    if image_grad != NULL:
+    if image_grad != NULL and not is_pointwise(g):   # (pointwise tiles write it all)
         memset(image_grad, 0, <Py_ssize_t> g.channels * g.height * g.width * sizeof(floating))
     for t in range((g.out_height + weight_rows - 1) // weight_rows):
         oh0 = t * weight_rows

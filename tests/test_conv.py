@@ -461,6 +461,24 @@ def test_weight_grad_splits_match_reference_and_any_thread_count(split, dtype, g
     _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_pointwise_layers_read_the_image_in_place(split, dtype, groups, rng, threads,
+                                                  monkeypatch):
+    """1x1, stride 1, no padding: no im2col columns (a placeholder workspace), the same
+    results as the reference for any split of the weight gradient and thread count."""
+    c = _case(7, 40, 6, 5, 9, k=1)   # K = 40: beyond the direct kernel's taps
+    layer = nn.Conv2d(40, 6, 1, groups=groups, dtype=dtype, seed=0, fuse_relu=True)
+    for name, value in SPLITS[split](layer.weight.data.nbytes).items():
+        monkeypatch.setattr(conv_module, name, value)
+    x = _input(c, rng, dtype)
+    dy = rng.standard_normal((7, 6, 5, 9)).astype(dtype)
+    _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads)
+    assert {name: w.shape[1] for name, w in layer._workspaces.items()
+            if "cols" in name} == {"cols": 1, "weight_grad_cols": 1, "grad_cols": 1}
+
+
 # Output rows per im2col tile (see Conv2d._tile_workspace), forced by its constants:
 # the case's output is 6 rows of 10 pixels.
 TILE_ROWS = {"whole image": {}, "one row": dict(TILE_BYTES=1, MIN_TILE_COLUMNS=1),

@@ -61,7 +61,7 @@ MIN_TILE_COLUMNS = 256
 # Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
 # for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
 # which copies more than it multiplies for them (CHANGELOG.rst, 0.1, has the
-# measurement).
+# measurement); pointwise layers excepted: their GEMM copies nothing.
 DIRECT_MAX_TAPS = 32 if _conv_direct.DIRECT_IS_VECTORIZED else 0
 assert DIRECT_MAX_TAPS <= _conv_direct.MAX_DIRECT_TAPS
 # The direct kernel keeps one copy of each input row per stride phase: only
@@ -175,8 +175,9 @@ class Conv2d(Module):
     def _uses_depthwise_kernel(self):
         return DEPTHWISE_KERNEL and self.groups == self.in_channels > 1
 
-    def _uses_direct_kernel(self):
+    def _uses_direct_kernel(self, g):
         return (self.groups == 1 and self.weight.data[0].size <= DIRECT_MAX_TAPS
+                and not _conv.pointwise(g)
                 and self.stride[1] <= DIRECT_MAX_STRIDE)
 
     def _forward(self, x, fuse_relu, weight=None, bias=None):
@@ -194,7 +195,7 @@ class Conv2d(Module):
             winograd.forward(self, x, weight, bias, out, fuse_relu)
         elif self._uses_depthwise_kernel():
             self._depthwise_forward(x, flat_weight, bias, out, g, fuse_relu)
-        elif self._uses_direct_kernel():
+        elif self._uses_direct_kernel(g):
             self._direct_forward(x, flat_weight, bias, out, g, fuse_relu)
         else:
             self._im2col_forward(x, flat_weight, bias, out, g, fuse_relu)
@@ -321,8 +322,12 @@ class Conv2d(Module):
 
         A tile holds whole output rows, as many as keep its columns within
         TILE_BYTES, so that they stay in the core's cache between im2col and
-        the matrix product, but at least MIN_TILE_COLUMNS columns.
+        the matrix product, but at least MIN_TILE_COLUMNS columns.  A pointwise
+        layer (1x1, stride 1, no padding) reads the image in place: one tile per
+        image, and the workspace is a placeholder.
         """
+        if _conv.pointwise(g):   # the image is its own columns: one tile, no workspace
+            return g["out_height"], self._workspace(name, (threads, 1), self.dtype)
         row_bytes = k_rows * g["out_width"] * self.dtype.itemsize
         rows = min(g["out_height"], max(1, TILE_BYTES // row_bytes,
                                         -(-MIN_TILE_COLUMNS // g["out_width"])))
