@@ -29,7 +29,7 @@ from cython.parallel cimport prange, threadid
 from libc.string cimport memset
 
 from cyconv._blas cimport gemm
-from cyconv._elementwise cimport relu, relu_mask_run
+from cyconv._elementwise cimport activate, relu_mask_run
 from cyconv._reduce cimport sum_run
 
 # a C kernel with a float and a double version, one name (see _typed.h)
@@ -160,8 +160,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                    const floating[::1] bias,           # IN  (OC,), or empty for no bias
                    floating[:, ::1] cols,              # WORK (threads, K * rows_per_tile * OW)
                    floating[:, :, :, ::1] out,         # OUT (N, OC, OH, OW)
-                   Geometry g, int groups, int rows_per_tile, bint fuse_relu, int num_threads):
-    """out = weight @ im2col(x) + bias (then max(., 0) when fuse_relu), image by image.
+                   Geometry g, int groups, int rows_per_tile, int activation, int num_threads):
+    """out = weight @ im2col(x) + bias, then the activation of that code (see
+    _elementwise.pxd; 0: none), image by image.
 
     With groups > 1, input channels [i*C/groups, (i+1)*C/groups) of each image meet
     weight rows [i*OC/groups, (i+1)*OC/groups) only (g.channels is C/groups).
@@ -193,9 +194,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
             y = &out[n, 0, 0, 0]
             for oc in range(OC):
                 b = bias[oc] if has_bias else 0
-                if fuse_relu:
+                if activation:
                     for p in range(P):
-                        y[oc * P + p] = relu(y[oc * P + p] + b)
+                        y[oc * P + p] = activate(y[oc * P + p] + b, activation)
                 elif has_bias:
                     for p in range(P):
                         y[oc * P + p] += b

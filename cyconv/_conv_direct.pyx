@@ -69,8 +69,9 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                           const floating[::1] bias,        # IN  (OC,), or empty for no bias
                           floating[:, ::1] rows,           # WORK (threads, C*kh*stride_w*row_length)
                           floating[:, :, :, ::1] out,      # OUT (N, OC, OH, OW)
-                          Geometry g, bint fuse_relu, int num_threads):
-    """out = weight * x + bias (then max(., 0) when fuse_relu), without im2col.
+                          Geometry g, int activation, int num_threads):
+    """out = weight * x + bias, then the activation of that code (see _elementwise.pxd;
+    0: none), without im2col.
 
     For layers with few taps (see _direct_conv.h).  Each (image, output row)
     is one task: its input rows are prepared in the thread's slice of rows,
@@ -99,4 +100,4 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             scratch = &rows[threadid(), 0]
             prepare_rows(&x[n, 0, 0, 0], scratch, g, oh, row_len)
             conv_row_direct(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
-                            <int> fuse_relu, &out[n, 0, oh, 0], P)
+                            activation, &out[n, 0, oh, 0], P)

@@ -213,8 +213,8 @@
         }                                                                                    \
     }
 
-/* out[i] = act(bias + sum_t weight[t] * rows[tap_offset[t] + i]) for i < n, act =
- * max(., 0) keeping NaN when relu: one output channel from one input plane (the direct
+/* out[i] = act(bias + sum_t weight[t] * rows[tap_offset[t] + i]) for i < n, act the
+ * activation of code act (CYCONV_ACTIVATE): one output channel from one input plane (the direct
  * kernel's rows, with blocks of DEPTHWISE_RUN_VECTORS vectors in flight instead of
  * channels).  Whole vectors are stored: out has room for DIRECT_COLUMNS - 1 more. */
 #if DIRECT_VECTORIZED
@@ -222,7 +222,7 @@
 #define CYCONV_DEPTHWISE_RUN(T)                                                              \
     static inline __attribute__((always_inline)) void depthwise_run_block_##T(               \
         const T *weight, T bias, const T *rows, const ptrdiff_t *tap_offset, int taps,       \
-        int relu, T *out, const int vectors)                                                 \
+        int act, T *out, const int vectors)                                                  \
     {                                                                                        \
         vec_##T acc[DEPTHWISE_RUN_VECTORS];                                                  \
         for (int v = 0; v < vectors; v++)                                                    \
@@ -233,30 +233,28 @@
                 acc[v] += weight[t] * *(const vec_##T *)(run + v * DIRECT_COLUMNS);          \
         }                                                                                    \
         for (int v = 0; v < vectors; v++) {                                                  \
-            if (relu) /* clear the lanes that are <= 0 */                                    \
-                acc[v] = (vec_##T)((mask_##T)acc[v] & ~(mask_##T)(acc[v] <= 0));             \
-            *(vec_##T *)(out + v * DIRECT_COLUMNS) = acc[v];                                 \
+            *(vec_##T *)(out + v * DIRECT_COLUMNS) = direct_activate_##T(acc[v], act);       \
         }                                                                                    \
     }                                                                                        \
     CYCONV_MULTIVERSION                                                                      \
     static void depthwise_run_##T(const T *weight, const T *bias, const T *rows,             \
                                   const ptrdiff_t *tap_offset, int taps, ptrdiff_t n,        \
-                                  int relu, T *out)                                          \
+                                  int act, T *out)                                           \
     {                                                                                        \
         T b = bias ? *bias : 0;                                                              \
         const ptrdiff_t block = DEPTHWISE_RUN_VECTORS * DIRECT_COLUMNS;                      \
         ptrdiff_t i = 0;                                                                     \
         for (; i + block < n; i += block)                                                    \
-            depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, relu, out + i,    \
+            depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i,    \
                                     DEPTHWISE_RUN_VECTORS);                                  \
         switch ((n - i + DIRECT_COLUMNS - 1) / DIRECT_COLUMNS) { /* the rest, as constants */ \
-        case 4: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, relu, out + i, 4); \
+        case 4: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 4); \
                 break;                                                                       \
-        case 3: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, relu, out + i, 3); \
+        case 3: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 3); \
                 break;                                                                       \
-        case 2: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, relu, out + i, 2); \
+        case 2: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 2); \
                 break;                                                                       \
-        case 1: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, relu, out + i, 1); \
+        case 1: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 1); \
                 break;                                                                       \
         }                                                                                    \
     }
@@ -264,13 +262,13 @@
 #define CYCONV_DEPTHWISE_RUN(T)                                                              \
     static void depthwise_run_##T(const T *weight, const T *bias, const T *rows,             \
                                   const ptrdiff_t *tap_offset, int taps, ptrdiff_t n,        \
-                                  int relu, T *out)                                          \
+                                  int act, T *out)                                           \
     {                                                                                        \
         for (ptrdiff_t i = 0; i < n; i++) {                                                  \
             T acc = bias ? *bias : 0;                                                        \
             for (int t = 0; t < taps; t++)                                                   \
                 acc += weight[t] * rows[tap_offset[t] + i];                                  \
-            out[i] = (relu && acc <= 0) ? 0 : acc;                                           \
+            out[i] = CYCONV_ACTIVATE(acc, act);                                              \
         }                                                                                    \
     }
 #endif

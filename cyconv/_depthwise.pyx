@@ -40,7 +40,7 @@ cdef extern from "_depthwise.h" nogil:
                                       #  int taps, const T* dy, Py_ssize_t length)
     void depthwise_run(...)           # (const T* weight, const T* bias, const T* rows,
                                       #  const Py_ssize_t* tap_offset, int taps, Py_ssize_t n,
-                                      #  int relu, T* out)
+                                      #  int act, T* out)
 
 
 # The weight gradient's lane sums of a channel (in the input's precision) go to its
@@ -85,12 +85,12 @@ cdef void clear(floating[:, ::1] workspace) noexcept nogil:
 
 cdef inline void output_runs(const floating* weight, const floating* bias, const floating* plane,
                              const Py_ssize_t* tap_offset, int M, int taps, Py_ssize_t run,
-                             bint relu, floating* result) noexcept nogil:
+                             int activation, floating* result) noexcept nogil:
     """result (M, run) <- the M output planes of one prepared input plane, in pitch L."""
     if M == 1:
-        depthwise_run(weight, bias, plane, tap_offset, taps, run, <int> relu, result)
+        depthwise_run(weight, bias, plane, tap_offset, taps, run, activation, result)
     else:  # M channels at a time, from the same runs
-        conv_row_direct(weight, bias, plane, tap_offset, M, taps, <int> run, <int> relu, result,
+        conv_row_direct(weight, bias, plane, tap_offset, M, taps, <int> run, activation, result,
                         run)
 
 
@@ -102,8 +102,9 @@ def depthwise_forward(const floating[:, :, :, ::1] x,   # IN   (N, C, H, W)
                       floating[:, ::1] planes,         # WORK (threads, plane_size)
                       floating[:, ::1] runs,           # WORK (threads, runs_size(g, M))
                       floating[:, :, :, ::1] out,      # OUT  (N, C*M, OH, OW)
-                      Geometry g, int planes_per_task, bint fuse_relu, int num_threads):
-    """out = depthwise conv(x) + bias (then max(., 0) when fuse_relu), plane by plane
+                      Geometry g, int planes_per_task, int activation, int num_threads):
+    """out = depthwise conv(x) + bias, then the activation of that code (see
+    _elementwise.pxd; 0: none), plane by plane
     (prange over (image, channel) planes, planes_per_task at a time)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], task, run = g.out_height * pitch(g)
     cdef int M = out.shape[1] // C, taps = weight.shape[1], n, c
@@ -122,7 +123,7 @@ def depthwise_forward(const floating[:, :, :, ::1] x,   # IN   (N, C, H, W)
             result = &runs[threadid(), 0]
             prepare_plane(&x[n, c, 0, 0], plane, &copies[0, 0], copies.shape[0], g)
             output_runs(&weight[c * M, 0], bias_ptr + c * M if bias_ptr else NULL, plane,
-                        &tap_offset[0], M, taps, run, fuse_relu, result)
+                        &tap_offset[0], M, taps, run, activation, result)
             copy_runs(&out[n, c * M, 0, 0], g.out_width, 1, result, pitch(g), 1, NULL,
                       M * g.out_height, g.out_width)
 

@@ -8,8 +8,7 @@
  *
  *     out[oc * P + ow] = act(bias[oc] + sum_k weight[oc * K + k] * rows[tap_offset[k] + ow])
  *
- * for oc < OC, ow < OW, with act = max(., 0) keeping NaN when relu, else the
- * identity.  DIRECT_CHANNELS output channels x DIRECT_COLUMNS columns are
+ * for oc < OC, ow < OW, with act the activation of code act (CYCONV_ACTIVATE).  DIRECT_CHANNELS output channels x DIRECT_COLUMNS columns are
  * accumulated in registers at a time; a run is read up to DIRECT_COLUMNS - 1
  * elements past OW, so the caller pads each row by DIRECT_COLUMNS.
  *
@@ -35,6 +34,11 @@
 #define CYCONV_MULTIVERSION
 #endif
 
+/* v through the activation of code act, keeping NaN: 0 none, 1 max(v, 0), 2 min(max(v,
+ * 0), 6) (the codes of _elementwise.pxd's Activation). */
+#define CYCONV_ACTIVATE(v, act) \
+    ((act) == 0 ? (v) : (v) <= 0 ? 0 : ((act) == 2 && (v) >= 6) ? 6 : (v))
+
 #if defined(__GNUC__)
 #define DIRECT_VECTORIZED 1
 /* GCC and clang: one DIRECT_COLUMNS-wide vector per accumulator (generic vector
@@ -44,11 +48,22 @@
     typedef T vec_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T)),                \
                                      aligned(sizeof(T))));                                   \
     typedef MASK mask_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T))));          \
-    static inline __attribute__((always_inline)) void direct_store_##T(                      \
-        T *out, vec_##T *value, int columns, int relu)                                       \
+    /* CYCONV_ACTIVATE lane by lane: clear the lanes <= 0, then (code 2) set those >= 6 */ \
+    static inline __attribute__((always_inline)) vec_##T direct_activate_##T(vec_##T v,      \
+                                                                             int act)        \
     {                                                                                        \
-        if (relu) /* max(., 0) keeping NaN: clear the lanes that are <= 0 */                 \
-            *value = (vec_##T)((mask_##T)*value & ~(mask_##T)(*value <= 0));                 \
+        if (act)                                                                             \
+            v = (vec_##T)((mask_##T)v & ~(mask_##T)(v <= 0));                                \
+        if (act == 2) {                                                                      \
+            mask_##T high = (mask_##T)(v >= 6);                                              \
+            v = (vec_##T)(((mask_##T)v & ~high) | ((mask_##T)((vec_##T){0} + 6) & high));   \
+        }                                                                                    \
+        return v;                                                                            \
+    }                                                                                        \
+    static inline __attribute__((always_inline)) void direct_store_##T(                      \
+        T *out, vec_##T *value, int columns, int act)                                        \
+    {                                                                                        \
+        *value = direct_activate_##T(*value, act);                                           \
         if (columns == DIRECT_COLUMNS)                                                       \
             *(vec_##T *)out = *value;                                                        \
         else                                                                                 \
@@ -57,7 +72,7 @@
     /* channels (a constant after inlining) output channels from oc, columns from ow0 */    \
     static inline __attribute__((always_inline)) void direct_block_##T(                      \
         const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int K,   \
-        int OW, int relu, T *out, ptrdiff_t P, int oc, int ow0, const int channels)          \
+        int OW, int act, T *out, ptrdiff_t P, int oc, int ow0, const int channels)           \
     {                                                                                        \
         vec_##T acc[DIRECT_CHANNELS];                                                        \
         int columns = OW - ow0 < DIRECT_COLUMNS ? OW - ow0 : DIRECT_COLUMNS;                 \
@@ -69,7 +84,7 @@
                 acc[j] += weight[(ptrdiff_t)(oc + j) * K + k] * run;                         \
         }                                                                                    \
         for (int j = 0; j < channels; j++)                                                   \
-            direct_store_##T(out + (oc + j) * P + ow0, &acc[j], columns, relu);              \
+            direct_store_##T(out + (oc + j) * P + ow0, &acc[j], columns, act);               \
     }
 #else
 #define DIRECT_VECTORIZED 0
@@ -77,7 +92,7 @@
  * nn/conv.py then uses the direct kernel only when a test asks for it). */
 #define CYCONV_DIRECT_CONV(T, MASK)                                                          \
     static void direct_block_##T(const T *weight, const T *bias, const T *rows,              \
-                                 const ptrdiff_t *tap_offset, int K, int OW, int relu,       \
+                                 const ptrdiff_t *tap_offset, int K, int OW, int act,        \
                                  T *out, ptrdiff_t P, int oc, int ow0, const int channels)   \
     {                                                                                        \
         int columns = OW - ow0 < DIRECT_COLUMNS ? OW - ow0 : DIRECT_COLUMNS;                 \
@@ -86,7 +101,7 @@
                 T acc = bias ? bias[oc + j] : 0;                                             \
                 for (int k = 0; k < K; k++)                                                  \
                     acc += weight[(ptrdiff_t)(oc + j) * K + k] * rows[tap_offset[k] + ow0 + i]; \
-                out[(oc + j) * P + ow0 + i] = (relu && acc <= 0) ? 0 : acc;                  \
+                out[(oc + j) * P + ow0 + i] = CYCONV_ACTIVATE(acc, act);                     \
             }                                                                                \
     }
 #endif
@@ -96,15 +111,15 @@
     CYCONV_MULTIVERSION                                                                      \
     static void conv_row_direct_##T(const T *weight, const T *bias, const T *rows,           \
                                     const ptrdiff_t *tap_offset, int OC, int K, int OW,      \
-                                    int relu, T *out, ptrdiff_t P)                           \
+                                    int act, T *out, ptrdiff_t P)                            \
     {                                                                                        \
         for (int ow0 = 0; ow0 < OW; ow0 += DIRECT_COLUMNS) {                                 \
             int oc = 0;                                                                      \
             for (; oc + DIRECT_CHANNELS <= OC; oc += DIRECT_CHANNELS)                        \
-                direct_block_##T(weight, bias, rows, tap_offset, K, OW, relu, out, P, oc,    \
+                direct_block_##T(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,     \
                                  ow0, DIRECT_CHANNELS);                                      \
             for (; oc < OC; oc++)                                                            \
-                direct_block_##T(weight, bias, rows, tap_offset, K, OW, relu, out, P, oc,    \
+                direct_block_##T(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,     \
                                  ow0, 1);                                                    \
         }                                                                                    \
     }

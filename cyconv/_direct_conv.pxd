@@ -5,6 +5,6 @@ cdef extern from "_direct_conv.h" nogil:
     enum: DIRECT_MAX_TAPS
     enum: DIRECT_VECTORIZED
     # float and double versions, one name (see _typed.h): (const T* weight, const T* bias,
-    # const T* rows, const Py_ssize_t* tap_offset, int OC, int K, int OW, int relu, T* out,
+    # const T* rows, const Py_ssize_t* tap_offset, int OC, int K, int OW, int act, T* out,
     # Py_ssize_t P)
     void conv_row_direct(...)

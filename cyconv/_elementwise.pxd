@@ -2,9 +2,10 @@
 from cython cimport floating
 
 
-# The activations that batch norm's kernels can apply after the normalisation
-# (their codes in Python: cyconv/nn/normalization.py); 1 is also `True`, the
-# fuse_relu flag of the kernels that know no other.
+# The activations that batch norm's kernels can apply after the normalisation,
+# and the convolutions' forward kernels after the bias (their codes in Python:
+# cyconv/nn/activation.py); 1 is also `True`, the fuse_relu flag of the kernels
+# that know no other.
 cdef enum Activation:
     NO_ACTIVATION = 0
     RELU = 1
@@ -20,6 +21,13 @@ cdef inline floating relu6(floating x) noexcept nogil:
     """min(max(x, 0), 6) keeping NaN (as PyTorch does)."""
     cdef floating v = relu(x)
     return 6 if v >= 6 else v
+
+
+cdef inline floating activate(floating x, int activation) noexcept nogil:
+    """x through the activation of that code (NO_ACTIVATION, RELU or RELU6)."""
+    if activation == RELU6:
+        return relu6(x)
+    return relu(x) if activation == RELU else x
 
 
 cdef inline void relu_mask_run(const floating* grad, const floating* out, floating* masked,

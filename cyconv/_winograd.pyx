@@ -77,7 +77,7 @@ cdef void forward_range(const floating* x, const floating* mask, const floating*
                         const floating* bias, floating* v, floating* y, floating* rows,
                         floating* out, int C, int M, int Mp, int H, int W, int OH, int OW,
                         int pad_h, int pad_w, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T,
-                        bint relu) noexcept nogil:
+                        int activation) noexcept nogil:
     """out's tiles [t0, t1) <- packed * transformed x, through v (16, C, T) and y (16, Mp, T)."""
     cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2, c, m, xi
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
@@ -87,7 +87,7 @@ cdef void forward_range(const floating* x, const floating* mask, const floating*
     for xi in range(16):
         winograd_product(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T, y + xi * Mp * T, T)
     for m in range(M):
-        winograd_output(y + m * T, Mp * T, bias[m] if bias != NULL else 0, relu, OH, OW, TH,
+        winograd_output(y + m * T, Mp * T, bias[m] if bias != NULL else 0, activation, OH, OW, TH,
                         TW, t0, t1, out + m * out_plane, M * out_plane)
 
 
@@ -101,8 +101,9 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
                      floating[:, ::1] rows,                # WORK (threads, 8 * (TW + 1 + ROW_SLACK))
                      floating[:, :, :, ::1] out,           # OUT  (N, M, OH, OW)
                      int pad_h, int pad_w, bint transposed, Py_ssize_t tile_range,
-                     bint fuse_relu, int num_threads):
-    """out = conv3x3(x, weight, padding) + bias (then max(., 0) when fuse_relu).
+                     int activation, int num_threads):
+    """out = conv3x3(x, weight, padding) + bias, then the activation of that code (see
+    _elementwise.pxd; 0: none).
 
     transposed: weight is (C, M, 3, 3) and is used transposed and flipped, which
     makes this the input gradient of a convolution whose output gradient is x
@@ -123,7 +124,7 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
             t0 = task * tile_range
             forward_range(&x[0, 0, 0, 0], mask_ptr, &packed[0, 0, 0], bias_ptr, &v[slot, 0],
                           &y[slot, 0], &rows[slot, 0], &out[0, 0, 0, 0], C, M, Mp, H, W, OH, OW,
-                          pad_h, pad_w, t0, min(t0 + tile_range, tiles), tile_range, fuse_relu)
+                          pad_h, pad_w, t0, min(t0 + tile_range, tiles), tile_range, activation)
 
 
 cdef void transform_for_grad(const floating* x, const floating* grad_out, const floating* mask,

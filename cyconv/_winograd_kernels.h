@@ -7,18 +7,25 @@ typedef WT WSUF(wvec) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES), aligned
 typedef WMASK WSUF(wmask) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES)));
 #define WLANES ((int)(WINOGRAD_VECTOR_BYTES / sizeof(WT)))
 
-/* max(v, 0) keeping NaN: clear the lanes that are <= 0 */
-WINOGRAD_INLINE WSUF(wvec) WSUF(wrelu)(WSUF(wvec) v)
+/* the activation of code act, keeping NaN (0 none, 1 max(v, 0), 2 min(max(v, 0), 6)):
+ * clear the lanes that are <= 0, then (code 2) set those >= 6 */
+WINOGRAD_INLINE WSUF(wvec) WSUF(wactivate)(WSUF(wvec) v, int act)
 {
-    return (WSUF(wvec))((WSUF(wmask))v & ~(WSUF(wmask))(v <= 0));
+    if (act)
+        v = (WSUF(wvec))((WSUF(wmask))v & ~(WSUF(wmask))(v <= 0));
+    if (act == 2) {
+        WSUF(wmask) high = (WSUF(wmask))(v >= 6);
+        v = (WSUF(wvec))(((WSUF(wmask))v & ~high) | ((WSUF(wmask))((WSUF(wvec)){0} + 6) & high));
+    }
+    return v;
 }
 #else
 typedef WT WSUF(wvec); /* other compilers: one lane */
 #define WLANES 1
 
-WINOGRAD_INLINE WT WSUF(wrelu)(WT v)
+WINOGRAD_INLINE WT WSUF(wactivate)(WT v, int act)
 {
-    return v <= 0 ? 0 : v;
+    return act == 0 ? v : v <= 0 ? 0 : (act == 2 && v >= 6) ? 6 : v;
 }
 #endif
 
@@ -202,10 +209,10 @@ WINOGRAD_INLINE void WSUF(winograd_store_pairs)(WT *y, WSUF(wvec) even, WSUF(wve
 
 /* out[n, 2*th + i, 2*tw + j] = act(bias + (A^T m A)[i][j]) for tiles t in [t0, t1) of
  * one channel, m[xi] = src[xi * xi_stride + t - t0] (src is read up to WLANES - 1
- * elements past t1 - t0); outputs past (OH, OW) are dropped; act = max(., 0)
- * keeping NaN when relu.  out: channel c of image 0, images image_stride apart. */
+ * elements past t1 - t0); outputs past (OH, OW) are dropped; act: the activation of
+ * that code (wactivate).  out: channel c of image 0, images image_stride apart. */
 WINOGRAD_MULTIVERSION
-static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, int relu,
+static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, int act,
                                   int OH, int OW, int TH, int TW, ptrdiff_t t0, ptrdiff_t t1,
                                   WT *out, ptrdiff_t image_stride)
 {
@@ -231,10 +238,8 @@ static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, i
             for (int i = 0; i < rows; i++) { /* (A^T m) A */
                 WSUF(wvec) even = bias + (s[i][0] + s[i][1] + s[i][2]);
                 WSUF(wvec) odd = bias + (s[i][1] - s[i][2] - s[i][3]);
-                if (relu) {
-                    even = WSUF(wrelu)(even);
-                    odd = WSUF(wrelu)(odd);
-                }
+                even = WSUF(wactivate)(even, act);
+                odd = WSUF(wactivate)(odd, act);
                 WSUF(winograd_store_pairs)(out + n * image_stride + (ptrdiff_t)(2 * th + i) * OW
                                            + ow, even, odd, columns);
             }

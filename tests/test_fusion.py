@@ -300,34 +300,42 @@ def batchnorm_calls(monkeypatch):
     return calls
 
 
-def conv_bn(path, bias, dtype, relu=True, seed=0):
-    """(in_channels, Sequential(Conv2d, BatchNorm2d with random statistics[, ReLU])) in
-    eval mode."""
+ACTIVATIONS = {"none": [], "relu": [nn.ReLU], "relu6": [nn.ReLU6]}
+
+
+def conv_bn(path, bias, dtype, activation="relu", seed=0):
+    """(in_channels, Sequential(Conv2d, BatchNorm2d with random statistics[, activation]))
+    in eval mode."""
     channels, make = FOLDED_CONVS[path]
     conv = make(bias, dtype)
     bn = stage(conv.out_channels, dtype, seed)[0]
-    return channels, nn.Sequential(conv, bn, *([nn.ReLU()] if relu else [])).eval()
+    layers = [conv, bn] + [layer() for layer in ACTIVATIONS[activation]]
+    return channels, nn.Sequential(*layers).eval()
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("path", list(FOLDED_CONVS))
-def test_inference_folds_batchnorm_into_the_conv(path, bias, relu, dtype, batchnorm_calls,
-                                                 rng):
-    channels, model = conv_bn(path, bias, dtype, relu)
-    x = rng.standard_normal((2, channels, 9, 11)).astype(dtype)
+def test_inference_folds_batchnorm_into_the_conv(path, bias, activation, dtype,
+                                                 batchnorm_calls, relu6_calls, rng):
+    channels, model = conv_bn(path, bias, dtype, activation)
+    x = 10 * rng.standard_normal((2, channels, 9, 11)).astype(dtype)
+    x[1, 0, 4, 5] = np.nan   # kept through the activations, as by the layers one by one
     parameters = [p.data.copy() for p in model.parameters()]
     with cyconv.no_grad():
         expected = x
         for layer in model:   # one by one: nothing to fold
             expected = layer(expected)
-        assert len(batchnorm_calls) == 1
+        calls = len(batchnorm_calls), len(relu6_calls)
         y = model(x)
-    assert len(batchnorm_calls) == 1   # folded: BatchNorm2d's kernel did not run
+    assert (len(batchnorm_calls), len(relu6_calls)) == calls   # folded, the activation fused
     assert_close(y, expected, dtype)
-    if relu:
+    assert np.isnan(y).any() and not np.isnan(y).all()
+    if activation != "none":
         assert (y == 0).any() and (y > 0).any()
+    if activation == "relu6":
+        assert (y == 6).any() and np.nanmax(y) == 6
     for p, before in zip(model.parameters(), parameters):
         np.testing.assert_array_equal(p.data, before)
 

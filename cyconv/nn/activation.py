@@ -96,3 +96,8 @@ class LeakyReLU(_Elementwise):
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"
+
+
+# The activations that can run inside batch norm's and the convolutions' kernels, by
+# their codes there (cyconv/_elementwise.pxd; 0: none)
+ACTIVATION_CODES = {ReLU: 1, ReLU6: 2}

@@ -5,8 +5,8 @@ need no backward of their own.
 Inside a container, a Conv2d or BatchNorm2d followed by a ReLU runs as one kernel
 pass, and so do a BatchNorm2d followed by a ReLU6, and a BatchNorm2d followed by a
 ReLU and a 2x2 MaxPool2d with stride 2.  In inference (eval mode under no_grad), a
-Conv2d folds the BatchNorm2d after it (and a ReLU after that) into its weight and
-bias.  None of them may have hooks; the layers and their state_dict keys stay as
+Conv2d folds the BatchNorm2d after it into its weight and bias, and applies a ReLU or
+ReLU6 after that in its kernels.  None of them may have hooks; the layers and their state_dict keys stay as
 written.
 """
 from collections import OrderedDict
@@ -37,7 +37,7 @@ def forward_chain(layers, x):
 def _absorbed(layers, i):
     """The layers after layers[i] that it computes in its own kernels: none, one (an
     activation; a BatchNorm2d folded into a Conv2d) or two (an activation and a pooling
-    layer; a folded BatchNorm2d and a ReLU).  A next layer that would absorb two of its
+    layer; a folded BatchNorm2d and a ReLU or ReLU6).  A next layer that would absorb two of its
     own (BatchNorm2d + ReLU + MaxPool2d) is left whole: one pass over the large array.
     A layer with hooks is never fused (its hooks must see it)."""
     run = []

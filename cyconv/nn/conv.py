@@ -15,7 +15,7 @@ from cyconv._random import generator
 from cyconv._threads import blas_single_threaded, get_num_threads
 from cyconv.nn import winograd
 from cyconv.nn._init import kaiming_uniform
-from cyconv.nn.activation import ReLU
+from cyconv.nn.activation import ACTIVATION_CODES, ReLU
 from cyconv.nn.module import Module, Parameter
 
 
@@ -153,7 +153,7 @@ class Conv2d(Module):
         return (input_shape[0], self.out_channels, g["out_height"], g["out_width"])
 
     def forward(self, x):
-        return self._forward(x, self.fuse_relu)
+        return self._forward(x, ACTIVATION_CODES[ReLU] if self.fuse_relu else 0)
 
     def _can_absorb(self, next_layer):
         """A ReLU right after this conv can run inside its kernels (see Sequential), and in
@@ -162,15 +162,16 @@ class Conv2d(Module):
                                        or next_layer._folds_into(self))
 
     def _can_absorb_second(self, first, second):
-        """... and a ReLU after a folded BatchNorm2d."""
-        return first._folds_into(self) and type(second) is ReLU
+        """... and a ReLU or ReLU6 after a folded BatchNorm2d."""
+        return first._folds_into(self) and type(second) in ACTIVATION_CODES
 
     def _forward_absorbing(self, x, absorbed):
+        activation = ACTIVATION_CODES.get(type(absorbed[-1]), 0)
         if type(absorbed[0]) is ReLU:
-            return self._forward(x, True)
+            return self._forward(x, activation)
         bias = self.bias.data if self.bias is not None else np.zeros(self.out_channels)
         weight, bias = absorbed[0]._folded(self.weight.data, bias)
-        return self._forward(x, len(absorbed) == 2, weight, bias)
+        return self._forward(x, activation, weight, bias)
 
     def _uses_depthwise_kernel(self):
         return DEPTHWISE_KERNEL and self.groups == self.in_channels > 1
@@ -180,9 +181,9 @@ class Conv2d(Module):
                 and not _conv.pointwise(g)
                 and self.stride[1] <= DIRECT_MAX_STRIDE)
 
-    def _forward(self, x, fuse_relu, weight=None, bias=None):
-        """The forward with weight and bias in place of the parameters' when given (a
-        folded BatchNorm2d's)."""
+    def _forward(self, x, activation, weight=None, bias=None):
+        """The forward, then the activation of that code (ACTIVATION_CODES; 0: none), with
+        weight and bias in place of the parameters' when given (a folded BatchNorm2d's)."""
         x = as_input(self, x, ("N", self.in_channels, "H", "W"), self.dtype)
         g = self._geometry(x.shape)
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
@@ -192,33 +193,34 @@ class Conv2d(Module):
             bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
         flat_weight = weight.reshape(self.out_channels, -1)
         if winograd.applies(self):  # 3x3, stride 1: its own kernels (nn/winograd.py)
-            winograd.forward(self, x, weight, bias, out, fuse_relu)
+            winograd.forward(self, x, weight, bias, out, activation)
         elif self._uses_depthwise_kernel():
-            self._depthwise_forward(x, flat_weight, bias, out, g, fuse_relu)
+            self._depthwise_forward(x, flat_weight, bias, out, g, activation)
         elif self._uses_direct_kernel(g):
-            self._direct_forward(x, flat_weight, bias, out, g, fuse_relu)
+            self._direct_forward(x, flat_weight, bias, out, g, activation)
         else:
-            self._im2col_forward(x, flat_weight, bias, out, g, fuse_relu)
+            self._im2col_forward(x, flat_weight, bias, out, g, activation)
         # backward rebuilds what it needs from x; the output is kept only as a ReLU mask
+        fuse_relu = activation == ACTIVATION_CODES[ReLU]   # (a ReLU6 only in inference)
         self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
         return out
 
-    def _direct_forward(self, x, weight, bias, out, g, fuse_relu):
+    def _direct_forward(self, x, weight, bias, out, g, activation):
         threads = min(get_num_threads(), x.shape[0] * g["out_height"])
         row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
                         * _conv_direct.direct_row_length(g))
         prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
-        _conv_direct.conv2d_forward_direct(x, weight, bias, prepared_rows, out, g, fuse_relu,
+        _conv_direct.conv2d_forward_direct(x, weight, bias, prepared_rows, out, g, activation,
                                            threads)
 
-    def _im2col_forward(self, x, weight, bias, out, g, fuse_relu):
+    def _im2col_forward(self, x, weight, bias, out, g, activation):
         threads = min(get_num_threads(), x.shape[0])
         rows, cols = self._tile_workspace("cols", g, threads, self.weight.data[0].size)
         with blas_single_threaded():
-            _conv.conv2d_forward(x, weight, bias, cols, out, g, self.groups, rows, fuse_relu,
+            _conv.conv2d_forward(x, weight, bias, cols, out, g, self.groups, rows, activation,
                                  threads)
 
-    def _depthwise_forward(self, x, weight, bias, out, g, fuse_relu):
+    def _depthwise_forward(self, x, weight, bias, out, g, activation):
         # small planes go to the threads several at a time: one at a time, the
         # scheduling would cost more than they do
         planes_per_task = max(1, DEPTHWISE_TASK_ELEMENTS // (x.shape[2] * x.shape[3]))
@@ -227,7 +229,7 @@ class Conv2d(Module):
         _depthwise.depthwise_forward(x, weight, bias, *self._depthwise_layout(g),
                                      self._plane_workspace("planes", g, threads),
                                      self._runs_workspace("runs", g, threads), out, g,
-                                     planes_per_task, fuse_relu, threads)
+                                     planes_per_task, activation, threads)
 
     def backward(self, grad_output, input_grad=True):
         x, g, fuse_relu, out = self._saved_for_backward()

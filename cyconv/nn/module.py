@@ -202,8 +202,8 @@ class Module(SavedState):
 
     def _forward_absorbing(self, x, absorbed):
         """forward(x) followed by the forwards of the absorbed layers, in this layer's
-        kernels (by default: ``_forward(x, True)``, a ReLU fused)."""
-        return self._forward(x, True)
+        kernels (defined by each layer whose ``_can_absorb`` can say yes)."""
+        raise NotImplementedError(f"{type(self).__name__} absorbs no layer")
 
     # -- the tree -------------------------------------------------------------------
     def named_children(self):

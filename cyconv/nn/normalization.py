@@ -12,14 +12,10 @@ from cyconv._checks import (
 )
 from cyconv._grad_mode import is_grad_enabled
 from cyconv._threads import threads_for
-from cyconv.nn.activation import ReLU, ReLU6
+from cyconv.nn.activation import ACTIVATION_CODES, ReLU, ReLU6
 from cyconv.nn.conv import empty
 from cyconv.nn.module import Module, Parameter, naming_errors
 from cyconv.nn.pooling import MaxPool2d
-
-# The activations that can run inside batch norm's kernels, by their codes there
-# (cyconv/_elementwise.pxd)
-ACTIVATION_CODES = {ReLU: 1, ReLU6: 2}
 
 
 class BatchNorm2d(Module):

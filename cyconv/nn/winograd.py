@@ -55,9 +55,10 @@ def row_scratch(layer, out_width, threads):
                           layer.dtype)
 
 
-def convolve(layer, x, weight, bias, out, padding, transposed, fuse_relu, mask=None):
-    """out = conv3x3(x, weight) (+ bias, then max(., 0) when fuse_relu); transposed: weight
-    is used transposed and flipped, x read as 0 where mask <= 0 (see winograd_forward).
+def convolve(layer, x, weight, bias, out, padding, transposed, activation, mask=None):
+    """out = conv3x3(x, weight) (+ bias, then the activation of that code: see
+    ACTIVATION_CODES); transposed: weight is used transposed and flipped, x read as 0
+    where mask <= 0 (see winograd_forward).
     Its scratch arrays come from the pool, shared with every layer."""
     channels, outputs = x.shape[1], out.shape[1]
     packed_rows = round_up(outputs, _winograd.CHANNEL_BLOCK)
@@ -71,11 +72,11 @@ def convolve(layer, x, weight, bias, out, padding, transposed, fuse_relu, mask=N
         layer._scratch((threads, 16 * channels * span), layer.dtype),
         layer._scratch((threads, 16 * packed_rows * span + _winograd.ROW_SLACK), layer.dtype),
         row_scratch(layer, out.shape[3], threads), out, padding[0], padding[1], transposed, span,
-        fuse_relu, threads)
+        activation, threads)
 
 
-def forward(layer, x, weight, bias, out, fuse_relu):
-    convolve(layer, x, weight, bias, out, layer.padding, False, fuse_relu)
+def forward(layer, x, weight, bias, out, activation):
+    convolve(layer, x, weight, bias, out, layer.padding, False, activation)
 
 
 def backward(layer, grad_output, x, out, grad_input):
@@ -99,5 +100,5 @@ def backward(layer, grad_output, x, out, grad_input):
     if grad_input is not None:
         flipped_padding = (2 - layer.padding[0], 2 - layer.padding[1])
         convolve(layer, grad_output, layer.weight.data,
-                 np.empty(0, layer.dtype), grad_input, flipped_padding, True, False,
+                 np.empty(0, layer.dtype), grad_input, flipped_padding, True, 0,
                  mask=out if out.shape[0] else None)
