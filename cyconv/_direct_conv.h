@@ -33,6 +33,11 @@
 #else
 #define CYCONV_MULTIVERSION
 #endif
+#if defined(__GNUC__)
+#define CYCONV_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define CYCONV_ALWAYS_INLINE static inline
+#endif
 
 /* v through the activation of code act, keeping NaN: 0 none, 1 max(v, 0), 2 min(max(v,
  * 0), 6) (the codes of _elementwise.pxd's Activation). */
@@ -106,12 +111,12 @@
     }
 #endif
 
-/* out rows of all OC channels for one output row (see the top of this file) */
+/* out rows of all OC channels for one output row (see the top of this file); act is
+ * made a constant in each of three copies of the loop, so that no store tests it */
 #define CYCONV_DIRECT_ROW(T)                                                                 \
-    CYCONV_MULTIVERSION                                                                      \
-    static void conv_row_direct_##T(const T *weight, const T *bias, const T *rows,           \
-                                    const ptrdiff_t *tap_offset, int OC, int K, int OW,      \
-                                    int act, T *out, ptrdiff_t P)                            \
+    CYCONV_ALWAYS_INLINE void direct_row_##T(                                                \
+        const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int OC,  \
+        int K, int OW, int act, T *out, ptrdiff_t P)                                         \
     {                                                                                        \
         for (int ow0 = 0; ow0 < OW; ow0 += DIRECT_COLUMNS) {                                 \
             int oc = 0;                                                                      \
@@ -122,6 +127,18 @@
                 direct_block_##T(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,     \
                                  ow0, 1);                                                    \
         }                                                                                    \
+    }                                                                                        \
+    CYCONV_MULTIVERSION                                                                      \
+    static void conv_row_direct_##T(const T *weight, const T *bias, const T *rows,           \
+                                    const ptrdiff_t *tap_offset, int OC, int K, int OW,      \
+                                    int act, T *out, ptrdiff_t P)                            \
+    {                                                                                        \
+        if (act == 0)                                                                        \
+            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, 0, out, P);            \
+        else if (act == 1)                                                                   \
+            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, 1, out, P);            \
+        else                                                                                 \
+            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, 2, out, P);            \
     }
 
 CYCONV_DIRECT_CONV(float, int)

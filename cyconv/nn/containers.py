@@ -6,8 +6,8 @@ Inside a container, a Conv2d or BatchNorm2d followed by a ReLU runs as one kerne
 pass, and so do a BatchNorm2d followed by a ReLU6, and a BatchNorm2d followed by a
 ReLU and a 2x2 MaxPool2d with stride 2.  In inference (eval mode under no_grad), a
 Conv2d folds the BatchNorm2d after it into its weight and bias, and applies a ReLU or
-ReLU6 after that in its kernels.  None of them may have hooks; the layers and their state_dict keys stay as
-written.
+ReLU6 after that in its kernels.  None of them may have hooks; the layers and their
+state_dict keys stay as written.
 """
 from collections import OrderedDict
 
