@@ -33,7 +33,9 @@ How it measures
   (torchvision's structure) with the same weights, in both memory layouts.
 - Training step: forward, cross-entropy loss, backward, SGD (momentum 0.9, weight
   decay 5e-4).  Inference: forward in eval mode (``cyconv.no_grad``,
-  ``torch.inference_mode``).  Random images and labels.
+  ``torch.inference_mode``), where cyconv folds each BatchNorm2d into the
+  convolution before it and applies the activation after them in the convolution's
+  kernels; PyTorch's eager mode runs them as layers.  Random images and labels.
 - A run: warm-up steps, then timed steps with cyconv and PyTorch's two layouts
   alternating step by step in one process (their order rotating); a system's images/s
   comes from its median step.  Each case is run {repeats} time(s), the repeats of all
