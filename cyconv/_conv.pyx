@@ -142,16 +142,20 @@ def pointwise(Geometry g):
     return is_pointwise(g)
 
 
+cdef inline int columns_stride(Geometry g, int oh0, int oh1) noexcept nogil:
+    """The row stride of the columns that columns() gives for output rows [oh0, oh1)."""
+    return g.out_height * g.out_width if is_pointwise(g) else (oh1 - oh0) * g.out_width
+
+
 cdef const floating* columns(const floating* image, floating* tile, Geometry g, int oh0,
-                             int oh1, int k0, int k1, int* ld) noexcept nogil:
-    """Rows [k0, k1) of the im2col columns of output rows [oh0, oh1), and (in ld) their row
-    stride: built in tile, or for a pointwise layer read from the image in place."""
-    cdef int P = g.out_height * g.out_width
+                             int oh1, int k0, int k1) noexcept nogil:
+    """Rows [k0, k1) of the im2col columns of output rows [oh0, oh1), row stride
+    columns_stride(): built in tile, or for a pointwise layer read from the image in place.
+    (The stride is not returned through a pointer: inside a prange, a variable assigned
+    only through a pointer would be shared by the threads.)"""
     if is_pointwise(g):
-        ld[0] = P
-        return image + <Py_ssize_t> k0 * P + oh0 * g.out_width
+        return image + <Py_ssize_t> k0 * g.out_height * g.out_width + oh0 * g.out_width
     im2col(image, tile, g, oh0, oh1, k0, k1)
-    ld[0] = (oh1 - oh0) * g.out_width
     return tile
 
 
@@ -186,8 +190,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                 for t in range((g.out_height + rows_per_tile - 1) // rows_per_tile):
                     oh0 = t * rows_per_tile
                     oh1 = min(oh0 + rows_per_tile, g.out_height)
-                    cols_tile = columns(&x[n, 0, 0, 0] + grp * plane, tile, g, oh0, oh1, 0, K,
-                                        &ld)
+                    cols_tile = columns(&x[n, 0, 0, 0] + grp * plane, tile, g, oh0, oh1, 0, K)
+                    ld = columns_stride(g, oh0, oh1)
                     gemm(False, False, group_oc, (oh1 - oh0) * OW, K, 1,
                          &weight[grp * group_oc, 0], K, cols_tile, ld, 0,
                          &out[n, grp * group_oc, oh0, 0], P)
@@ -207,9 +211,10 @@ cdef void weight_grad_tile(const floating* dy, const floating* image, floating* 
                            int oh0, int oh1, bint overwrite) noexcept nogil:
     """target (group_oc, k1 - k0), row stride ldt, += (= when overwrite) dy @ cols^T for
     output rows [oh0, oh1): cols are rows [k0, k1) of their im2col, dy (group_oc, P)."""
-    cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width, ld
-    cdef const floating* cols = columns(image, tile, g, oh0, oh1, k0, k1, &ld)
-    gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, cols, ld,
+    cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width
+    cdef const floating* cols = columns(image, tile, g, oh0, oh1, k0, k1)
+    gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, cols,
+         columns_stride(g, oh0, oh1),
          0 if overwrite else 1, target, ldt)
 
 
