@@ -17,18 +17,23 @@ SHAPES = [(2, 3, 8, 8), (3, 2, 7, 9), (1, 4, 2, 2), (2, 3, 5, 4), (4, 2, 6, 3), 
 LAYERS = ["bn", "relu", "pool"]
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """A list that gets an entry for every call of the fused forward kernel."""
+def counted_calls(monkeypatch, module, name):
+    """A list that gets the first argument's shape at every call of module.name."""
     calls = []
-    kernel = _norm_pool.batch_norm2d_relu_max_pool_forward
+    kernel = getattr(module, name)
 
     def counted(*args):
         calls.append(args[0].shape)
         return kernel(*args)
 
-    monkeypatch.setattr(_norm_pool, "batch_norm2d_relu_max_pool_forward", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """A list that gets an entry for every call of the fused forward kernel."""
+    return counted_calls(monkeypatch, _norm_pool, "batch_norm2d_relu_max_pool_forward")
 
 
 def stage(channels, dtype, seed=0, hooked=None, pool=None):
@@ -289,15 +294,7 @@ FOLDED_CONVS = {
 @pytest.fixture
 def batchnorm_calls(monkeypatch):
     """A list that gets an entry for every call of BatchNorm2d's eval-mode kernel."""
-    calls = []
-    kernel = _norm.batch_norm2d_forward_eval
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return kernel(*args)
-
-    monkeypatch.setattr(_norm, "batch_norm2d_forward_eval", counted)
-    return calls
+    return counted_calls(monkeypatch, _norm, "batch_norm2d_forward_eval")
 
 
 ACTIVATIONS = {"none": [], "relu": [nn.ReLU], "relu6": [nn.ReLU6]}

@@ -37,9 +37,9 @@ def forward_chain(layers, x):
 def _absorbed(layers, i):
     """The layers after layers[i] that it computes in its own kernels: none, one (an
     activation; a BatchNorm2d folded into a Conv2d) or two (an activation and a pooling
-    layer; a folded BatchNorm2d and a ReLU or ReLU6).  A next layer that would absorb two of its
-    own (BatchNorm2d + ReLU + MaxPool2d) is left whole: one pass over the large array.
-    A layer with hooks is never fused (its hooks must see it)."""
+    layer; a folded BatchNorm2d and a ReLU or ReLU6).  A next layer that would absorb
+    two of its own (BatchNorm2d + ReLU + MaxPool2d) is left whole: one pass over the
+    large array.  A layer with hooks is never fused (its hooks must see it)."""
     run = []
     for following in layers[i + 1:i + 3]:
         if following._hooked():
