@@ -1,16 +1,18 @@
-/* Winograd F(2x2, 3x3): the C kernels of _winograd.pyx (3x3, stride 1 convolutions).
+/* Winograd F(4x4, 3x3): the C kernels of _winograd.pyx (3x3, stride 1 convolutions).
  *
- * A 2x2 block of outputs ("tile") of a 3x3 convolution is
+ * A 4x4 block of outputs ("tile") of a 3x3 convolution is
  *     y = A^T [ (G g G^T) (.) (B^T d B) ] A
- * for the 3x3 filter g and the 4x4 input patch d the tile reads, (.) the
- * elementwise product: 16 products per input channel where direct convolution
- * needs 36.  Summed over input channels, each of the 16 transformed positions
- * xi = 4*a + b is a matrix product (output channels x input channels) times
- * (input channels x tiles).  The transforms only add and halve, so float64
- * results stay within a few units in the last place of direct convolution.
+ * for the 3x3 filter g and the 6x6 input patch d the tile reads, (.) the
+ * elementwise product: 36 products per input channel where direct convolution
+ * needs 144 (Lavin and Gray 2016; the matrices are in _winograd_kernels.h).
+ * Summed over input channels, each of the 36 transformed positions
+ * xi = 6*a + b is a matrix product (output channels x input channels) times
+ * (input channels x tiles).  The filter transforms are computed in double; in
+ * float64 the results stay within the tests' tolerances of direct convolution,
+ * in float32 within PyTorch's.
  *
  * Transformed data is stored position-major: element (xi, row, t) of a
- * (16, rows, ld) block is at xi * xi_stride + row * ld + t, for tile t of the
+ * (36, rows, ld) block is at xi * xi_stride + row * ld + t, for tile t of the
  * current range.  Tiles are numbered over the batch, t = (n * TH + th) * TW + tw,
  * so that one range of tiles may span several small images.
  *
@@ -24,6 +26,12 @@
 #include <stddef.h>
 #include <string.h>
 
+/* Outputs per tile side, and transformed positions per tile ((TILE + 2)^2). */
+#define WINOGRAD_TILE 4
+#define WINOGRAD_POSITIONS 36
+/* 1/6 and 1/24 of G, by which the filter transforms multiply (cheaper than dividing) */
+#define WINOGRAD_SIXTH (1.0 / 6)
+#define WINOGRAD_TWENTY_FOURTH (1.0 / 24)
 /* Tiles per column block of the forward product; tile ranges are padded to it. */
 #define WINOGRAD_TILE_BLOCK 32
 /* Output channels per block of the forward product (the packed weight's row block). */
@@ -33,6 +41,12 @@
  * (vector loads read up to a vector past the end; also the slack the forward's
  * product block needs past its end, read by the output transform). */
 #define WINOGRAD_ROW_SLACK (WINOGRAD_VECTOR_BYTES / 4)
+/* Tiles the transforms gather at a time (from as many tile rows and images as
+ * they span), so that their vectors are full however narrow the images; the
+ * gathered taps (36 of them) are rows of GATHER_LD elements. */
+#define WINOGRAD_GATHER_TILES 64
+#define WINOGRAD_GATHER_LD (WINOGRAD_GATHER_TILES + WINOGRAD_ROW_SLACK)
+#define WINOGRAD_GATHER_SIZE (WINOGRAD_POSITIONS * WINOGRAD_GATHER_LD)
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
     defined(__linux__)
@@ -68,8 +82,8 @@
 #include "_typed.h"
 #define winograd_transform(plane, ...) CYCONV_TYPED(winograd_transform, plane, __VA_ARGS__)
 #define winograd_output(src, ...) CYCONV_TYPED(winograd_output, src, __VA_ARGS__)
-#define winograd_filter(g, ...) CYCONV_TYPED(winograd_filter, g, __VA_ARGS__)
-#define winograd_filter_grad(src, ...) CYCONV_TYPED(winograd_filter_grad, src, __VA_ARGS__)
+#define winograd_filters(g, ...) CYCONV_TYPED(winograd_filters, g, __VA_ARGS__)
+#define winograd_filter_grads(src, ...) CYCONV_TYPED(winograd_filter_grads, src, __VA_ARGS__)
 #define winograd_product(u, ...) CYCONV_TYPED(winograd_product, u, __VA_ARGS__)
 
 #endif

@@ -1,25 +1,25 @@
-"""3x3 stride-1 convolutions by Winograd F(2x2, 3x3): forward, input gradient, weight gradient.
+"""3x3 stride-1 convolutions by Winograd F(4x4, 3x3): forward, input gradient, weight gradient.
 
 Layouts (row-major, C-contiguous; see _winograd.h for the transforms):
     x            (N, C, H, W)        input batch
     weight       (M, C, 3, 3)        M output channels
     out          (N, M, OH, OW)      OH = H + 2*pad_h - 2, likewise OW
-    tiles        TH = ceil(OH / 2) by TW = ceil(OW / 2) 2x2 output tiles per image,
+    tiles        TH = ceil(OH / 4) by TW = ceil(OW / 4) 4x4 output tiles per image,
                  numbered over the batch: t = (n*TH + th)*TW + tw
-    packed       (16, Mp, C)         the transformed weight, Mp = M rounded up to
+    packed       (36, Mp, C)         the transformed weight, Mp = M rounded up to
                                      CHANNEL_BLOCK, in row blocks of CHANNEL_BLOCK channels
 
 Forward (winograd_forward): the batch's tiles are cut into ranges of tile_range
 tiles (fixed by the shapes, a multiple of TILE_BLOCK); each range is one task.
-A task transforms its input patches into the thread's (16, C, tile_range) block,
-multiplies each of the 16 positions by the packed weight into its (16, Mp,
+A task transforms its input patches into the thread's (36, C, tile_range) block,
+multiplies each of the 36 positions by the packed weight into its (36, Mp,
 tile_range) block, and transforms those back into output tiles.  Every output
 is written by one task, in an order fixed by the shapes: results do not depend
 on the thread count.  The input gradient is the same computation on the output
 gradient, with the weight transposed and flipped and padding 2 - pad.
 
 Weight gradient (winograd_weight_grad): per range of tiles (in order), the
-transformed input (16, C, range) and output gradient (16, M, range) are made
+transformed input (36, C, range) and output gradient (36, M, range) are made
 in shared blocks (one channel per task), then each position's task adds its
 matrix product over the range (one single-threaded BLAS call) to that
 position's (M, C) gradient of the transformed weight.  Each element of that sum
@@ -35,70 +35,79 @@ from cyconv._blas cimport gemm
 from cyconv._reduce cimport sum_run
 
 cdef extern from "_winograd.h" nogil:
+    enum: WINOGRAD_TILE
+    enum: WINOGRAD_POSITIONS
     enum: WINOGRAD_TILE_BLOCK
     enum: WINOGRAD_CHANNEL_BLOCK
     enum: WINOGRAD_ROW_SLACK
+    enum: WINOGRAD_GATHER_SIZE
     # C kernels with a float and a double version, one name each (see _typed.h and
     # _winograd_kernels.h for the arguments)
     void winograd_transform(...)
     void winograd_output(...)
-    void winograd_filter(...)
-    void winograd_filter_grad(...)
+    void winograd_filters(...)
+    void winograd_filter_grads(...)
     void winograd_product(...)
 
+TILE = WINOGRAD_TILE
+POSITIONS = WINOGRAD_POSITIONS
 TILE_BLOCK = WINOGRAD_TILE_BLOCK
 CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
 ROW_SLACK = WINOGRAD_ROW_SLACK
+GATHER_SIZE = WINOGRAD_GATHER_SIZE
 
 
-cdef void pack_filters(const floating[:, :, :, ::1] weight, bint transposed, int m,
+cdef inline int tiles_across(int size) noexcept nogil:
+    """Tiles along an output side of size outputs."""
+    return (size + WINOGRAD_TILE - 1) // WINOGRAD_TILE
+
+
+cdef void pack_filters(const floating[:, :, :, ::1] weight, bint transposed, int block,
                        floating[:, :, ::1] packed) noexcept nogil:
-    """packed[:, row block of m, :] <- the transforms of output channel m's filters (zeros
-    for the padding channels m >= M).
+    """packed[:, row block, :] <- the transforms of the filters of output channels
+    [CHANNEL_BLOCK * block, + CHANNEL_BLOCK) (zeros for the padding channels >= M).
 
     weight is (M, C, 3, 3), or (C, M, 3, 3) read transposed and flipped.
     """
     cdef int C = packed.shape[2], M = weight.shape[1] if transposed else weight.shape[0]
-    cdef int c, xi
+    cdef int m = block * WINOGRAD_CHANNEL_BLOCK, count = min(WINOGRAD_CHANNEL_BLOCK, M - m)
     cdef Py_ssize_t xi_stride = <Py_ssize_t> packed.shape[1] * C
-    cdef floating* u
-    cdef const floating* g
+    cdef Py_ssize_t filter_stride = 9 if transposed else <Py_ssize_t> C * 9
+    cdef int c
     for c in range(C):
-        u = &packed[0, 0, 0] + (m // WINOGRAD_CHANNEL_BLOCK * C + c) * WINOGRAD_CHANNEL_BLOCK + m % WINOGRAD_CHANNEL_BLOCK
-        if m >= M:
-            for xi in range(16):
-                u[xi * xi_stride] = 0
-            continue
-        g = &weight[c, m, 0, 0] if transposed else &weight[m, c, 0, 0]
-        winograd_filter(g, transposed, u, xi_stride)
+        winograd_filters(&weight[c, min(m, M - 1), 0, 0] if transposed
+                         else &weight[min(m, M - 1), c, 0, 0],
+                         filter_stride, count, transposed,
+                         &packed[0, 0, 0] + (block * C + c) * WINOGRAD_CHANNEL_BLOCK, xi_stride)
 
 
 cdef void forward_range(const floating* x, const floating* mask, const floating* packed,
-                        const floating* bias, floating* v, floating* y, floating* rows,
+                        const floating* bias, floating* v, floating* y, floating* taps,
                         floating* out, int C, int M, int Mp, int H, int W, int OH, int OW,
                         int pad_h, int pad_w, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T,
                         int activation) noexcept nogil:
-    """out's tiles [t0, t1) <- packed * transformed x, through v (16, C, T) and y (16, Mp, T)."""
-    cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2, c, m, xi
+    """out's tiles [t0, t1) <- packed * transformed x, through v (36, C, T) and y (36, Mp, T)
+    (taps: the transforms' workspace)."""
+    cdef int TH = tiles_across(OH), TW = tiles_across(OW), c, m, xi
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
     for c in range(C):
         winograd_transform(x + c * plane, mask + c * plane if mask != NULL else NULL, C * plane,
-                           H, W, pad_h, pad_w, TH, TW, t0, t1, T, False, rows, v + c * T, C * T)
-    for xi in range(16):
+                           H, W, pad_h, pad_w, TH, TW, t0, t1, T, False, taps, v + c * T, C * T)
+    for xi in range(WINOGRAD_POSITIONS):
         winograd_product(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T, y + xi * Mp * T, T)
     for m in range(M):
         winograd_output(y + m * T, Mp * T, bias[m] if bias != NULL else 0, activation, OH, OW, TH,
-                        TW, t0, t1, out + m * out_plane, M * out_plane)
+                        TW, t0, t1, taps, out + m * out_plane, M * out_plane)
 
 
 def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
                      const floating[:, :, :, ::1] mask,    # IN   like x, or empty: x is read as 0 where mask <= 0
                      const floating[:, :, :, ::1] weight,  # IN   (M, C, 3, 3), or (C, M, 3, 3) when transposed
                      const floating[::1] bias,             # IN   (M,), or empty for no bias
-                     floating[:, :, ::1] packed,           # WORK (16, Mp, C)
-                     floating[:, ::1] v,                   # WORK (threads, 16 * C * tile_range)
-                     floating[:, ::1] y,                   # WORK (threads, 16 * Mp * tile_range + ROW_SLACK)
-                     floating[:, ::1] rows,                # WORK (threads, 8 * (TW + 1 + ROW_SLACK))
+                     floating[:, :, ::1] packed,           # WORK (36, Mp, C)
+                     floating[:, ::1] v,                   # WORK (threads, 36 * C * tile_range)
+                     floating[:, ::1] y,                   # WORK (threads, 36 * Mp * tile_range + ROW_SLACK)
+                     floating[:, ::1] taps,                # WORK (threads, GATHER_SIZE)
                      floating[:, :, :, ::1] out,           # OUT  (N, M, OH, OW)
                      int pad_h, int pad_w, bint transposed, Py_ssize_t tile_range,
                      int activation, int num_threads):
@@ -111,52 +120,65 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
     """
     cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef int M = out.shape[1], OH = out.shape[2], OW = out.shape[3], Mp = packed.shape[1]
-    cdef Py_ssize_t tiles = <Py_ssize_t> N * ((OH + 1) // 2) * ((OW + 1) // 2)
+    cdef Py_ssize_t tiles = <Py_ssize_t> N * tiles_across(OH) * tiles_across(OW)
     cdef Py_ssize_t task, t0
-    cdef int m, slot
+    cdef int block, slot
     cdef const floating* mask_ptr = &mask[0, 0, 0, 0] if mask.shape[0] > 0 else NULL
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=num_threads):
-        for m in prange(Mp, schedule='static'):
-            pack_filters(weight, transposed, m, packed)
+        for block in prange(Mp // WINOGRAD_CHANNEL_BLOCK, schedule='static'):
+            pack_filters(weight, transposed, block, packed)
         for task in prange((tiles + tile_range - 1) // tile_range, schedule='dynamic'):
             slot = threadid()
             t0 = task * tile_range
             forward_range(&x[0, 0, 0, 0], mask_ptr, &packed[0, 0, 0], bias_ptr, &v[slot, 0],
-                          &y[slot, 0], &rows[slot, 0], &out[0, 0, 0, 0], C, M, Mp, H, W, OH, OW,
+                          &y[slot, 0], &taps[slot, 0], &out[0, 0, 0, 0], C, M, Mp, H, W, OH, OW,
                           pad_h, pad_w, t0, min(t0 + tile_range, tiles), tile_range, activation)
 
 
 cdef void transform_for_grad(const floating* x, const floating* grad_out, const floating* mask,
-                             floating* v, floating* d, floating* rows, int j, int C, int M,
+                             floating* v, floating* d, floating* taps, int j, int C, int M,
                              int H, int W, int OH, int OW, int pad_h, int pad_w,
                              Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T) noexcept nogil:
     """Row j of the weight gradient's operands for tiles [t0, t1): j < C is input channel j
-    (into v, (16, C, T)), else output channel j - C of the (masked) output gradient
-    (into d, (16, M, T))."""
-    cdef int TH = (OH + 1) // 2, TW = (OW + 1) // 2
+    (into v, (36, C, T)), else output channel j - C of the (masked) output gradient
+    (into d, (36, M, T))."""
+    cdef int TH = tiles_across(OH), TW = tiles_across(OW)
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
     if j < C:
         winograd_transform(x + j * plane, NULL, C * plane, H, W, pad_h, pad_w, TH, TW, t0, t1,
-                           T, False, rows, v + j * T, C * T)
+                           T, False, taps, v + j * T, C * T)
     else:
         j -= C
         winograd_transform(grad_out + j * out_plane,
                            mask + j * out_plane if mask != NULL else NULL, M * out_plane, OH, OW,
-                           0, 0, TH, TW, t0, t1, T, True, rows, d + j * T, M * T)
+                           0, 0, TH, TW, t0, t1, T, True, taps, d + j * T, M * T)
 
 
 cdef void grad_product(const floating* v, const floating* d, floating* dw, double* bias_sums,
                        int xi, int C, int M, Py_ssize_t T) noexcept nogil:
-    """dw (16, M, C) at position xi += d @ v^T over the T tiles; position 5 of d is the
-    sum of each tile's output gradient, so that task also adds those to bias_sums."""
+    """dw (36, M, C) at position xi += d @ v^T over the T tiles; position 7 of d
+    ((A y A^T)[1][1], A's row 1 all ones) is the sum of each tile's output gradient, so
+    that task also adds those to bias_sums."""
     cdef const floating* a = d + xi * M * T
     cdef int m
     gemm(False, True, M, C, <int> T, 1, a, <int> T, v + xi * C * T, <int> T, 1,
          dw + xi * M * C, C)
-    if xi == 5:
+    if xi == 7:
         for m in range(M):
             bias_sums[m] += sum_run(a + m * T, T)
+
+
+cdef void unpack_filter_grads(const floating[:, :, ::1] dw, int m,
+                              floating[:, :, :, ::1] grad_weight) noexcept nogil:
+    """grad_weight[m] += the gradients of output channel m's filters, from those of their
+    transforms dw[:, m, :] (CHANNEL_BLOCK input channels at a time)."""
+    cdef int C = dw.shape[2], block, c
+    cdef Py_ssize_t xi_stride = <Py_ssize_t> dw.shape[1] * C
+    for block in range((C + WINOGRAD_CHANNEL_BLOCK - 1) // WINOGRAD_CHANNEL_BLOCK):
+        c = block * WINOGRAD_CHANNEL_BLOCK
+        winograd_filter_grads(&dw[0, m, c], xi_stride, min(WINOGRAD_CHANNEL_BLOCK, C - c),
+                              &grad_weight[m, c, 0, 0], 9)
 
 
 def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, OH, OW)
@@ -164,11 +186,11 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                          const floating[:, :, :, ::1] out,       # IN    (N, M, OH, OW) relu mask, or empty
                          floating[:, :, :, ::1] grad_weight,     # INOUT (M, C, 3, 3), accumulated
                          floating[::1] grad_bias,                # INOUT (M,), accumulated; empty for no bias
-                         floating[::1] v,                        # WORK  (16 * C * tile_range)
-                         floating[::1] d,                        # WORK  (16 * M * tile_range)
-                         floating[:, :, ::1] dw,                 # WORK  (16, M, C)
+                         floating[::1] v,                        # WORK  (36 * C * tile_range)
+                         floating[::1] d,                        # WORK  (36 * M * tile_range)
+                         floating[:, :, ::1] dw,                 # WORK  (36, M, C)
                          double[::1] bias_sums,                  # WORK  (M,)
-                         floating[:, ::1] rows,                  # WORK  (threads, 8 * (TW + 1 + ROW_SLACK))
+                         floating[:, ::1] taps,                  # WORK  (threads, GATHER_SIZE)
                          int pad_h, int pad_w, Py_ssize_t tile_range, int num_threads):
     """grad_weight += the gradient of sum(grad_out * conv3x3(x, weight)); grad_bias += sum
     of grad_out over (N, OH, OW).  With out given, grad_out counts only where out > 0 (the
@@ -177,22 +199,21 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
     cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef int M = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
     cdef int j, xi, m, c
-    cdef Py_ssize_t tiles = <Py_ssize_t> N * ((OH + 1) // 2) * ((OW + 1) // 2)
+    cdef Py_ssize_t tiles = <Py_ssize_t> N * tiles_across(OH) * tiles_across(OW)
     cdef Py_ssize_t chunk, t0
     cdef const floating* mask_ptr = &out[0, 0, 0, 0] if out.shape[0] > 0 else NULL
-    memset(&dw[0, 0, 0], 0, 16 * M * C * sizeof(floating))
+    memset(&dw[0, 0, 0], 0, WINOGRAD_POSITIONS * M * C * sizeof(floating))
     memset(&bias_sums[0], 0, M * sizeof(double))
     with nogil, parallel(num_threads=num_threads):
         for chunk in range((tiles + tile_range - 1) // tile_range):
             t0 = chunk * tile_range
             for j in prange(C + M, schedule='dynamic'):
                 transform_for_grad(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], mask_ptr, &v[0], &d[0],
-                                   &rows[threadid(), 0], j, C, M, H, W, OH, OW, pad_h, pad_w,
+                                   &taps[threadid(), 0], j, C, M, H, W, OH, OW, pad_h, pad_w,
                                    t0, min(t0 + tile_range, tiles), tile_range)
-            for xi in prange(16, schedule='dynamic'):
+            for xi in prange(WINOGRAD_POSITIONS, schedule='dynamic'):
                 grad_product(&v[0], &d[0], &dw[0, 0, 0], &bias_sums[0], xi, C, M, tile_range)
         for m in prange(M, schedule='static'):
-            for c in range(C):
-                winograd_filter_grad(&dw[0, m, c], M * C, &grad_weight[m, c, 0, 0])
+            unpack_filter_grads(dw, m, grad_weight)
             if grad_bias.shape[0] > 0:
                 grad_bias[m] += <floating> bias_sums[m]

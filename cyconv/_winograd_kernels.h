@@ -1,4 +1,4 @@
-/* Winograd F(2x2, 3x3) kernels for one element type; see _winograd.h, which
+/* Winograd F(4x4, 3x3) kernels for one element type; see _winograd.h, which
  * includes this file with WT = float and WT = double (WSUF names each copy).
  * A tile range [t0, t1) is walked one tile row (n, th, tw0..tw1) at a time. */
 
@@ -43,6 +43,52 @@ WINOGRAD_INLINE void WSUF(wstore)(WT *p, WSUF(wvec) v, int n)
         memcpy(p, &v, n * sizeof(WT));
 }
 
+/* The four one-dimensional transforms, on WLANES tiles at a time.  With the
+ * interpolation points 0, 1, -1, 2, -2 (and infinity):
+ *     B^T = [4  0 -5  0 1 0]    G = [ 1/4     0    0 ]    A^T = [1 1  1 1  1 0]
+ *           [0 -4 -4  1 1 0]        [-1/6 -1/6 -1/6]          [0 1 -1 2 -2 0]
+ *           [0  4 -4 -1 1 0]        [-1/6  1/6 -1/6]          [0 1  1 4  4 0]
+ *           [0 -2 -1  2 1 0]        [1/24 1/12  1/6]          [0 1 -1 8 -8 1]
+ *           [0  2 -1 -2 1 0]        [1/24 -1/12 1/6]
+ *           [0  4  0 -5 0 1]        [   0     0    1] */
+
+/* r = B^T d (d: a column or row of the 6x6 input patch) */
+WINOGRAD_INLINE void WSUF(winograd_bt)(const WSUF(wvec) d[6], WSUF(wvec) r[6])
+{
+    WSUF(wvec) even = d[4] - (WT)4 * d[2], odd = d[3] - (WT)4 * d[1];
+    WSUF(wvec) near = d[4] - d[2], far = (WT)2 * (d[3] - d[1]);
+    r[0] = (WT)4 * d[0] - (WT)5 * d[2] + d[4];
+    r[1] = even + odd;
+    r[2] = even - odd;
+    r[3] = near + far;
+    r[4] = near - far;
+    r[5] = (WT)4 * d[1] - (WT)5 * d[3] + d[5];
+}
+
+/* o = A^T m (m: a column or row of the 6x6 product of one tile) */
+WINOGRAD_INLINE void WSUF(winograd_at)(const WSUF(wvec) m[6], WSUF(wvec) o[4])
+{
+    WSUF(wvec) sum12 = m[1] + m[2], diff12 = m[1] - m[2];
+    WSUF(wvec) sum34 = m[3] + m[4], diff34 = m[3] - m[4];
+    o[0] = m[0] + sum12 + sum34;
+    o[1] = diff12 + (WT)2 * diff34;
+    o[2] = sum12 + (WT)4 * sum34;
+    o[3] = diff12 + (WT)8 * diff34 + m[5];
+}
+
+/* e = A y (y: a column or row of the 4x4 output gradient of one tile) */
+WINOGRAD_INLINE void WSUF(winograd_a)(const WSUF(wvec) y[4], WSUF(wvec) e[6])
+{
+    WSUF(wvec) sum02 = y[0] + y[2], sum13 = y[1] + y[3];
+    WSUF(wvec) wide02 = y[0] + (WT)4 * y[2], wide13 = (WT)2 * y[1] + (WT)8 * y[3];
+    e[0] = y[0];
+    e[1] = sum02 + sum13;
+    e[2] = sum02 - sum13;
+    e[3] = wide02 + wide13;
+    e[4] = wide02 - wide13;
+    e[5] = y[3];
+}
+
 /* the value a transform reads at column col of a row (src; msk: the mask's row, or
  * NULL): 0 outside [0, W) or where the mask is <= 0 */
 WINOGRAD_INLINE WT WSUF(winograd_read)(const WT *src, const WT *msk, int col, int W)
@@ -52,9 +98,9 @@ WINOGRAD_INLINE WT WSUF(winograd_read)(const WT *src, const WT *msk, int col, in
     return msk && !(msk[col] > 0) ? 0 : src[col];
 }
 
-/* even[m] = s[2*m], odd[m] = s[2*m + 1] for m in [m, hi); returns hi */
-WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT *restrict even,
-                                         WT *restrict odd)
+/* q[p * width + m] = s[4*m + p] for p < 4, m in [m, hi); returns hi */
+WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT *restrict q,
+                                         int width)
 {
 #if defined(__GNUC__) && !defined(__clang__)
     WSUF(wmask) pick_even, pick_odd; /* GCC's two-vector shuffle: whole vectors at a time */
@@ -62,229 +108,318 @@ WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT
         pick_even[l] = 2 * l;
         pick_odd[l] = 2 * l + 1;
     }
-    for (; m + WLANES <= hi; m += WLANES) {
-        WSUF(wvec) a = WSUF(wload)(s + 2 * m), b = WSUF(wload)(s + 2 * m + WLANES);
-        *(WSUF(wvec) *)(even + m) = __builtin_shuffle(a, b, pick_even);
-        *(WSUF(wvec) *)(odd + m) = __builtin_shuffle(a, b, pick_odd);
+    for (; m + WLANES <= hi; m += WLANES) { /* two rounds of even/odd splits */
+        const WT *p = s + 4 * m;
+        WSUF(wvec) a = WSUF(wload)(p), b = WSUF(wload)(p + WLANES);
+        WSUF(wvec) c = WSUF(wload)(p + 2 * WLANES), d = WSUF(wload)(p + 3 * WLANES);
+        WSUF(wvec) even0 = __builtin_shuffle(a, b, pick_even);
+        WSUF(wvec) odd0 = __builtin_shuffle(a, b, pick_odd);
+        WSUF(wvec) even1 = __builtin_shuffle(c, d, pick_even);
+        WSUF(wvec) odd1 = __builtin_shuffle(c, d, pick_odd);
+        *(WSUF(wvec) *)(q + m) = __builtin_shuffle(even0, even1, pick_even);
+        *(WSUF(wvec) *)(q + width + m) = __builtin_shuffle(odd0, odd1, pick_even);
+        *(WSUF(wvec) *)(q + 2 * width + m) = __builtin_shuffle(even0, even1, pick_odd);
+        *(WSUF(wvec) *)(q + 3 * width + m) = __builtin_shuffle(odd0, odd1, pick_odd);
     }
 #endif
-    for (; m < hi; m++) {
-        even[m] = s[2 * m];
-        odd[m] = s[2 * m + 1];
-    }
+    for (; m < hi; m++)
+        for (int p = 0; p < 4; p++)
+            q[p * width + m] = s[4 * m + p];
     return hi;
 }
 
-/* rows[(2*i + p) * width + m] = plane[row0 + i, col0 + 2*m + p] for i < nrows, p < 2,
- * m < half: the rows a run of tiles reads, split into even and odd columns so that
- * every tap is a unit-stride run; 0 outside the (H, W) plane, and 0 where
- * mask <= 0 when a mask (the forward output of a fused ReLU) is given.  Elements
- * [half, width) of each row are left as they are (vector loads read them, and the
- * lanes that do are dropped). */
+/* rows[i * row_stride + p * width + m] = plane[row0 + i, col0 + 4*m + p] for
+ * i < nrows, p < 4, m < quarter: the rows a run of tiles reads, split into columns
+ * by their remainder mod 4 so that every tap is a unit-stride run; 0 outside the
+ * (H, W) plane, and 0 where mask <= 0 when a mask (the forward output of a fused
+ * ReLU) is given. */
 WINOGRAD_INLINE void WSUF(winograd_load_rows)(const WT *plane, const WT *mask, int H, int W,
-                                              int row0, int nrows, int col0, int half,
-                                              int width, WT *rows)
+                                              int row0, int nrows, int col0, int quarter,
+                                              WT *rows, ptrdiff_t row_stride, int width)
 {
-    /* m in [lo, hi): both columns col0 + 2*m and col0 + 2*m + 1 inside the row */
-    int lo = col0 >= 0 ? 0 : (1 - col0) / 2, hi = (W - col0) / 2;
-    hi = hi < half ? hi : half;
+    /* m in [lo, hi): the columns col0 + 4*m + p, p < 4, all inside the row */
+    int lo = col0 >= 0 ? 0 : (3 - col0) / 4, hi = W >= col0 ? (W - col0) / 4 : 0;
+    hi = hi < quarter ? hi : quarter;
     lo = lo < hi ? lo : hi;
     for (int i = 0; i < nrows; i++) {
         int r = row0 + i;
-        WT *restrict even = rows + 2 * i * width, *restrict odd = even + width;
+        WT *q = rows + i * row_stride;
         if (r < 0 || r >= H) {
-            memset(even, 0, half * sizeof(WT));
-            memset(odd, 0, half * sizeof(WT));
+            for (int p = 0; p < 4; p++)
+                memset(q + p * width, 0, quarter * sizeof(WT));
             continue;
         }
         const WT *src = plane + (ptrdiff_t)r * W, *msk = mask ? mask + (ptrdiff_t)r * W : NULL;
-        for (int m = 0; m < half; m++) {
+        for (int m = 0; m < quarter; m++) {
             if (m == lo && !msk) /* the interior: no bounds checks */
-                m = WSUF(winograd_split)(src + col0, m, hi, even, odd);
+                m = WSUF(winograd_split)(src + col0, m, hi, q, width);
             else if (m == lo)
-                for (; m < hi; m++) {
-                    even[m] = msk[col0 + 2 * m] > 0 ? src[col0 + 2 * m] : 0;
-                    odd[m] = msk[col0 + 2 * m + 1] > 0 ? src[col0 + 2 * m + 1] : 0;
-                }
-            if (m == half)
+                for (; m < hi; m++)
+                    for (int p = 0; p < 4; p++) {
+                        int col = col0 + 4 * m + p;
+                        q[p * width + m] = msk[col] > 0 ? src[col] : 0;
+                    }
+            if (m == quarter)
                 break;
-            even[m] = WSUF(winograd_read)(src, msk, col0 + 2 * m, W);
-            odd[m] = WSUF(winograd_read)(src, msk, col0 + 2 * m + 1, W);
+            for (int p = 0; p < 4; p++)
+                q[p * width + m] = WSUF(winograd_read)(src, msk, col0 + 4 * m + p, W);
         }
     }
 }
 
-/* dst[xi * xi_stride + k] = (B^T d_k B)[xi] for the count tiles of one tile row,
- * d_k[i][j] = rows[i][2*k + j] (rows as winograd_load_rows made them, nrows 4),
- * WLANES tiles at a time. */
-WINOGRAD_INLINE void WSUF(winograd_input_row)(const WT *rows, int width, int count, WT *dst,
-                                     ptrdiff_t xi_stride)
+/* taps[(side*i + j) * WINOGRAD_GATHER_LD + k] = tap (i, j) of tile t + k, for the
+ * tiles [t, t_end) (at most WINOGRAD_GATHER_TILES) of one channel: side 6 (the
+ * 6x6 input patches, rows 4*th - pad_h + i) or 4 (grad: the 4x4 output-gradient
+ * tiles).  Each tile row is split by winograd_load_rows straight into the taps
+ * j < 4; its entry past the row's last tile lands on the next row's first slot,
+ * which that row then writes, or in the slack past WINOGRAD_GATHER_TILES. */
+WINOGRAD_INLINE void WSUF(winograd_gather)(const WT *plane, const WT *mask,
+                                           ptrdiff_t image_stride, int H, int W, int pad_h,
+                                           int pad_w, int TH, int TW, ptrdiff_t t,
+                                           ptrdiff_t t_end, int grad, WT *taps)
+{
+    enum { LD = WINOGRAD_GATHER_LD };
+    int side = grad ? 4 : 6;
+    ptrdiff_t image_tiles = (ptrdiff_t)TH * TW;
+    for (WT *slot = taps; t < t_end;) {
+        ptrdiff_t n = t / image_tiles;
+        int th = (int)(t / TW % TH), tw0 = (int)(t % TW);
+        int count = (int)(t_end - t < TW - tw0 ? t_end - t : TW - tw0);
+        WSUF(winograd_load_rows)(plane + n * image_stride, mask ? mask + n * image_stride : NULL,
+                                 H, W, 4 * th - pad_h, side, 4 * tw0 - pad_w,
+                                 grad ? count : count + 1, slot, side * LD, LD);
+        for (int i = 0; i < side && !grad; i++) /* taps 4 and 5: taps 0 and 1 of the next tile */
+            for (int j = 4; j < 6; j++)
+                memcpy(slot + (6 * i + j) * LD, slot + (6 * i + j - 4) * LD + 1,
+                       count * sizeof(WT));
+        slot += count;
+        t += count;
+    }
+}
+
+/* dst[xi * xi_stride + k] = (B^T d_k B)[xi] for count tiles, d_k[i][j] =
+ * taps[(6*i + j) * WINOGRAD_GATHER_LD + k], WLANES tiles at a time. */
+WINOGRAD_INLINE void WSUF(winograd_input_tiles)(const WT *taps, int count, WT *dst,
+                                                ptrdiff_t xi_stride)
 {
     for (int k = 0; k < count; k += WLANES) {
-        WSUF(wvec) r[4][4];
-        for (int j = 0; j < 4; j++) { /* B^T d: combine the patch's rows */
-            const WT *tap = rows + (j & 1) * width + k + (j >> 1);
-            WSUF(wvec) d0 = WSUF(wload)(tap), d1 = WSUF(wload)(tap + 2 * width);
-            WSUF(wvec) d2 = WSUF(wload)(tap + 4 * width), d3 = WSUF(wload)(tap + 6 * width);
-            r[0][j] = d0 - d2;
-            r[1][j] = d1 + d2;
-            r[2][j] = d2 - d1;
-            r[3][j] = d1 - d3;
+        WSUF(wvec) column[6][6], d[6], r[6];
+        for (int j = 0; j < 6; j++) { /* B^T d: combine the patch's rows */
+            for (int i = 0; i < 6; i++)
+                d[i] = WSUF(wload)(taps + (6 * i + j) * WINOGRAD_GATHER_LD + k);
+            WSUF(winograd_bt)(d, column[j]);
         }
-        for (int a = 0; a < 4; a++) { /* (B^T d) B: then its columns */
-            WT *out = dst + 4 * a * xi_stride + k;
-            WSUF(wstore)(out, r[a][0] - r[a][2], count - k);
-            WSUF(wstore)(out + xi_stride, r[a][1] + r[a][2], count - k);
-            WSUF(wstore)(out + 2 * xi_stride, r[a][2] - r[a][1], count - k);
-            WSUF(wstore)(out + 3 * xi_stride, r[a][1] - r[a][3], count - k);
+        for (int a = 0; a < 6; a++) { /* (B^T d) B: then its columns */
+            for (int j = 0; j < 6; j++)
+                d[j] = column[j][a];
+            WSUF(winograd_bt)(d, r);
+            for (int b = 0; b < 6; b++)
+                WSUF(wstore)(dst + (6 * a + b) * xi_stride + k, r[b], count - k);
         }
     }
 }
 
-/* dst[xi * xi_stride + k] = (A y_k A^T)[xi] for the count tiles of one tile row,
- * y_k[i][j] = rows[i][2*k + j] (the 2x2 output gradient of tile k; nrows 2). */
-WINOGRAD_INLINE void WSUF(winograd_grad_row)(const WT *rows, int width, int count, WT *dst,
-                                    ptrdiff_t xi_stride)
+/* dst[xi * xi_stride + k] = (A y_k A^T)[xi] for count tiles, y_k[i][j] =
+ * taps[(4*i + j) * WINOGRAD_GATHER_LD + k] (the 4x4 output gradient of tile k). */
+WINOGRAD_INLINE void WSUF(winograd_grad_tiles)(const WT *taps, int count, WT *dst,
+                                               ptrdiff_t xi_stride)
 {
     for (int k = 0; k < count; k += WLANES) {
-        WSUF(wvec) e[4][2];
-        for (int j = 0; j < 2; j++) { /* A y */
-            WSUF(wvec) y0 = WSUF(wload)(rows + j * width + k);
-            WSUF(wvec) y1 = WSUF(wload)(rows + (2 + j) * width + k);
-            e[0][j] = y0;
-            e[1][j] = y0 + y1;
-            e[2][j] = y0 - y1;
-            e[3][j] = -y1;
+        WSUF(wvec) column[4][6], y[6], e[6];
+        for (int j = 0; j < 4; j++) { /* A y */
+            for (int i = 0; i < 4; i++)
+                y[i] = WSUF(wload)(taps + (4 * i + j) * WINOGRAD_GATHER_LD + k);
+            WSUF(winograd_a)(y, column[j]);
         }
-        for (int a = 0; a < 4; a++) { /* (A y) A^T */
-            WT *out = dst + 4 * a * xi_stride + k;
-            WSUF(wstore)(out, e[a][0], count - k);
-            WSUF(wstore)(out + xi_stride, e[a][0] + e[a][1], count - k);
-            WSUF(wstore)(out + 2 * xi_stride, e[a][0] - e[a][1], count - k);
-            WSUF(wstore)(out + 3 * xi_stride, -e[a][1], count - k);
+        for (int a = 0; a < 6; a++) { /* (A y) A^T */
+            for (int j = 0; j < 4; j++)
+                y[j] = column[j][a];
+            WSUF(winograd_a)(y, e);
+            for (int b = 0; b < 6; b++)
+                WSUF(wstore)(dst + (6 * a + b) * xi_stride + k, e[b], count - k);
         }
     }
 }
 
 /* dst[xi * xi_stride + t - t0] for tiles t in [t0, t1) of one channel (channel c of
  * image 0 at plane, images image_stride apart; mask likewise, or NULL), and zeros
- * for t in [t1, t0 + padded).  grad: the 2x2 output-gradient transform (rows
- * 2*th - pad_h + i, i < 2), else the 4x4 input transform (i < 4).  rows: a
- * workspace of WINOGRAD_ROWS(TW) elements. */
+ * for t in [t1, t0 + padded).  grad: the 4x4 output-gradient transform (rows
+ * 4*th - pad_h + i, i < 4), else the 6x6 input transform (i < 6).  taps: a
+ * workspace of WINOGRAD_GATHER_SIZE elements. */
 WINOGRAD_MULTIVERSION
 static void WSUF(winograd_transform)(const WT *plane, const WT *mask, ptrdiff_t image_stride,
                                      int H, int W, int pad_h, int pad_w, int TH, int TW,
                                      ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t padded, int grad,
-                                     WT *rows, WT *dst, ptrdiff_t xi_stride)
+                                     WT *taps, WT *dst, ptrdiff_t xi_stride)
 {
-    ptrdiff_t t = t0, image_tiles = (ptrdiff_t)TH * TW;
-    while (t < t1) {
-        ptrdiff_t n = t / image_tiles;
-        int th = (int)(t / TW % TH), tw0 = (int)(t % TW);
-        int count = (int)(t1 - t < TW - tw0 ? t1 - t : TW - tw0);
-        int width = count + 1 + WINOGRAD_ROW_SLACK; /* vector loads may read past count + 1 */
-        WSUF(winograd_load_rows)(plane + n * image_stride, mask ? mask + n * image_stride : NULL,
-                                 H, W, 2 * th - pad_h, grad ? 2 : 4, 2 * tw0 - pad_w, count + 1,
-                                 width, rows);
+    for (ptrdiff_t t = t0; t < t1; t += WINOGRAD_GATHER_TILES) {
+        ptrdiff_t t_end = t1 - t < WINOGRAD_GATHER_TILES ? t1 : t + WINOGRAD_GATHER_TILES;
+        WSUF(winograd_gather)(plane, mask, image_stride, H, W, pad_h, pad_w, TH, TW, t, t_end,
+                              grad, taps);
         if (grad)
-            WSUF(winograd_grad_row)(rows, width, count, dst + (t - t0), xi_stride);
+            WSUF(winograd_grad_tiles)(taps, (int)(t_end - t), dst + (t - t0), xi_stride);
         else
-            WSUF(winograd_input_row)(rows, width, count, dst + (t - t0), xi_stride);
-        t += count;
+            WSUF(winograd_input_tiles)(taps, (int)(t_end - t), dst + (t - t0), xi_stride);
     }
-    for (int xi = 0; xi < 16; xi++)
+    for (int xi = 0; xi < WINOGRAD_POSITIONS; xi++)
         memset(dst + xi * xi_stride + (t1 - t0), 0, (padded - (t1 - t0)) * sizeof(WT));
 }
 
-/* y[2*l + j] = o[j][l] for 2*l + j < n: the two output columns of WLANES tiles */
-WINOGRAD_INLINE void WSUF(winograd_store_pairs)(WT *y, WSUF(wvec) even, WSUF(wvec) odd, int n)
+/* out[4*l + j] = q[j * WINOGRAD_GATHER_LD + l] for 4*l + j < n: four output columns
+ * interleaved into an output row, WLANES tiles at a time */
+WINOGRAD_INLINE void WSUF(winograd_interleave)(const WT *q, int n, WT *out)
 {
-    WT pairs[2 * WLANES];
-    for (int l = 0; l < WLANES; l++) {
-        pairs[2 * l] = even[l];
-        pairs[2 * l + 1] = odd[l];
+    int l = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    WSUF(wmask) low, high; /* zip the first, or the second, halves of two vectors */
+    for (int i = 0; i < WLANES; i++) {
+        low[i] = (i & 1) * WLANES + i / 2;
+        high[i] = (i & 1) * WLANES + WLANES / 2 + i / 2;
     }
-    memcpy(y, pairs, (n < 2 * WLANES ? n : 2 * WLANES) * sizeof(WT));
+    for (; 4 * (l + WLANES) <= n; l += WLANES) {
+        WSUF(wvec) q0 = WSUF(wload)(q + l), q1 = WSUF(wload)(q + WINOGRAD_GATHER_LD + l);
+        WSUF(wvec) q2 = WSUF(wload)(q + 2 * WINOGRAD_GATHER_LD + l);
+        WSUF(wvec) q3 = WSUF(wload)(q + 3 * WINOGRAD_GATHER_LD + l);
+        WSUF(wvec) a = __builtin_shuffle(q0, q2, low), b = __builtin_shuffle(q0, q2, high);
+        WSUF(wvec) c = __builtin_shuffle(q1, q3, low), d = __builtin_shuffle(q1, q3, high);
+        WT *o = out + 4 * l;
+        *(WSUF(wvec) *)o = __builtin_shuffle(a, c, low);
+        *(WSUF(wvec) *)(o + WLANES) = __builtin_shuffle(a, c, high);
+        *(WSUF(wvec) *)(o + 2 * WLANES) = __builtin_shuffle(b, d, low);
+        *(WSUF(wvec) *)(o + 3 * WLANES) = __builtin_shuffle(b, d, high);
+    }
+#endif
+    for (int e = 4 * l; e < n; e++)
+        out[e] = q[(e & 3) * WINOGRAD_GATHER_LD + e / 4];
 }
 
-/* out[n, 2*th + i, 2*tw + j] = act(bias + (A^T m A)[i][j]) for tiles t in [t0, t1) of
+/* q[(4*i + j) * WINOGRAD_GATHER_LD + k] = act(bias + (A^T m_k A)[i][j]) for count
+ * tiles, m_k[xi] = src[xi * xi_stride + k] (src is read up to WLANES - 1 elements
+ * past count) */
+WINOGRAD_INLINE void WSUF(winograd_output_tiles)(const WT *src, ptrdiff_t xi_stride, int count,
+                                                 WT bias, int act, WT *q)
+{
+    for (int k = 0; k < count; k += WLANES) {
+        WSUF(wvec) row[4][6], column[6], o[4];
+        for (int b = 0; b < 6; b++) { /* A^T m */
+            for (int a = 0; a < 6; a++)
+                column[a] = WSUF(wload)(src + (6 * a + b) * xi_stride + k);
+            WSUF(winograd_at)(column, o);
+            for (int i = 0; i < 4; i++)
+                row[i][b] = o[i];
+        }
+        for (int i = 0; i < 4; i++) { /* (A^T m) A */
+            WSUF(winograd_at)(row[i], o);
+            for (int j = 0; j < 4; j++)
+                *(WSUF(wvec) *)(q + (4 * i + j) * WINOGRAD_GATHER_LD + k) =
+                    WSUF(wactivate)(bias + o[j], act);
+        }
+    }
+}
+
+/* out[n, 4*th + i, 4*tw + j] = act(bias + (A^T m A)[i][j]) for tiles t in [t0, t1) of
  * one channel, m[xi] = src[xi * xi_stride + t - t0] (src is read up to WLANES - 1
  * elements past t1 - t0); outputs past (OH, OW) are dropped; act: the activation of
- * that code (wactivate).  out: channel c of image 0, images image_stride apart. */
+ * that code (wactivate).  out: channel c of image 0, images image_stride apart.
+ * q: a workspace of WINOGRAD_GATHER_SIZE elements. */
 WINOGRAD_MULTIVERSION
 static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, int act,
                                   int OH, int OW, int TH, int TW, ptrdiff_t t0, ptrdiff_t t1,
-                                  WT *out, ptrdiff_t image_stride)
+                                  WT *q, WT *out, ptrdiff_t image_stride)
 {
-    ptrdiff_t t = t0, image_tiles = (ptrdiff_t)TH * TW;
-    while (t < t1) {
-        ptrdiff_t n = t / image_tiles;
-        int th = (int)(t / TW % TH), tw0 = (int)(t % TW);
-        int count = (int)(t1 - t < TW - tw0 ? t1 - t : TW - tw0);
-        int rows = 2 * th + 1 < OH ? 2 : 1;
-        const WT *m = src + (t - t0);
-        for (int k = 0; k < count; k += WLANES) {
-            WSUF(wvec) s[2][4];
-            for (int b = 0; b < 4; b++) { /* A^T m */
-                WSUF(wvec) m0 = WSUF(wload)(m + b * xi_stride + k);
-                WSUF(wvec) m1 = WSUF(wload)(m + (4 + b) * xi_stride + k);
-                WSUF(wvec) m2 = WSUF(wload)(m + (8 + b) * xi_stride + k);
-                WSUF(wvec) m3 = WSUF(wload)(m + (12 + b) * xi_stride + k);
-                s[0][b] = m0 + m1 + m2;
-                s[1][b] = m1 - m2 - m3;
-            }
-            int ow = 2 * (tw0 + k), columns = 2 * (count - k) < OW - ow ? 2 * (count - k)
-                                                                         : OW - ow;
-            for (int i = 0; i < rows; i++) { /* (A^T m) A */
-                WSUF(wvec) even = bias + (s[i][0] + s[i][1] + s[i][2]);
-                WSUF(wvec) odd = bias + (s[i][1] - s[i][2] - s[i][3]);
-                even = WSUF(wactivate)(even, act);
-                odd = WSUF(wactivate)(odd, act);
-                WSUF(winograd_store_pairs)(out + n * image_stride + (ptrdiff_t)(2 * th + i) * OW
-                                           + ow, even, odd, columns);
-            }
+    ptrdiff_t image_tiles = (ptrdiff_t)TH * TW;
+    for (ptrdiff_t block = t0; block < t1; block += WINOGRAD_GATHER_TILES) {
+        ptrdiff_t t = block;
+        ptrdiff_t t_end = t1 - t < WINOGRAD_GATHER_TILES ? t1 : t + WINOGRAD_GATHER_TILES;
+        WSUF(winograd_output_tiles)(src + (block - t0), xi_stride, (int)(t_end - block), bias,
+                                    act, q);
+        while (t < t_end) { /* scatter each tile row's outputs */
+            ptrdiff_t n = t / image_tiles;
+            int th = (int)(t / TW % TH), tw0 = (int)(t % TW);
+            int count = (int)(t_end - t < TW - tw0 ? t_end - t : TW - tw0);
+            int rows = OH - 4 * th < 4 ? OH - 4 * th : 4;
+            int columns = 4 * count < OW - 4 * tw0 ? 4 * count : OW - 4 * tw0;
+            for (int i = 0; i < rows; i++)
+                WSUF(winograd_interleave)(q + 4 * i * WINOGRAD_GATHER_LD + (t - block), columns,
+                                          out + n * image_stride
+                                              + (ptrdiff_t)(4 * th + i) * OW + 4 * tw0);
+            t += count;
         }
-        t += count;
     }
 }
 
-/* u[xi * xi_stride] = (G g G^T)[xi] for one 3x3 filter g (tap (i, j) at
- * g[i * 3 + j], or at g[8 - 3*i - j] when flip), computed in double. */
-static void WSUF(winograd_filter)(const WT *g, int flip, WT *u, ptrdiff_t xi_stride)
+/* The filter transforms take WINOGRAD_CHANNEL_BLOCK filters at a time (lane l:
+ * filter l), in double; "lanes" are arrays of that many. */
+
+/* r = G g for one column or row g of the filters */
+WINOGRAD_INLINE void WSUF(winograd_g)(const double *g0, const double *g1, const double *g2,
+                                      double r[6][WINOGRAD_CHANNEL_BLOCK])
 {
-    double q[4][3];
-    for (int j = 0; j < 3; j++) { /* G g */
-        double g0 = g[flip ? 8 - j : j], g1 = g[flip ? 5 - j : 3 + j];
-        double g2 = g[flip ? 2 - j : 6 + j];
-        q[0][j] = g0;
-        q[1][j] = 0.5 * (g0 + g1 + g2);
-        q[2][j] = 0.5 * (g0 - g1 + g2);
-        q[3][j] = g2;
-    }
-    for (int a = 0; a < 4; a++) { /* (G g) G^T */
-        u[(4 * a) * xi_stride] = (WT)q[a][0];
-        u[(4 * a + 1) * xi_stride] = (WT)(0.5 * (q[a][0] + q[a][1] + q[a][2]));
-        u[(4 * a + 2) * xi_stride] = (WT)(0.5 * (q[a][0] - q[a][1] + q[a][2]));
-        u[(4 * a + 3) * xi_stride] = (WT)q[a][2];
+    for (int l = 0; l < WINOGRAD_CHANNEL_BLOCK; l++) {
+        double outer = g0[l] + 4 * g2[l], inner = 2 * g1[l];
+        r[0][l] = 0.25 * g0[l];
+        r[1][l] = -(g0[l] + g1[l] + g2[l]) * WINOGRAD_SIXTH;
+        r[2][l] = -(g0[l] - g1[l] + g2[l]) * WINOGRAD_SIXTH;
+        r[3][l] = (outer + inner) * WINOGRAD_TWENTY_FOURTH;
+        r[4][l] = (outer - inner) * WINOGRAD_TWENTY_FOURTH;
+        r[5][l] = g2[l];
     }
 }
 
-/* grad[i * 3 + j] += (G^T m G)[i][j], m[xi] = src[xi * xi_stride]: the gradient of
- * one 3x3 filter from the gradient of its transform. */
-static void WSUF(winograd_filter_grad)(const WT *src, ptrdiff_t xi_stride, WT *grad)
+/* u[xi * xi_stride + l] = (G g_l G^T)[xi] for l < WINOGRAD_CHANNEL_BLOCK: the 3x3
+ * filters g_l = g + l * filter_stride for l < count (tap (i, j) at [i * 3 + j], or
+ * at [8 - 3*i - j] when flip), zero filters for l >= count. */
+static void WSUF(winograd_filters)(const WT *g, ptrdiff_t filter_stride, int count, int flip,
+                                   WT *u, ptrdiff_t xi_stride)
 {
-    WT h[3][4];
-    for (int b = 0; b < 4; b++) { /* G^T m */
-        WT m0 = src[b * xi_stride], m1 = src[(4 + b) * xi_stride];
-        WT m2 = src[(8 + b) * xi_stride], m3 = src[(12 + b) * xi_stride];
-        h[0][b] = m0 + (WT)0.5 * (m1 + m2);
-        h[1][b] = (WT)0.5 * (m1 - m2);
-        h[2][b] = (WT)0.5 * (m1 + m2) + m3;
+    enum { L = WINOGRAD_CHANNEL_BLOCK };
+    double tap[9][L], column[3][6][L], row[6][L];
+    for (int k = 0; k < 9; k++)
+        for (int l = 0; l < L; l++)
+            tap[k][l] = l < count ? g[l * filter_stride + (flip ? 8 - k : k)] : 0;
+    for (int j = 0; j < 3; j++) /* G g */
+        WSUF(winograd_g)(tap[j], tap[3 + j], tap[6 + j], column[j]);
+    for (int a = 0; a < 6; a++) { /* (G g) G^T */
+        WSUF(winograd_g)(column[0][a], column[1][a], column[2][a], row);
+        for (int b = 0; b < 6; b++)
+            for (int l = 0; l < L; l++)
+                u[(6 * a + b) * xi_stride + l] = (WT)row[b][l];
+    }
+}
+
+/* h = G^T m for one column or row m of the transformed filters' gradients */
+WINOGRAD_INLINE void WSUF(winograd_gt)(double m[6][WINOGRAD_CHANNEL_BLOCK],
+                                       double h[3][WINOGRAD_CHANNEL_BLOCK])
+{
+    for (int l = 0; l < WINOGRAD_CHANNEL_BLOCK; l++) {
+        double sum12 = m[1][l] + m[2][l], sum34 = m[3][l] + m[4][l];
+        h[0][l] = 0.25 * m[0][l] - sum12 * WINOGRAD_SIXTH + sum34 * WINOGRAD_TWENTY_FOURTH;
+        h[1][l] = ((m[2][l] - m[1][l]) + 0.5 * (m[3][l] - m[4][l])) * WINOGRAD_SIXTH;
+        h[2][l] = (sum34 - sum12) * WINOGRAD_SIXTH + m[5][l];
+    }
+}
+
+/* grad_l[i * 3 + j] += (G^T m_l G)[i][j] for l < count, grad_l = grad + l * filter_stride,
+ * m_l[xi] = src[xi * xi_stride + l]: the gradients of count 3x3 filters from those of
+ * their transforms. */
+static void WSUF(winograd_filter_grads)(const WT *src, ptrdiff_t xi_stride, int count, WT *grad,
+                                        ptrdiff_t filter_stride)
+{
+    enum { L = WINOGRAD_CHANNEL_BLOCK };
+    double m[6][L], column[6][3][L], h[3][L];
+    for (int b = 0; b < 6; b++) { /* G^T m */
+        for (int a = 0; a < 6; a++)
+            for (int l = 0; l < L; l++)
+                m[a][l] = l < count ? src[(6 * a + b) * xi_stride + l] : 0;
+        WSUF(winograd_gt)(m, column[b]);
     }
     for (int i = 0; i < 3; i++) { /* (G^T m) G */
-        grad[3 * i] += h[i][0] + (WT)0.5 * (h[i][1] + h[i][2]);
-        grad[3 * i + 1] += (WT)0.5 * (h[i][1] - h[i][2]);
-        grad[3 * i + 2] += (WT)0.5 * (h[i][1] + h[i][2]) + h[i][3];
+        for (int b = 0; b < 6; b++)
+            memcpy(m[b], column[b][i], sizeof(m[b]));
+        WSUF(winograd_gt)(m, h);
+        for (int l = 0; l < count; l++)
+            for (int j = 0; j < 3; j++)
+                grad[l * filter_stride + 3 * i + j] += (WT)h[j][l];
     }
 }
 

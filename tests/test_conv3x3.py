@@ -1,4 +1,4 @@
-"""Conv2d's Winograd F(2x2, 3x3) path (3x3, stride 1): forward and both gradients against
+"""Conv2d's Winograd F(4x4, 3x3) path (3x3, stride 1): forward and both gradients against
 the numpy reference, finite differences, PyTorch, fused ReLU and thread invariance."""
 import numpy as np
 import pytest
@@ -22,6 +22,10 @@ CASES = [
     (1, 9, 33, 1, 8, 1, True),
     (4, 8, 12, 3, 3, 0, False),
     (2, 40, 19, 9, 7, 1, True),
+    # more tiles than the transforms gather at a time (64), a block ending mid-row
+    (3, 8, 8, 30, 22, 1, True),
+    # padding 4: tiles that start past the image (and negative padding backward)
+    (1, 3, 4, 2, 5, 4, True),
 ]
 
 

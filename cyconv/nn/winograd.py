@@ -1,6 +1,6 @@
-"""Conv2d's path for 3x3, stride-1 convolutions: Winograd F(2x2, 3x3) (cyconv/_winograd.pyx).
+"""Conv2d's path for 3x3, stride-1 convolutions: Winograd F(4x4, 3x3) (cyconv/_winograd.pyx).
 
-A tile covers 2x2 outputs; the kernels take the batch's tiles in ranges whose
+A tile covers 4x4 outputs; the kernels take the batch's tiles in ranges whose
 length is fixed here from the shapes alone (never from the thread count), so
 results are the same for any number of threads.
 """
@@ -13,7 +13,7 @@ from cyconv._threads import blas_single_threaded, get_num_threads
 # products are too thin for the transforms to pay (see benchmarks/bench_conv3x3.py).
 MIN_CHANNELS = 8
 
-# Bytes of one forward task's transformed tiles (input and product, both (16,
+# Bytes of one forward task's transformed tiles (input and product, both (36,
 # channels, range)): about half a core's L2 cache, so that they stay there
 # between the transforms and the product.
 FORWARD_BYTES = 1 << 20
@@ -36,23 +36,30 @@ def round_up(value, multiple):
 
 
 def tile_range(tiles, rows, itemsize, budget):
-    """Tiles per range: (16, rows, range) elements within budget bytes, a multiple of
-    TILE_BLOCK, at most the tiles there are (rounded up) and MAX_RANGE."""
-    fit = budget // (16 * rows * itemsize) // _winograd.TILE_BLOCK * _winograd.TILE_BLOCK
-    return max(_winograd.TILE_BLOCK,
-               min(fit, MAX_RANGE, round_up(tiles, _winograd.TILE_BLOCK)))
+    """Tiles per range: the tiles cut into ranges of equal length, a multiple of
+    TILE_BLOCK, each about (POSITIONS, rows, range) elements within budget bytes (at
+    least TILE_BLOCK, at most MAX_RANGE tiles), so that the last range is not mostly
+    padding."""
+    fit = budget // (_winograd.POSITIONS * rows * itemsize)
+    fit = max(_winograd.TILE_BLOCK, min(fit, MAX_RANGE))
+    ranges = -(-tiles // fit)
+    return round_up(-(-tiles // ranges), _winograd.TILE_BLOCK)
+
+
+def tiles_across(size):
+    """Tiles along an output side of size outputs."""
+    return -(-size // _winograd.TILE)
 
 
 def tile_count(shape):
-    """2x2 output tiles of a batch whose output is shape (N, M, OH, OW)."""
+    """Output tiles of a batch whose output is shape (N, M, OH, OW)."""
     n, _, oh, ow = shape
-    return n * ((oh + 1) // 2) * ((ow + 1) // 2)
+    return n * tiles_across(oh) * tiles_across(ow)
 
 
-def row_scratch(layer, out_width, threads):
-    """Each thread's split input rows (see _winograd.h)."""
-    return layer._scratch((threads, 8 * ((out_width + 1) // 2 + 1 + _winograd.ROW_SLACK)),
-                          layer.dtype)
+def tap_scratch(layer, threads):
+    """Each thread's gathered taps of a block of tiles (see _winograd.h)."""
+    return layer._scratch((threads, _winograd.GATHER_SIZE), layer.dtype)
 
 
 def convolve(layer, x, weight, bias, out, padding, transposed, activation, mask=None):
@@ -68,10 +75,11 @@ def convolve(layer, x, weight, bias, out, padding, transposed, activation, mask=
     empty = np.empty((0, 0, 0, 0), layer.dtype)
     _winograd.winograd_forward(
         x, empty if mask is None else mask, weight, bias,
-        layer._scratch((16, packed_rows, channels), layer.dtype),
-        layer._scratch((threads, 16 * channels * span), layer.dtype),
-        layer._scratch((threads, 16 * packed_rows * span + _winograd.ROW_SLACK), layer.dtype),
-        row_scratch(layer, out.shape[3], threads), out, padding[0], padding[1], transposed, span,
+        layer._scratch((_winograd.POSITIONS, packed_rows, channels), layer.dtype),
+        layer._scratch((threads, _winograd.POSITIONS * channels * span), layer.dtype),
+        layer._scratch((threads, _winograd.POSITIONS * packed_rows * span + _winograd.ROW_SLACK),
+                       layer.dtype),
+        tap_scratch(layer, threads), out, padding[0], padding[1], transposed, span,
         activation, threads)
 
 
@@ -91,11 +99,11 @@ def backward(layer, grad_output, x, out, grad_input):
     with blas_single_threaded():
         _winograd.winograd_weight_grad(
             grad_output, x, out, layer.weight.grad, grad_bias,
-            layer._scratch((16 * channels * span,), layer.dtype),
-            layer._scratch((16 * outputs * span,), layer.dtype),
-            layer._scratch((16, outputs, channels), layer.dtype),
+            layer._scratch((_winograd.POSITIONS * channels * span,), layer.dtype),
+            layer._scratch((_winograd.POSITIONS * outputs * span,), layer.dtype),
+            layer._scratch((_winograd.POSITIONS, outputs, channels), layer.dtype),
             layer._scratch((outputs,), np.float64),
-            row_scratch(layer, grad_output.shape[3], threads), layer.padding[0],
+            tap_scratch(layer, threads), layer.padding[0],
             layer.padding[1], span, threads)
     if grad_input is not None:
         flipped_padding = (2 - layer.padding[0], 2 - layer.padding[1])
