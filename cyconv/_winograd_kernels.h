@@ -121,6 +121,15 @@ WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT
         *(WSUF(wvec) *)(q + 2 * width + m) = __builtin_shuffle(even0, even1, pick_odd);
         *(WSUF(wvec) *)(q + 3 * width + m) = __builtin_shuffle(odd0, odd1, pick_odd);
     }
+    enum { G = WLANES / 4 }; /* then G at a time: one vector, transposed */
+    WSUF(wmask) by_column;
+    for (int i = 0; i < WLANES; i++)
+        by_column[i] = 4 * (i % G) + i / G;
+    for (; m + G <= hi; m += G) {
+        WSUF(wvec) v = __builtin_shuffle(WSUF(wload)(s + 4 * m), by_column);
+        for (int p = 0; p < 4; p++)
+            memcpy(q + p * width + m, (WT *)&v + p * G, G * sizeof(WT));
+    }
 #endif
     for (; m < hi; m++)
         for (int p = 0; p < 4; p++)
@@ -287,6 +296,16 @@ WINOGRAD_INLINE void WSUF(winograd_interleave)(const WT *q, int n, WT *out)
         *(WSUF(wvec) *)(o + WLANES) = __builtin_shuffle(a, c, high);
         *(WSUF(wvec) *)(o + 2 * WLANES) = __builtin_shuffle(b, d, low);
         *(WSUF(wvec) *)(o + 3 * WLANES) = __builtin_shuffle(b, d, high);
+    }
+    enum { G = WLANES / 4 }; /* then G at a time: one vector, transposed */
+    WSUF(wmask) by_tile;
+    for (int i = 0; i < WLANES; i++)
+        by_tile[i] = (i % 4) * G + i / 4;
+    for (; 4 * (l + G) <= n; l += G) {
+        WT pieces[WLANES];
+        for (int j = 0; j < 4; j++)
+            memcpy(pieces + j * G, q + j * WINOGRAD_GATHER_LD + l, G * sizeof(WT));
+        *(WSUF(wvec) *)(out + 4 * l) = __builtin_shuffle(WSUF(wload)(pieces), by_tile);
     }
 #endif
     for (int e = 4 * l; e < n; e++)

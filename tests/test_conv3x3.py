@@ -26,6 +26,8 @@ CASES = [
     (3, 8, 8, 30, 22, 1, True),
     # padding 4: tiles that start past the image (and negative padding backward)
     (1, 3, 4, 2, 5, 4, True),
+    # rows wide enough for the whole-vector splits and interleaves (16 tiles)
+    (1, 3, 5, 5, 70, 1, True),
 ]
 
 
