@@ -99,7 +99,8 @@ def test_the_layer_contract_block_is_right_by_finite_differences(rng):
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["docs/design.rst", "docs/benchmarks.rst", "docs/results.rst",
-                                  "docs/deploying.rst", "docs/distributed.rst", "CHANGELOG.rst"])
+@pytest.mark.parametrize("name", ["docs/design.rst", "docs/benchmarks.rst", "docs/conv3x3.rst",
+                                  "docs/results.rst", "docs/deploying.rst", "docs/distributed.rst",
+                                  "CHANGELOG.rst"])
 def test_linked_documents_exist(name):
     assert name in README and (ROOT / name).is_file()
