@@ -16,7 +16,8 @@
  * current range.  Tiles are numbered over the batch, t = (n * TH + th) * TW + tw,
  * so that one range of tiles may span several small images.
  *
- * _winograd_kernels.h holds the code; it is included once per element type.
+ * _winograd_kernels.h holds the code (with _winograd_tiles.h and
+ * _winograd_filters.h); it is included once per element type.
  * The matrix-product kernels use GCC's vector extensions; they are compiled
  * for baseline x86-64 and, where GCC can dispatch at load time, also for
  * x86-64-v3 (AVX2 + FMA) and v4 (AVX-512).

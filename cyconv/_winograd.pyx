@@ -42,7 +42,7 @@ cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_ROW_SLACK
     enum: WINOGRAD_GATHER_SIZE
     # C kernels with a float and a double version, one name each (see _typed.h and
-    # _winograd_kernels.h for the arguments)
+    # _winograd_tiles.h / _winograd_filters.h for the arguments)
     void winograd_transform(...)
     void winograd_output(...)
     void winograd_filters(...)
