@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import cyconv
-from cyconv import nn
+from cyconv import _winograd, nn
 from cyconv.nn import winograd
 
 import reference as R
@@ -135,6 +135,22 @@ def test_same_bits_for_any_thread_count(dtype, rng, monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("rows", [1, 48, 1024])
+@pytest.mark.parametrize("tiles", [1, 31, 33, 100, 128, 1000, 6272, 50000])
+def test_tile_ranges_are_whole_blocks_of_equal_length(tiles, rows, itemsize):
+    """Ranges of whole TILE_BLOCKs, within the budget when a block fits it, and padded by
+    less than a block each on average: the last range is not mostly padding."""
+    block = _winograd.TILE_BLOCK
+    for budget in (winograd.FORWARD_BYTES, winograd.GRAD_BYTES):
+        span = winograd.tile_range(tiles, rows, itemsize, budget)
+        ranges = -(-tiles // span)
+        assert span % block == 0 and block <= span <= winograd.MAX_RANGE + block
+        assert ranges * span - tiles < ranges * block
+        fit = budget // (_winograd.POSITIONS * rows * itemsize)
+        assert span < max(fit, block) + block
 
 
 def test_parameter_gradients_accumulate(rng):
