@@ -8,9 +8,10 @@
  *
  *     out[oc * P + ow] = act(bias[oc] + sum_k weight[oc * K + k] * rows[tap_offset[k] + ow])
  *
- * for oc < OC, ow < OW, with act the activation of code act (CYCONV_ACTIVATE).  DIRECT_CHANNELS output channels x DIRECT_COLUMNS columns are
- * accumulated in registers at a time; a run is read up to DIRECT_COLUMNS - 1
- * elements past OW, so the caller pads each row by DIRECT_COLUMNS.
+ * for oc < OC, ow < OW, with act the activation of code act (_activate.h).
+ * DIRECT_CHANNELS output channels x DIRECT_COLUMNS columns are accumulated in
+ * registers at a time; a run is read up to DIRECT_COLUMNS - 1 elements past OW,
+ * so the caller pads each row by DIRECT_COLUMNS.
  *
  * The kernel is compiled for baseline x86-64 and, where GCC can dispatch at
  * load time (target_clones), also for x86-64-v3 (AVX2 + FMA) and v4
@@ -39,10 +40,7 @@
 #define CYCONV_ALWAYS_INLINE static inline
 #endif
 
-/* v through the activation of code act, keeping NaN: 0 none, 1 max(v, 0), 2 min(max(v,
- * 0), 6) (the codes of _elementwise.pxd's Activation). */
-#define CYCONV_ACTIVATE(v, act) \
-    ((act) == 0 ? (v) : (v) <= 0 ? 0 : ((act) == 2 && (v) >= 6) ? 6 : (v))
+#include "_activate.h"
 
 #if defined(__GNUC__)
 #define DIRECT_VECTORIZED 1
@@ -53,18 +51,7 @@
     typedef T vec_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T)),                \
                                      aligned(sizeof(T))));                                   \
     typedef MASK mask_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T))));          \
-    /* CYCONV_ACTIVATE lane by lane: clear the lanes <= 0, then (code 2) set those >= 6 */ \
-    static inline __attribute__((always_inline)) vec_##T direct_activate_##T(vec_##T v,      \
-                                                                             int act)        \
-    {                                                                                        \
-        if (act)                                                                             \
-            v = (vec_##T)((mask_##T)v & ~(mask_##T)(v <= 0));                                \
-        if (act == 2) {                                                                      \
-            mask_##T high = (mask_##T)(v >= 6);                                              \
-            v = (vec_##T)(((mask_##T)v & ~high) | ((mask_##T)((vec_##T){0} + 6) & high));   \
-        }                                                                                    \
-        return v;                                                                            \
-    }                                                                                        \
+    CYCONV_VECTOR_ACTIVATE(direct_activate_##T, vec_##T, mask_##T)                         \
     static inline __attribute__((always_inline)) void direct_store_##T(                      \
         T *out, vec_##T *value, int columns, int act)                                        \
     {                                                                                        \

@@ -11,9 +11,6 @@
 #define CYCONV_ROW_LOOPS_H
 #include <stddef.h>
 
-/* v takes the place of best in a max-pool window when greater or, with nan_wins, when
- * it is the window's first NaN (a NaN wins, as in PyTorch).  Written with || and &&
- * so that GCC vectorises the selects (bitwise | and & kept the loop scalar). */
 /* Keeps a row loop a function of its own: inlined into a caller's parallel loop, its
  * __restrict pointers may no longer tell GCC that the rows do not overlap, and the
  * loop stays scalar (the 2x2 max-pool's did, 4x slower). */
@@ -23,6 +20,9 @@
 #define CYCONV_NOINLINE
 #endif
 
+/* v takes the place of best in a max-pool window when greater or, with nan_wins, when
+ * it is the window's first NaN (a NaN wins, as in PyTorch).  Written with || and &&
+ * so that GCC vectorises the selects (bitwise | and & kept the loop scalar). */
 #define CYCONV_TAKES(v, best, nan_wins) \
     ((v) > (best) || ((nan_wins) && (v) != (v) && (best) == (best)))
 
@@ -57,10 +57,11 @@
      * NULL, where[i] = the flat index of the first maximum, first + 2i + (0, 1, W or   \
      * W+1).  Selects, not branches (the winner is random).  Returns nonzero when a     \
      * window held a NaN: the caller redoes the row, since a NaN must win. */          \
-    static CYCONV_NOINLINE int max_pool_2x2_row_##T(const T *__restrict top,                      \
-                                           const T *__restrict bottom,                   \
-                                           T *__restrict out, int *__restrict where,     \
-                                           ptrdiff_t n, int first, int W)                \
+    static CYCONV_NOINLINE int max_pool_2x2_row_##T(const T *__restrict top,             \
+                                                    const T *__restrict bottom,          \
+                                                    T *__restrict out,                   \
+                                                    int *__restrict where, ptrdiff_t n,  \
+                                                    int first, int W)                    \
     {                                                                                    \
         int has_nan = 0;                                                                 \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \

@@ -27,6 +27,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "_activate.h"
+
 /* Outputs per tile side, and transformed positions per tile ((TILE + 2)^2). */
 #define WINOGRAD_TILE 4
 #define WINOGRAD_POSITIONS 36

@@ -9,25 +9,15 @@ typedef WT WSUF(wvec) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES), aligned
 typedef WMASK WSUF(wmask) __attribute__((vector_size(WINOGRAD_VECTOR_BYTES)));
 #define WLANES ((int)(WINOGRAD_VECTOR_BYTES / sizeof(WT)))
 
-/* the activation of code act, keeping NaN (0 none, 1 max(v, 0), 2 min(max(v, 0), 6)):
- * clear the lanes that are <= 0, then (code 2) set those >= 6 */
-WINOGRAD_INLINE WSUF(wvec) WSUF(wactivate)(WSUF(wvec) v, int act)
-{
-    if (act)
-        v = (WSUF(wvec))((WSUF(wmask))v & ~(WSUF(wmask))(v <= 0));
-    if (act == 2) {
-        WSUF(wmask) high = (WSUF(wmask))(v >= 6);
-        v = (WSUF(wvec))(((WSUF(wmask))v & ~high) | ((WSUF(wmask))((WSUF(wvec)){0} + 6) & high));
-    }
-    return v;
-}
+/* the activation of code act (_activate.h) */
+CYCONV_VECTOR_ACTIVATE(WSUF(wactivate), WSUF(wvec), WSUF(wmask))
 #else
 typedef WT WSUF(wvec); /* other compilers: one lane */
 #define WLANES 1
 
 WINOGRAD_INLINE WT WSUF(wactivate)(WT v, int act)
 {
-    return act == 0 ? v : v <= 0 ? 0 : (act == 2 && v >= 6) ? 6 : v;
+    return CYCONV_ACTIVATE(v, act);
 }
 #endif
 
