@@ -23,7 +23,8 @@ RECIPES = {
     "small": dict(_COMMON, epochs=70, lr=0.05, image_size=128,
                   augment=dict(hflip=0.5, crop=0.5, crop_scale=[0.75, 1.0], rotate=0.3,
                                max_angle=15.0, color=0.5)),
-    # a ResNet of BasicBlocks sized for 128 px photos (cyconv.models.resnet_small)
+    # a ResNet of BasicBlocks sized for 128 px photos (cyconv.models.resnet_small: no
+    # max-pool after the stem, so its stages work at the small network's 64-8 px)
     "resnet": dict(_COMMON, epochs=60, lr=0.1, image_size=128,
                    augment=dict(hflip=0.5, crop=0.7, crop_scale=[0.6, 1.0], rotate=0.3,
                                 max_angle=15.0, color=0.5)),

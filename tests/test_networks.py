@@ -127,3 +127,19 @@ def test_thread_count_does_not_change_a_resnet_step(rng, threads):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
+
+
+def test_small_resnet_works_at_the_small_networks_resolutions():
+    """resnet_small: a stride-2 stem and no max-pool, so its stages see 128 px photos at
+    64, 32, 16 and 8 px with 16, 32, 64 and 128 channels."""
+    model = models.resnet_small(3)
+    assert [name for name, _ in model.named_children()] == [
+        "conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4", "avgpool", "flatten",
+        "fc"]
+    shape, stages = (1, 3, 128, 128), []
+    for name, module in model.named_children():
+        shape = module.output_shape(shape)
+        if name.startswith("layer"):
+            stages.append(shape)
+    assert stages == [(1, 16, 64, 64), (1, 32, 32, 32), (1, 64, 16, 16), (1, 128, 8, 8)]
+    assert shape == (1, 3)

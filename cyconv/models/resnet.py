@@ -74,8 +74,8 @@ def resnet(layers, num_classes=1000, widths=(64, 128, 256, 512), stem="imagenet"
     maxpool, layer1..layer4, avgpool, (flatten,) fc; x (N, 3, H, W) -> logits (N, classes).
 
     ``layers``: blocks per stage ([2, 2, 2, 2] is ResNet-18); ``widths``: channels of the
-    stages; ``stem``: "imagenet" (a 7x7 stride-2 conv, as torchvision) or "small" (a 3x3
-    stride-2 conv, for ~128 px photos), each followed by a 3x3 stride-2 max-pool.
+    stages; ``stem``: "imagenet" (a 7x7 stride-2 conv and a 3x3 stride-2 max-pool, as
+    torchvision) or "small" (a 3x3 stride-2 conv and no max-pool, for ~128 px photos).
     Convolutions start as torchvision's (Kaiming normal, fan_out), BatchNorm as 1 and 0.
     torchvision flattens with a function call; here ``flatten`` is a layer (no keys).
     """
@@ -86,8 +86,9 @@ def resnet(layers, num_classes=1000, widths=(64, 128, 256, 512), stem="imagenet"
     kernel = 7 if stem == "imagenet" else 3
     parts = [("conv1", nn.Conv2d(3, widths[0], kernel, stride=2, padding=kernel // 2,
                                  bias=False)),
-             ("bn1", nn.BatchNorm2d(widths[0])), ("relu", nn.ReLU()),
-             ("maxpool", nn.MaxPool2d(3, stride=2, padding=1))]
+             ("bn1", nn.BatchNorm2d(widths[0])), ("relu", nn.ReLU())]
+    if stem == "imagenet":
+        parts.append(("maxpool", nn.MaxPool2d(3, stride=2, padding=1)))
     inplanes = widths[0]
     for i, (blocks, width) in enumerate(zip(layers, widths)):
         stage, inplanes = _stage(inplanes, width, blocks, stride=1 if i == 0 else 2)
@@ -133,10 +134,10 @@ def resnet34(num_classes=1000, seed=None):
 
 
 def resnet_small(num_classes, image_size=128, seed=None):
-    """A ResNet for ~128 px photos on a CPU: a 3x3 stride-2 stem and the max-pool, then
-    BasicBlocks [1, 1, 1, 1] of 32, 64, 128, 256 channels at 32, 16, 8 and 4 px (about
-    the small network's compute; image_size is accepted for create())."""
-    return resnet([1, 1, 1, 1], num_classes, widths=(32, 64, 128, 256), stem="small", seed=seed)
+    """A ResNet for ~128 px photos on a CPU: a 3x3 stride-2 stem without max-pool, then
+    BasicBlocks [1, 1, 1, 1] of 16, 32, 64, 128 channels at 64, 32, 16 and 8 px (the
+    resolutions of the small network; image_size is accepted for create())."""
+    return resnet([1, 1, 1, 1], num_classes, widths=(16, 32, 64, 128), stem="small", seed=seed)
 
 
 spec.register(BasicBlock, lambda m: dict(inplanes=m.inplanes, planes=m.planes, stride=m.stride))
