@@ -1,4 +1,5 @@
-"""Elementwise activation kernels over flat (contiguous) arrays.
+"""Elementwise kernels over flat (contiguous) arrays: the activations, and the sum of
+two arrays that residual connections need.
 
 Each element is independent, so prange over elements gives the same result for
 any thread count and schedule.  The schedule is 'guided' (threads take
@@ -77,3 +78,14 @@ def leaky_relu_backward(const floating[::1] x,         # IN  (M,) the forward in
     for i in prange(x.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
         g = grad_out[i]
         grad_input[i] = g if x[i] > 0 else slope * g
+
+
+def add_arrays(const floating[::1] a,   # IN  (M,)
+               const floating[::1] b,   # IN  (M,)
+               floating[::1] out,       # OUT (M,)
+               int num_threads):
+    """out = a + b: a residual connection's output, or the gradient of an input that
+    feeds both of its paths."""
+    cdef Py_ssize_t i
+    for i in prange(a.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
+        out[i] = a[i] + b[i]

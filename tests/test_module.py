@@ -8,6 +8,7 @@ import pytest
 import cyconv
 from cyconv import models, nn
 from cyconv.nn import array_pool
+from cyconv.nn.containers import add_into
 
 
 class Block(nn.Module):
@@ -325,6 +326,21 @@ def test_residual_sums_body_and_shortcut_and_their_gradients(rng, finite_differe
     dx = identity.backward(R)
     np.testing.assert_allclose(dx, finite_difference(lambda v: (identity(v) * R).sum(), x),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_residual_sums_are_numpys_for_any_thread_count(rng, threads, dtype):
+    """add_into (the sum of Residual, BasicBlock and InvertedResidual) gives numpy's
+    a + b bit for bit on 1, 2 and 3 threads, for an odd size above the parallel
+    threshold, a strided view and an input of the other float type."""
+    a = rng.standard_normal((3, 5, 67, 129)).astype(dtype)
+    b = rng.standard_normal((3, 5, 129, 67)).astype(dtype).transpose(0, 1, 3, 2)
+    other = b.astype(np.float64 if dtype == np.float32 else np.float32)
+    for n in (1, 2, 3):
+        threads(n)
+        np.testing.assert_array_equal(add_into(np.empty_like(a), a, b), a + b)
+        np.testing.assert_array_equal(add_into(np.empty_like(a), a, other),
+                                      a + other.astype(dtype))
 
 
 def test_concat_puts_branches_side_by_side(rng, finite_difference):

@@ -5,12 +5,11 @@ strictly (``features.1.conv.0.0.weight`` ...) and computes the same function.
 """
 from collections import OrderedDict
 
-import numpy as np
-
 from cyconv import nn
 from cyconv._random import generator
 from cyconv.models import spec
 from cyconv.models.resnet import init_like_torchvision
+from cyconv.nn.containers import add_into
 
 # t (expansion), c (channels), n (blocks), s (stride of the first block): the paper's table 2
 SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
@@ -56,15 +55,13 @@ class InvertedResidual(nn.Module):
         out = self.conv(x)
         if not self.use_res_connect:
             return out
-        total = self._output_array(out.shape, out.dtype)
-        return np.add(x, out, out=total)
+        return add_into(self._output_array(out.shape, out.dtype), x, out)
 
     def backward(self, grad_output, input_grad=True):
         grad = self.conv.backward(grad_output, input_grad)
         if not (self.use_res_connect and input_grad):
             return grad
-        grad_input = self._grad_input_array(grad.shape, grad.dtype)
-        return np.add(grad, grad_output, out=grad_input)
+        return add_into(self._grad_input_array(grad.shape, grad.dtype), grad, grad_output)
 
 
 def mobilenet_v2(num_classes=1000, width_mult=1.0, dropout=0.2, seed=None):

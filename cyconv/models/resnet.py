@@ -13,7 +13,7 @@ from cyconv import nn
 from cyconv._random import generator
 from cyconv.models import spec
 from cyconv.nn._init import kaiming_normal_fan_out
-from cyconv.nn.containers import backward_chain, forward_chain
+from cyconv.nn.containers import add_into, backward_chain, forward_chain
 
 
 class BasicBlock(nn.Module):
@@ -55,9 +55,7 @@ class BasicBlock(nn.Module):
         self.output_shape(np.shape(x))   # refuse a bad shape before any statistics move
         main = forward_chain(self._main(), x)
         side = x if self.downsample is None else self.downsample(x)
-        total = self._output_array(main.shape, main.dtype)
-        np.add(main, side, out=total)
-        return self.relu_out(total)
+        return self.relu_out(add_into(self._output_array(main.shape, main.dtype), main, side))
 
     def backward(self, grad_output, input_grad=True):
         grad = self.relu_out.backward(grad_output)
@@ -65,8 +63,8 @@ class BasicBlock(nn.Module):
         grad_side = grad if self.downsample is None else self.downsample.backward(grad, input_grad)
         if not input_grad:
             return None
-        grad_input = self._grad_input_array(grad_main.shape, grad_main.dtype)
-        return np.add(grad_main, grad_side, out=grad_input)
+        return add_into(self._grad_input_array(grad_main.shape, grad_main.dtype), grad_main,
+                        grad_side)
 
 
 def resnet(layers, num_classes=1000, widths=(64, 128, 256, 512), stem="imagenet", seed=None):

@@ -13,8 +13,18 @@ from collections import OrderedDict
 
 import numpy as np
 
+from cyconv import _activation
 from cyconv._checks import as_float_array, as_grad_output, shape_text
+from cyconv._threads import threads_for
 from cyconv.nn.module import Module, naming_errors
+
+
+def add_into(out, a, b):
+    """out = a + b for arrays of out's shape (the sum of a residual connection, or the
+    gradients of an input used twice), on the kernel threads; returns out."""
+    a, b = (np.ascontiguousarray(v, dtype=out.dtype) for v in (a, b))
+    _activation.add_arrays(a.reshape(-1), b.reshape(-1), out.reshape(-1), threads_for(out.size))
+    return out
 
 
 def forward_chain(layers, x):
@@ -171,8 +181,7 @@ class Residual(Module):
             raise ValueError(f"Residual: the body gives {shape_text(main.shape)} {main.dtype} "
                              f"but the shortcut {shape_text(side.shape)} {side.dtype} for "
                              f"input {shape_text(np.shape(x))}; they must match to be added")
-        out = self._output_array(main.shape, main.dtype)
-        np.add(main, side, out=out)
+        out = add_into(self._output_array(main.shape, main.dtype), main, side)
         self._save_for_backward(out.shape, out.dtype)
         return out
 
@@ -183,9 +192,8 @@ class Residual(Module):
         grad_side = self.shortcut.backward(grad_output, input_grad)
         if not input_grad:
             return None
-        grad_input = self._grad_input_array(grad_body.shape, grad_body.dtype)
-        np.add(grad_body, grad_side, out=grad_input)
-        return grad_input
+        return add_into(self._grad_input_array(grad_body.shape, grad_body.dtype), grad_body,
+                        grad_side)
 
 
 class Concat(Module):
