@@ -69,7 +69,7 @@ class BasicBlock(nn.Module):
 
 def resnet(layers, num_classes=1000, widths=(64, 128, 256, 512), stem="imagenet", seed=None):
     """torchvision's ResNet of BasicBlocks as a Sequential with its names: conv1, bn1, relu,
-    maxpool, layer1..layer4, avgpool, (flatten,) fc; x (N, 3, H, W) -> logits (N, classes).
+    (maxpool,) layer1..layer4, avgpool, (flatten,) fc; x (N, 3, H, W) -> logits (N, classes).
 
     ``layers``: blocks per stage ([2, 2, 2, 2] is ResNet-18); ``widths``: channels of the
     stages; ``stem``: "imagenet" (a 7x7 stride-2 conv and a 3x3 stride-2 max-pool, as
