@@ -27,19 +27,7 @@
 #define DIRECT_COLUMNS 16
 #define DIRECT_MAX_TAPS 64
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define CYCONV_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
-                                                         "arch=x86-64-v4")))
-#else
-#define CYCONV_MULTIVERSION
-#endif
-#if defined(__GNUC__)
-#define CYCONV_ALWAYS_INLINE static inline __attribute__((always_inline))
-#else
-#define CYCONV_ALWAYS_INLINE static inline
-#endif
-
+#include "_multiversion.h"
 #include "_activate.h"
 
 #if defined(__GNUC__)

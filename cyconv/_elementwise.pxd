@@ -30,28 +30,12 @@ cdef inline floating activate(floating x, int activation) noexcept nogil:
     return relu(x) if activation == RELU else x
 
 
-cdef inline void relu_mask_run(const floating* grad, const floating* out, floating* masked,
-                               Py_ssize_t length) noexcept nogil:
-    """masked = grad where out > 0, else 0: the gradient of max(., 0) from its output.
-
-    grad is loaded unconditionally, so the select needs no branch (a branch on the
-    sign of activations mispredicts about half the time).
-    """
-    cdef Py_ssize_t i
-    cdef floating g
-    for i in range(length):
-        g = grad[i]
-        masked[i] = g if out[i] > 0 else 0
-
-
-cdef inline void relu6_mask_run(const floating* grad, const floating* out, floating* masked,
-                                Py_ssize_t length) noexcept nogil:
-    """masked = grad where 0 < out < 6, else 0: the gradient of ReLU6 from its output."""
-    cdef Py_ssize_t i
-    cdef floating g
-    for i in range(length):
-        g = grad[i]
-        masked[i] = g if (out[i] > 0) & (out[i] < 6) else 0
+# float and double versions, one name (see _typed.h), in C: _runs.h
+cdef extern from "_runs.h" nogil:
+    # (const T* grad, const T* out, T* masked, n): masked = grad where out > 0, else 0
+    void relu_mask_run(...)
+    # (const T* grad, const T* out, T* masked, n): masked = grad where 0 < out < 6, else 0
+    void relu6_mask_run(...)
 
 
 cdef inline void activation_mask_run(int activation, const floating* grad, const floating* out,

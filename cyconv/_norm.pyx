@@ -17,33 +17,14 @@ in the same pass, its gradient masked from the output in backward.
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cyconv._elementwise cimport RELU, RELU6, relu, relu6
 
-
-cdef inline void affine_run(const floating* x, floating* out, Py_ssize_t length,
-                            floating scale, floating shift, int activation) noexcept nogil:
-    """out = x * scale + shift, then the activation (RELU, RELU6 or none; NaN kept).
-
-    In the array's precision, so that it vectorises (one loop per activation).
-    """
-    cdef Py_ssize_t i
-    if activation == RELU:
-        for i in range(length):
-            out[i] = relu(x[i] * scale + shift)
-    elif activation == RELU6:
-        for i in range(length):
-            out[i] = relu6(x[i] * scale + shift)
-    else:
-        for i in range(length):
-            out[i] = x[i] * scale + shift
-
-
-cdef inline void combine_run(const floating* dy, const floating* x, floating* out,
-                             Py_ssize_t length, floating a, floating b, floating c) noexcept nogil:
-    """out = a * dy + b * x + c"""
-    cdef Py_ssize_t i
-    for i in range(length):
-        out[i] = a * dy[i] + b * x[i] + c
+# float and double versions, one name (see _typed.h), in C: _runs.h
+cdef extern from "_runs.h" nogil:
+    # (const T* x, T* out, n, T scale, T shift, int activation):
+    # out = x * scale + shift, then the activation (RELU, RELU6 or none; NaN kept)
+    void affine_run(...)
+    # (const T* dy, const T* x, T* out, n, T a, T b, T c): out = a * dy + b * x + c
+    void combine_run(...)
 
 
 def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, HW)

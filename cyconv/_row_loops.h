@@ -11,14 +11,12 @@
 #define CYCONV_ROW_LOOPS_H
 #include <stddef.h>
 
-/* Keeps a row loop a function of its own: inlined into a caller's parallel loop, its
- * __restrict pointers may no longer tell GCC that the rows do not overlap, and the
- * loop stays scalar (the 2x2 max-pool's did, 4x slower). */
-#if defined(__GNUC__)
-#define CYCONV_NOINLINE __attribute__((noinline))
-#else
-#define CYCONV_NOINLINE
-#endif
+/* The kernels of the pooling and batch-norm + max-pool rows are multiversioned
+ * (_multiversion.h): functions of their own, so their __restrict pointers keep
+ * telling GCC that the rows do not overlap (inlined into a caller's parallel loop,
+ * the 2x2 max-pool's loop had stayed scalar, 4x slower), and wide-vector clones
+ * that round as the baseline does. */
+#include "_multiversion.h"
 
 /* v takes the place of best in a max-pool window when greater or, with nan_wins, when
  * it is the window's first NaN (a NaN wins, as in PyTorch).  Written with || and &&
@@ -57,7 +55,7 @@
      * NULL, where[i] = the flat index of the first maximum, first + 2i + (0, 1, W or   \
      * W+1).  Selects, not branches (the winner is random).  Returns nonzero when a     \
      * window held a NaN: the caller redoes the row, since a NaN must win. */          \
-    static CYCONV_NOINLINE int max_pool_2x2_row_##T(const T *__restrict top,             \
+    static CYCONV_MULTIVERSION_EXACT int max_pool_2x2_row_##T(const T *__restrict top,   \
                                                     const T *__restrict bottom,          \
                                                     T *__restrict out,                   \
                                                     int *__restrict where, ptrdiff_t n,  \
@@ -103,11 +101,9 @@
     /* The gradient of that max-pool for two input rows: the input where[i] points to   \
      * gets grad[i], the 3 others of its window 0.  Every input of the n windows is     \
      * written once, so the rows need no zero fill first. */                            \
-    static inline void max_pool_2x2_backward_row_##T(const T *__restrict grad,           \
-                                                     const int *__restrict where,        \
-                                                     T *__restrict top,                  \
-                                                     T *__restrict bottom,               \
-                                                     ptrdiff_t n, int first, int W)      \
+    static CYCONV_MULTIVERSION_EXACT void max_pool_2x2_backward_row_##T(                 \
+        const T *__restrict grad, const int *__restrict where, T *__restrict top,        \
+        T *__restrict bottom, ptrdiff_t n, int first, int W)                             \
     {                                                                                    \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \
             int offset = where[i] - (first + 2 * (int)i);                                \
@@ -123,7 +119,7 @@
      * With nan_wins the selects let a NaN win its window (CYCONV_TAKES), at the price \
      * of a few more operations.  store_where and nan_wins are constants at each call  \
      * (see below): with a test of them inside, GCC leaves the loop scalar. */         \
-    static inline int affine_relu_max_pool_2x2_loop_##T(                                 \
+    CYCONV_ALWAYS_INLINE int affine_relu_max_pool_2x2_loop_##T(                          \
         const T *__restrict top, const T *__restrict bottom, T *__restrict out,          \
         int *__restrict where, ptrdiff_t n, int first, int W, T scale, T shift,          \
         int store_where, int nan_wins)                                                   \
@@ -152,7 +148,7 @@
     }                                                                                    \
     /* One output row, where = NULL when the argmax is not needed: the plain selects,  \
      * and the row again with a NaN's rule when it held one. */                        \
-    static inline void affine_relu_max_pool_2x2_row_##T(                                 \
+    static CYCONV_MULTIVERSION_EXACT void affine_relu_max_pool_2x2_row_##T(              \
         const T *top, const T *bottom, T *out, int *where, ptrdiff_t n, int first, int W, \
         T scale, T shift)                                                                \
     {                                                                                    \
@@ -172,7 +168,7 @@
      * where dy is grad[i] at the input where[i] points to when its window's output     \
      * kept[i] > 0 (the ReLU let it through), else 0, as the max-pool's and the ReLU's  \
      * gradients would give it; the column no window covers (odd W) has dy = 0. */      \
-    static inline void batch_norm_max_pool_2x2_backward_row_##T(                         \
+    static CYCONV_MULTIVERSION_EXACT void batch_norm_max_pool_2x2_backward_row_##T(      \
         const T *__restrict grad, const T *__restrict kept, const int *__restrict where, \
         const T *__restrict x_top, const T *__restrict x_bottom, T *__restrict top,      \
         T *__restrict bottom, ptrdiff_t n, int first, int W, T k, T b, T c0)             \

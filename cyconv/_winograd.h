@@ -51,20 +51,7 @@
 #define WINOGRAD_GATHER_LD (WINOGRAD_GATHER_TILES + WINOGRAD_ROW_SLACK)
 #define WINOGRAD_GATHER_SIZE (WINOGRAD_POSITIONS * WINOGRAD_GATHER_LD)
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define WINOGRAD_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
-                                                           "arch=x86-64-v4")))
-#else
-#define WINOGRAD_MULTIVERSION
-#endif
-/* The helpers of the multiversioned kernels are inlined into them: a function
- * they call is compiled for baseline x86-64 only. */
-#if defined(__GNUC__)
-#define WINOGRAD_INLINE static inline __attribute__((always_inline))
-#else
-#define WINOGRAD_INLINE static inline
-#endif
+#include "_multiversion.h"
 
 #define WT float
 #define WMASK int

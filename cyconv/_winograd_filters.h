@@ -6,7 +6,7 @@
  * filter l), in double; "lanes" are arrays of that many. */
 
 /* r = G g for one column or row g of the filters */
-WINOGRAD_INLINE void WSUF(winograd_g)(const double *g0, const double *g1, const double *g2,
+CYCONV_ALWAYS_INLINE void WSUF(winograd_g)(const double *g0, const double *g1, const double *g2,
                                       double r[6][WINOGRAD_CHANNEL_BLOCK])
 {
     for (int l = 0; l < WINOGRAD_CHANNEL_BLOCK; l++) {
@@ -42,7 +42,7 @@ static void WSUF(winograd_filters)(const WT *g, ptrdiff_t filter_stride, int cou
 }
 
 /* h = G^T m for one column or row m of the transformed filters' gradients */
-WINOGRAD_INLINE void WSUF(winograd_gt)(double m[6][WINOGRAD_CHANNEL_BLOCK],
+CYCONV_ALWAYS_INLINE void WSUF(winograd_gt)(double m[6][WINOGRAD_CHANNEL_BLOCK],
                                        double h[3][WINOGRAD_CHANNEL_BLOCK])
 {
     for (int l = 0; l < WINOGRAD_CHANNEL_BLOCK; l++) {
@@ -81,7 +81,7 @@ static void WSUF(winograd_filter_grads)(const WT *src, ptrdiff_t xi_stride, int 
 /* c[i * ldc + j] = sum_k a[k * CHANNEL_BLOCK + i] * b[k * ldb + j] for
  * i < WINOGRAD_CHANNEL_BLOCK, j < TILE_BLOCK: one register block of the forward
  * product (outer products, two vectors of tiles per row). */
-WINOGRAD_INLINE void WSUF(winograd_block)(
+CYCONV_ALWAYS_INLINE void WSUF(winograd_block)(
     const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c, ptrdiff_t ldc)
 {
     enum { MR = WINOGRAD_CHANNEL_BLOCK, NV = WINOGRAD_TILE_BLOCK / WLANES };
@@ -121,7 +121,7 @@ static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K,
  * i < M (a multiple of CB = WINOGRAD_CHANNEL_BLOCK), j < T (a multiple of
  * WINOGRAD_TILE_BLOCK): the forward product of one position xi, with u the
  * transformed weight packed in row blocks of CB output channels. */
-WINOGRAD_MULTIVERSION
+CYCONV_MULTIVERSION
 static void WSUF(winograd_product)(const WT *u, const WT *v, ptrdiff_t ldv, int M, int K,
                                    ptrdiff_t T, WT *y, ptrdiff_t ldy)
 {

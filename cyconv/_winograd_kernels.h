@@ -15,19 +15,19 @@ CYCONV_VECTOR_ACTIVATE(WSUF(wactivate), WSUF(wvec), WSUF(wmask))
 typedef WT WSUF(wvec); /* other compilers: one lane */
 #define WLANES 1
 
-WINOGRAD_INLINE WT WSUF(wactivate)(WT v, int act)
+CYCONV_ALWAYS_INLINE WT WSUF(wactivate)(WT v, int act)
 {
     return CYCONV_ACTIVATE(v, act);
 }
 #endif
 
-WINOGRAD_INLINE WSUF(wvec) WSUF(wload)(const WT *p)
+CYCONV_ALWAYS_INLINE WSUF(wvec) WSUF(wload)(const WT *p)
 {
     return *(const WSUF(wvec) *)p;
 }
 
 /* p[l] = v[l] for l < n (all lanes when n >= WLANES) */
-WINOGRAD_INLINE void WSUF(wstore)(WT *p, WSUF(wvec) v, int n)
+CYCONV_ALWAYS_INLINE void WSUF(wstore)(WT *p, WSUF(wvec) v, int n)
 {
     if (n >= WLANES)
         *(WSUF(wvec) *)p = v;
@@ -45,7 +45,7 @@ WINOGRAD_INLINE void WSUF(wstore)(WT *p, WSUF(wvec) v, int n)
  *           [0  4  0 -5 0 1]        [   0     0    1] */
 
 /* r = B^T d (d: a column or row of the 6x6 input patch) */
-WINOGRAD_INLINE void WSUF(winograd_bt)(const WSUF(wvec) d[6], WSUF(wvec) r[6])
+CYCONV_ALWAYS_INLINE void WSUF(winograd_bt)(const WSUF(wvec) d[6], WSUF(wvec) r[6])
 {
     WSUF(wvec) even = d[4] - (WT)4 * d[2], odd = d[3] - (WT)4 * d[1];
     WSUF(wvec) near = d[4] - d[2], far = (WT)2 * (d[3] - d[1]);
@@ -58,7 +58,7 @@ WINOGRAD_INLINE void WSUF(winograd_bt)(const WSUF(wvec) d[6], WSUF(wvec) r[6])
 }
 
 /* o = A^T m (m: a column or row of the 6x6 product of one tile) */
-WINOGRAD_INLINE void WSUF(winograd_at)(const WSUF(wvec) m[6], WSUF(wvec) o[4])
+CYCONV_ALWAYS_INLINE void WSUF(winograd_at)(const WSUF(wvec) m[6], WSUF(wvec) o[4])
 {
     WSUF(wvec) sum12 = m[1] + m[2], diff12 = m[1] - m[2];
     WSUF(wvec) sum34 = m[3] + m[4], diff34 = m[3] - m[4];
@@ -69,7 +69,7 @@ WINOGRAD_INLINE void WSUF(winograd_at)(const WSUF(wvec) m[6], WSUF(wvec) o[4])
 }
 
 /* e = A y (y: a column or row of the 4x4 output gradient of one tile) */
-WINOGRAD_INLINE void WSUF(winograd_a)(const WSUF(wvec) y[4], WSUF(wvec) e[6])
+CYCONV_ALWAYS_INLINE void WSUF(winograd_a)(const WSUF(wvec) y[4], WSUF(wvec) e[6])
 {
     WSUF(wvec) sum02 = y[0] + y[2], sum13 = y[1] + y[3];
     WSUF(wvec) wide02 = y[0] + (WT)4 * y[2], wide13 = (WT)2 * y[1] + (WT)8 * y[3];

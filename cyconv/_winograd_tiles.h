@@ -6,7 +6,7 @@
 
 /* the value a transform reads at column col of a row (src; msk: the mask's row, or
  * NULL): 0 outside [0, W) or where the mask is <= 0 */
-WINOGRAD_INLINE WT WSUF(winograd_read)(const WT *src, const WT *msk, int col, int W)
+CYCONV_ALWAYS_INLINE WT WSUF(winograd_read)(const WT *src, const WT *msk, int col, int W)
 {
     if (col < 0 || col >= W)
         return 0;
@@ -14,7 +14,7 @@ WINOGRAD_INLINE WT WSUF(winograd_read)(const WT *src, const WT *msk, int col, in
 }
 
 /* q[p * width + m] = s[4*m + p] for p < 4, m in [m, hi); returns hi */
-WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT *restrict q,
+CYCONV_ALWAYS_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT *restrict q,
                                          int width)
 {
 #if defined(__GNUC__) && !defined(__clang__)
@@ -57,7 +57,7 @@ WINOGRAD_INLINE int WSUF(winograd_split)(const WT *restrict s, int m, int hi, WT
  * by their remainder mod 4 so that every tap is a unit-stride run; 0 outside the
  * (H, W) plane, and 0 where mask <= 0 when a mask (the forward output of a fused
  * ReLU) is given. */
-WINOGRAD_INLINE void WSUF(winograd_load_rows)(const WT *plane, const WT *mask, int H, int W,
+CYCONV_ALWAYS_INLINE void WSUF(winograd_load_rows)(const WT *plane, const WT *mask, int H, int W,
                                               int row0, int nrows, int col0, int quarter,
                                               WT *rows, ptrdiff_t row_stride, int width)
 {
@@ -97,7 +97,7 @@ WINOGRAD_INLINE void WSUF(winograd_load_rows)(const WT *plane, const WT *mask, i
  * tiles).  Each tile row is split by winograd_load_rows straight into the taps
  * j < 4; its entry past the row's last tile lands on the next row's first slot,
  * which that row then writes, or in the slack past WINOGRAD_GATHER_TILES. */
-WINOGRAD_INLINE void WSUF(winograd_gather)(const WT *plane, const WT *mask,
+CYCONV_ALWAYS_INLINE void WSUF(winograd_gather)(const WT *plane, const WT *mask,
                                            ptrdiff_t image_stride, int H, int W, int pad_h,
                                            int pad_w, int TH, int TW, ptrdiff_t t,
                                            ptrdiff_t t_end, int grad, WT *taps)
@@ -123,7 +123,7 @@ WINOGRAD_INLINE void WSUF(winograd_gather)(const WT *plane, const WT *mask,
 
 /* dst[xi * xi_stride + k] = (B^T d_k B)[xi] for count tiles, d_k[i][j] =
  * taps[(6*i + j) * WINOGRAD_GATHER_LD + k], WLANES tiles at a time. */
-WINOGRAD_INLINE void WSUF(winograd_input_tiles)(const WT *taps, int count, WT *dst,
+CYCONV_ALWAYS_INLINE void WSUF(winograd_input_tiles)(const WT *taps, int count, WT *dst,
                                                 ptrdiff_t xi_stride)
 {
     for (int k = 0; k < count; k += WLANES) {
@@ -145,7 +145,7 @@ WINOGRAD_INLINE void WSUF(winograd_input_tiles)(const WT *taps, int count, WT *d
 
 /* dst[xi * xi_stride + k] = (A y_k A^T)[xi] for count tiles, y_k[i][j] =
  * taps[(4*i + j) * WINOGRAD_GATHER_LD + k] (the 4x4 output gradient of tile k). */
-WINOGRAD_INLINE void WSUF(winograd_grad_tiles)(const WT *taps, int count, WT *dst,
+CYCONV_ALWAYS_INLINE void WSUF(winograd_grad_tiles)(const WT *taps, int count, WT *dst,
                                                ptrdiff_t xi_stride)
 {
     for (int k = 0; k < count; k += WLANES) {
@@ -170,7 +170,7 @@ WINOGRAD_INLINE void WSUF(winograd_grad_tiles)(const WT *taps, int count, WT *ds
  * for t in [t1, t0 + padded).  grad: the 4x4 output-gradient transform (rows
  * 4*th - pad_h + i, i < 4), else the 6x6 input transform (i < 6).  taps: a
  * workspace of WINOGRAD_GATHER_SIZE elements. */
-WINOGRAD_MULTIVERSION
+CYCONV_MULTIVERSION
 static void WSUF(winograd_transform)(const WT *plane, const WT *mask, ptrdiff_t image_stride,
                                      int H, int W, int pad_h, int pad_w, int TH, int TW,
                                      ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t padded, int grad,
@@ -191,7 +191,7 @@ static void WSUF(winograd_transform)(const WT *plane, const WT *mask, ptrdiff_t 
 
 /* out[4*l + j] = q[j * WINOGRAD_GATHER_LD + l] for 4*l + j < n: four output columns
  * interleaved into an output row, WLANES tiles at a time */
-WINOGRAD_INLINE void WSUF(winograd_interleave)(const WT *q, int n, WT *out)
+CYCONV_ALWAYS_INLINE void WSUF(winograd_interleave)(const WT *q, int n, WT *out)
 {
     int l = 0;
 #if defined(__GNUC__) && !defined(__clang__)
@@ -230,7 +230,7 @@ WINOGRAD_INLINE void WSUF(winograd_interleave)(const WT *q, int n, WT *out)
 /* q[(4*i + j) * WINOGRAD_GATHER_LD + k] = act(bias + (A^T m_k A)[i][j]) for count
  * tiles, m_k[xi] = src[xi * xi_stride + k] (src is read up to WLANES - 1 elements
  * past count) */
-WINOGRAD_INLINE void WSUF(winograd_output_tiles)(const WT *src, ptrdiff_t xi_stride, int count,
+CYCONV_ALWAYS_INLINE void WSUF(winograd_output_tiles)(const WT *src, ptrdiff_t xi_stride, int count,
                                                  WT bias, int act, WT *q)
 {
     for (int k = 0; k < count; k += WLANES) {
@@ -256,7 +256,7 @@ WINOGRAD_INLINE void WSUF(winograd_output_tiles)(const WT *src, ptrdiff_t xi_str
  * elements past t1 - t0); outputs past (OH, OW) are dropped; act: the activation of
  * that code (wactivate).  out: channel c of image 0, images image_stride apart.
  * q: a workspace of WINOGRAD_GATHER_SIZE elements. */
-WINOGRAD_MULTIVERSION
+CYCONV_MULTIVERSION
 static void WSUF(winograd_output)(const WT *src, ptrdiff_t xi_stride, WT bias, int act,
                                   int OH, int OW, int TH, int TW, ptrdiff_t t0, ptrdiff_t t1,
                                   WT *q, WT *out, ptrdiff_t image_stride)

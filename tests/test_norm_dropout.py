@@ -131,6 +131,50 @@ def test_bn_running_var_is_unbiased():
     np.testing.assert_allclose(sd["running_var"], [2.0])
 
 
+def _sum_in_eight_lanes(terms):
+    """sum_run's order (cyconv/_runs.h): lane j sums terms j, j + 8, ... in turn, the
+    tail goes to lane 0, then the lanes are added as a fixed tree."""
+    whole = len(terms) - len(terms) % 8
+    lanes = np.zeros(8)
+    for row in terms[:whole].reshape(-1, 8):
+        lanes = lanes + row
+    for value in terms[whole:]:
+        lanes[0] = lanes[0] + value
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5])
+                                                                + (lanes[6] + lanes[7]))
+
+
+def test_bn_sums_are_rounded_in_their_fixed_order(rng):
+    """The batch statistics and the parameter gradients are sums in double precision in an
+    order fixed by the shapes (per plane, 8 lanes), with every product rounded on its own
+    (no fused multiply-add in any CPU's version of the kernels): float64 results equal
+    that order's sums bit for bit."""
+    n, c, h, w = 3, 2, 5, 7          # planes of 35: four whole rows of lanes and a tail
+    x = rng.standard_normal((n, c, h, w)) * 3 + 10
+    dy = rng.standard_normal((n, c, h, w))
+    layer = nn.BatchNorm2d(c, momentum=1.0, dtype=np.float64)
+    layer(x)
+    layer.backward(dy)
+    count = n * h * w
+    for ch in range(c):
+        planes, grads = x[:, ch].reshape(n, -1), dy[:, ch].reshape(n, -1)
+        total = 0.0
+        for plane in planes:
+            total = total + _sum_in_eight_lanes(plane)
+        mean = total / count
+        squares = products = sum_dy = 0.0
+        for plane, grad in zip(planes, grads):
+            squares = squares + _sum_in_eight_lanes((plane - mean) * (plane - mean))
+            products = products + _sum_in_eight_lanes(grad * (plane - mean))
+            sum_dy = sum_dy + _sum_in_eight_lanes(grad)
+        var = squares / count
+        invstd = 1.0 / np.sqrt(var + layer.eps)
+        assert layer.running_mean[ch] == mean
+        assert layer.running_var[ch] == var * count / (count - 1)
+        assert layer.weight.grad[ch] == products * invstd
+        assert layer.bias.grad[ch] == sum_dy
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_eval_uses_running_stats(dtype, rng):
     C = 3

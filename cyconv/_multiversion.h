@@ -1,0 +1,37 @@
+/* Kernels compiled for more than one instruction set, chosen when the module loads.
+ *
+ * The build targets baseline x86-64 (SSE2), so that the extension runs on any
+ * x86-64 CPU.  A function marked CYCONV_MULTIVERSION is compiled three times,
+ * for baseline x86-64, x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), and
+ * GCC's target_clones picks the best one the CPU runs, at load time.
+ *
+ * CYCONV_MULTIVERSION_EXACT also turns floating-point contraction off: no
+ * clone fuses a * b + c into one rounding, so every clone gives the baseline's
+ * bits (the sums and affine maps of batch norm: results then do not depend on
+ * the CPU).  Plain CYCONV_MULTIVERSION leaves contraction to the compiler (the
+ * convolutions' products, whose bits may then differ between CPUs, never
+ * between thread counts).
+ *
+ * A helper that a multiversioned function calls is compiled for baseline
+ * x86-64 only, unless it is inlined into it: CYCONV_ALWAYS_INLINE.
+ */
+#ifndef CYCONV_MULTIVERSION_H
+#define CYCONV_MULTIVERSION_H
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define CYCONV_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
+                                                         "arch=x86-64-v4")))
+#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
+#else
+#define CYCONV_MULTIVERSION
+#define CYCONV_MULTIVERSION_EXACT
+#endif
+
+#if defined(__GNUC__)
+#define CYCONV_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define CYCONV_ALWAYS_INLINE static inline
+#endif
+
+#endif
