@@ -75,7 +75,11 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
 
     For layers with few taps (see _direct_conv.h).  Each (image, output row)
     is one task: its input rows are prepared in the thread's slice of rows,
-    then the C kernel computes all output channels of that row.
+    then the C kernel computes all output channels of that row.  Threads take
+    a quarter of an image's rows at a time: neighbouring rows share cache lines
+    at their ends (numpy's arrays are 16-byte aligned), and dealt out one by one
+    they went to the two threads in turn, which then wrote the same lines (the
+    kernel ran 1.1x faster on 2 threads than on 1, now 1.7-1.9x).
     """
     cdef Py_ssize_t N = x.shape[0], task
     cdef int OC = weight.shape[0], K = weight.shape[1]
@@ -83,7 +87,7 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef Py_ssize_t P = <Py_ssize_t> OH * OW
     cdef Py_ssize_t row_len = direct_row_length(g)
     cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
-    cdef int c, ki, kj, shift, n, oh
+    cdef int c, ki, kj, shift, n, oh, rows_per_chunk = (OH + 3) // 4
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* scratch
     for c in range(g.channels):  # tap k = (c, ki, kj) in the weight's order
@@ -94,7 +98,8 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                     ((c * g.kernel_h + ki) * g.stride_w + shift % g.stride_w) * row_len
                     + shift // g.stride_w)
     with nogil:
-        for task in prange(N * OH, schedule='dynamic', num_threads=num_threads):
+        for task in prange(N * OH, schedule='dynamic', chunksize=rows_per_chunk,
+                           num_threads=num_threads):
             n = task // OH
             oh = task % OH
             scratch = &rows[threadid(), 0]
