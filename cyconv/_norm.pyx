@@ -17,6 +17,8 @@ in the same pass, its gradient masked from the output in backward.
 from cython cimport floating
 from cython.parallel cimport prange
 
+from cyconv._parallel cimport chunk_size
+
 
 # float and double versions, one name (see _typed.h), in C: _runs.h
 cdef extern from "_runs.h" nogil:
@@ -40,10 +42,11 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
     """Normalise with the batch statistics (then the activation); update the running
     ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
     cdef double mean, invstd, scale, shift
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             mean, invstd = batch_statistics(&x[0, c, 0], N, C * HW, HW, eps, momentum,
                                             update_running, &running_mean[c], &running_var[c])
             saved_mean[c] = <floating> mean
@@ -65,10 +68,11 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
     """Normalise with the running statistics (an affine map per channel; then the
     activation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
     cdef double scale, shift
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             scale, shift = running_affine(weight[c], bias[c], running_mean[c], running_var[c], eps)
             for n in range(N):
                 affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
@@ -94,6 +98,7 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
     read from out (into grad_input, which then serves as dy in place).
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
     cdef double M = <double> N * HW
     cdef double sum_dy, sum_dy_xhat, k, b, c0, mu, istd
@@ -101,7 +106,7 @@ def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, H
     if N == 0:  # (eval mode) nothing to add, and no plane to point at
         return
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             mu = mean[c]
             istd = invstd[c]
             sum_dy, sum_dy_xhat = gradient_sums(&grad_out[0, c, 0], &x[0, c, 0], &out[0, c, 0]
@@ -132,10 +137,11 @@ def batch_norm2d_moments(const floating[:, :, ::1] x,   # IN  (N, C, HW)
                          int num_threads):
     """Per-channel mean and sum of squared deviations (two passes, as the train kernel)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c
     cdef double mu, deviations
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             mu, deviations = channel_moments(&x[0, c, 0], N, C * HW, HW)
             mean[c] = mu
             m2[c] = deviations
@@ -150,10 +156,11 @@ def batch_norm2d_normalize(const floating[:, :, ::1] x,    # IN  (N, C, HW)
                            int activation, int num_threads):
     """out = (x - mean) * invstd * weight + bias (then the activation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
     cdef double scale, shift
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             scale = weight[c] * invstd[c]
             shift = bias[c] - mean[c] * scale
             for n in range(N):
@@ -172,6 +179,7 @@ def batch_norm2d_backward_sums(const floating[:, :, ::1] grad_out,   # IN  (N, C
     """The per-channel sums that the input gradient needs; dy is grad_out, or with an
     activation grad_out masked by its derivative (written to masked)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c
     cdef double total_dy, total_dy_xmu
     if N == 0:  # no plane to point at: the sums are 0
@@ -179,7 +187,7 @@ def batch_norm2d_backward_sums(const floating[:, :, ::1] grad_out,   # IN  (N, C
         sum_dy_xmu[:] = 0
         return
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             total_dy, total_dy_xmu = gradient_sums(&grad_out[0, c, 0], &x[0, c, 0],
                                                    &out[0, c, 0] if activation else NULL,
                                                    &masked[0, c, 0] if activation else NULL,
@@ -198,9 +206,10 @@ def batch_norm2d_combine(const floating[:, :, ::1] dy,        # IN  (N, C, HW) (
     """grad_input = k * dy + b * x + c0 per channel (the input gradient of a batch norm,
     its coefficients computed from the sums over every process)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             for n in range(N):
                 combine_run(&dy[n, c, 0], &x[n, c, 0], &grad_input[n, c, 0], HW,
                             <floating> k[c], <floating> b[c], <floating> c0[c])

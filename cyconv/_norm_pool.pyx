@@ -21,6 +21,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from cyconv._norm cimport batch_statistics, input_grad_coefficients, running_affine
+from cyconv._parallel cimport chunk_size
 
 
 # C kernels with a float and a double version, one name each (see _typed.h)
@@ -47,13 +48,14 @@ def batch_norm2d_relu_max_pool_forward(
     with the batch statistics and update the running ones; else with the running ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t chunk = chunk_size(C, OH * OW)
     cdef Py_ssize_t c, n, oh
     cdef bint store_argmax = argmax.shape[0] > 0
     cdef double mean, invstd, scale, shift
     cdef const floating* src
     cdef int* where
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             if batch_stats:
                 mean, invstd = batch_statistics(&x[0, c, 0, 0], N, C * H * W, H * W, eps,
                                                 momentum, True, &running_mean[c], &running_var[c])
@@ -131,10 +133,11 @@ def batch_norm2d_relu_max_pool_backward(
     batch_stats: mean and invstd were the batch's (they depend on x)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t chunk = chunk_size(C, OH * OW)
     cdef Py_ssize_t c, n
     cdef double sum_dy, sum_dy_xhat, part_dy, part_dy_x, k, b, c0
     with nogil:
-        for c in prange(C, schedule='dynamic', num_threads=num_threads):
+        for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             sum_dy = 0
             sum_dy_xhat = 0
             for n in range(N):

@@ -10,6 +10,7 @@ from cython.parallel cimport prange
 from libc.math cimport INFINITY
 from libc.string cimport memset
 
+from cyconv._parallel cimport chunk_size
 from cyconv._reduce cimport sum_run
 
 
@@ -181,7 +182,8 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef bint is_2x2 = g.kernel_h == 2 and g.kernel_w == 2 and g.pad_h == 0 and g.pad_w == 0
     cdef int* where
     with nogil:
-        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads,
+                            chunksize=chunk_size(N * C, g.out_height * g.out_width)):
             n = plane // C
             c = plane % C
             where = &argmax[n, c, 0, 0] if argmax.shape[0] > 0 else NULL
@@ -228,7 +230,8 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
     cdef const floating* dy
     cdef const int* where
     with nogil:
-        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads,
+                            chunksize=chunk_size(N * C, g.out_height * g.out_width)):
             n = plane // C
             c = plane % C
             dst = &grad_input[n, c, 0, 0]
@@ -253,7 +256,8 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef const floating* src
     cdef double total
     with nogil:
-        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads,
+                            chunksize=chunk_size(N * C, g.out_height * g.out_width)):
             n = plane // C
             c = plane % C
             src = &x[n, c, 0, 0]
@@ -277,7 +281,8 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH,
     cdef floating* dst
     cdef floating share
     with nogil:
-        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads):
+        for plane in prange(N * C, schedule='dynamic', num_threads=num_threads,
+                            chunksize=chunk_size(N * C, g.out_height * g.out_width)):
             n = plane // C
             c = plane % C
             dst = &grad_input[n, c, 0, 0]
@@ -305,7 +310,8 @@ def global_avg_pool2d_forward(const floating[:, :, ::1] x,  # IN  (N, C, H*W)
         return
     cdef const floating* src = &x[0, 0, 0]
     cdef floating* dst = &out[0, 0]
-    for plane in prange(planes, nogil=True, schedule='guided', num_threads=num_threads):
+    for plane in prange(planes, nogil=True, schedule='guided', num_threads=num_threads,
+                        chunksize=chunk_size(planes, 1)):
         dst[plane] = <floating> (sum_run(src + plane * HW, HW) / HW)
 
 
@@ -319,5 +325,6 @@ def global_avg_pool2d_backward(const floating[:, ::1] grad_out,  # IN  (N, C)
         return
     cdef const floating* src = &grad_out[0, 0]
     cdef floating* dst = &grad_input[0, 0, 0]
-    for plane in prange(planes, nogil=True, schedule='guided', num_threads=num_threads):
+    for plane in prange(planes, nogil=True, schedule='guided', num_threads=num_threads,
+                        chunksize=chunk_size(planes, HW)):
         fill_run(dst + plane * HW, HW, src[plane] / HW)
