@@ -36,13 +36,3 @@ cdef extern from "_runs.h" nogil:
     void relu_mask_run(...)
     # (const T* grad, const T* out, T* masked, n): masked = grad where 0 < out < 6, else 0
     void relu6_mask_run(...)
-
-
-cdef inline void activation_mask_run(int activation, const floating* grad, const floating* out,
-                                     floating* masked, Py_ssize_t length) noexcept nogil:
-    """masked = grad times the derivative of the activation (RELU or RELU6) read from its
-    output out."""
-    if activation == RELU6:
-        relu6_mask_run(grad, out, masked, length)
-    else:
-        relu_mask_run(grad, out, masked, length)

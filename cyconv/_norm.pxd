@@ -6,8 +6,7 @@
 from cython cimport floating
 from libc.math cimport sqrt
 
-from cyconv._elementwise cimport activation_mask_run
-from cyconv._reduce cimport sum_product_centered, sum_run, sum_squared_deviation
+from cyconv._reduce cimport gradient_sums_run, sum_run, sum_squared_deviation
 
 
 cdef inline (double, double) channel_moments(const floating* x, Py_ssize_t planes,
@@ -58,18 +57,17 @@ cdef inline (double, double) gradient_sums(const floating* grad_out, const float
                                            int activation) noexcept nogil:
     """(sum dy, sum dy * (x - mean)) over the channel's planes: dy is grad_out, or with an
     activation (code of _elementwise.pxd) grad_out masked by its derivative read from
-    out, written to masked (which may be grad_out's own gradient array)."""
-    cdef double total_dy = 0, total_dy_xmu = 0
-    cdef const floating* dy
+    out, written to masked (which may be grad_out's own gradient array); one sweep per
+    plane."""
+    cdef double total_dy = 0, total_dy_xmu = 0, plane_dy, plane_dy_xmu
     cdef Py_ssize_t n, at
     for n in range(planes):
         at = n * step
-        dy = grad_out + at
-        if activation:
-            activation_mask_run(activation, dy, out + at, masked + at, length)
-            dy = masked + at
-        total_dy = total_dy + sum_run(dy, length)
-        total_dy_xmu = total_dy_xmu + sum_product_centered(dy, x + at, length, mean)
+        gradient_sums_run(grad_out + at, out + at if activation else NULL, x + at,
+                          masked + at if activation else NULL, length, mean, activation,
+                          &plane_dy, &plane_dy_xmu)
+        total_dy = total_dy + plane_dy
+        total_dy_xmu = total_dy_xmu + plane_dy_xmu
     return total_dy, total_dy_xmu
 
 

@@ -16,8 +16,14 @@
 #ifndef CYCONV_RUNS_H
 #define CYCONV_RUNS_H
 #include <stddef.h>
+#include <string.h>
 
 #include "_multiversion.h"
+
+/* The fixed tree in which the 8 lanes of a sum are added at the end */
+#define CYCONV_LANE_TREE(lanes) \
+    ((((lanes)[0] + (lanes)[1]) + ((lanes)[2] + (lanes)[3])) + \
+     (((lanes)[4] + (lanes)[5]) + ((lanes)[6] + (lanes)[7])))
 
 /* sum_i TERM(i) over 8 accumulators, for the body of a function with n; acc is
  * double, so TERM is evaluated in double precision */
@@ -29,13 +35,79 @@
             acc[j] += TERM(i + j);                                                           \
     for (; i < n; i++)                                                                       \
         acc[0] += TERM(i);                                                                   \
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    return CYCONV_LANE_TREE(acc)
 
 #define CYCONV_VALUE(i) ((double)x[i])
 #define CYCONV_SQUARED_DEVIATION(i) (((double)x[i] - center) * ((double)x[i] - center))
-#define CYCONV_PRODUCT_CENTERED(i) ((double)a[i] * ((double)x[i] - center))
 
-#define CYCONV_RUNS(T)                                                                       \
+/* A gradient g (already loaded: a select, not a branch on the sign of activations,
+ * which mispredicts about half the time) times the derivative of the activation,
+ * read from its output out[k]: ReLU's, ReLU6's. */
+#define CYCONV_RELU_MASK(g, k) (out[k] > 0 ? (g) : 0)
+#define CYCONV_RELU6_MASK(g, k) ((out[k] > 0) & (out[k] < 6) ? (g) : 0)
+
+#if defined(__GNUC__)
+/* The gradient sums' loop on GCC vectors of 8 lanes (GCC's own vectorizer left it
+ * scalar): lane j of vector block b holds element 8 b + j, as in sum_run.  ACT is a
+ * constant in each copy: 0 none, 1 ReLU, 2 ReLU6. */
+#define CYCONV_GRADIENT_SUMS(T, MASK_T, ACT)                                                 \
+    {                                                                                        \
+        typedef T vec __attribute__((vector_size(8 * sizeof(T))));                           \
+        typedef MASK_T ints __attribute__((vector_size(8 * sizeof(T))));                     \
+        typedef double doubles __attribute__((vector_size(8 * sizeof(double))));             \
+        doubles lanes_m = {0}, lanes_mx = {0};                                               \
+        ptrdiff_t i = 0;                                                                     \
+        for (; i + 8 <= n; i += 8) {                                                         \
+            vec g, o, xs;                                                                    \
+            memcpy(&g, grad + i, sizeof g);                                                  \
+            memcpy(&xs, x + i, sizeof xs);                                                   \
+            if (ACT) {                                                                       \
+                memcpy(&o, out + i, sizeof o);                                               \
+                ints keep = ACT == 1 ? (ints)(o > 0) : (ints)(o > 0) & (ints)(o < 6);        \
+                g = (vec)((ints)g & keep);                                                   \
+                memcpy(masked + i, &g, sizeof g);                                            \
+            }                                                                                \
+            doubles m = __builtin_convertvector(g, doubles);                                 \
+            lanes_m += m;                                                                    \
+            lanes_mx += m * (__builtin_convertvector(xs, doubles) - center);                 \
+        }                                                                                    \
+        for (; i < n; i++) {                                                                 \
+            T m = grad[i];                                                                   \
+            if (ACT == 1)                                                                    \
+                m = CYCONV_RELU_MASK(m, i);                                                  \
+            if (ACT == 2)                                                                    \
+                m = CYCONV_RELU6_MASK(m, i);                                                 \
+            if (ACT)                                                                         \
+                masked[i] = m;                                                               \
+            lanes_m[0] += (double)m;                                                         \
+            lanes_mx[0] += (double)m * ((double)x[i] - center);                              \
+        }                                                                                    \
+        *sum_m = CYCONV_LANE_TREE(lanes_m);                                                  \
+        *sum_mx = CYCONV_LANE_TREE(lanes_mx);                                                \
+    }
+#else
+#define CYCONV_GRADIENT_SUMS(T, MASK_T, ACT)                                                 \
+    {                                                                                        \
+        double lanes_m[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                        \
+        double lanes_mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                       \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+            int lane = i < n - n % 8 ? (int)(i % 8) : 0;                                     \
+            T m = grad[i];                                                                   \
+            if (ACT == 1)                                                                    \
+                m = CYCONV_RELU_MASK(m, i);                                                  \
+            if (ACT == 2)                                                                    \
+                m = CYCONV_RELU6_MASK(m, i);                                                 \
+            if (ACT)                                                                         \
+                masked[i] = m;                                                               \
+            lanes_m[lane] += (double)m;                                                      \
+            lanes_mx[lane] += (double)m * ((double)x[i] - center);                           \
+        }                                                                                    \
+        *sum_m = CYCONV_LANE_TREE(lanes_m);                                                  \
+        *sum_mx = CYCONV_LANE_TREE(lanes_mx);                                                \
+    }
+#endif
+
+#define CYCONV_RUNS(T, MASK_T)                                                                       \
     /* sum_i x[i] */                                                                        \
     static CYCONV_MULTIVERSION_EXACT double sum_run_##T(const T *x, ptrdiff_t n)             \
     {                                                                                        \
@@ -48,21 +120,14 @@
     {                                                                                        \
         CYCONV_EIGHT_ACCUMULATORS(CYCONV_SQUARED_DEVIATION);                                 \
     }                                                                                        \
-    /* sum_i a[i] * (x[i] - center) */                                                      \
-    static CYCONV_MULTIVERSION_EXACT double sum_product_centered_##T(                        \
-        const T *a, const T *x, ptrdiff_t n, double center)                                  \
-    {                                                                                        \
-        CYCONV_EIGHT_ACCUMULATORS(CYCONV_PRODUCT_CENTERED);                                  \
-    }                                                                                        \
-    /* masked = grad where out > 0, else 0: the gradient of max(., 0) from its output.     \
-     * grad is loaded either way, so the select needs no branch (a branch on the sign of   \
-     * activations mispredicts about half the time).  masked may be grad itself. */        \
+    /* masked = grad where out > 0, else 0: the gradient of max(., 0) from its output      \
+     * (masked may be grad itself) */                                                      \
     static CYCONV_MULTIVERSION_EXACT void relu_mask_run_##T(const T *grad, const T *out,     \
                                                             T *masked, ptrdiff_t n)          \
     {                                                                                        \
         for (ptrdiff_t i = 0; i < n; i++) {                                                  \
             T g = grad[i];                                                                   \
-            masked[i] = out[i] > 0 ? g : (T)0;                                               \
+            masked[i] = CYCONV_RELU_MASK(g, i);                                              \
         }                                                                                    \
     }                                                                                        \
     /* masked = grad where 0 < out < 6, else 0: the gradient of ReLU6 from its output */   \
@@ -71,7 +136,7 @@
     {                                                                                        \
         for (ptrdiff_t i = 0; i < n; i++) {                                                  \
             T g = grad[i];                                                                   \
-            masked[i] = (out[i] > 0) & (out[i] < 6) ? g : (T)0;                              \
+            masked[i] = CYCONV_RELU6_MASK(g, i);                                             \
         }                                                                                    \
     }                                                                                        \
     /* out = x * scale + shift, then the activation of code act (_activate.h; NaN kept),   \
@@ -89,6 +154,21 @@
             for (ptrdiff_t i = 0; i < n; i++)                                                \
                 out[i] = x[i] * scale + shift;                                               \
     }                                                                                        \
+    /* sum_i m[i] in *sum_m and sum_i m[i] * (x[i] - center) in *sum_mx, each in          \
+     * sum_run's order, in one sweep: m = grad masked by the derivative of the activation  \
+     * of code act (_activate.h) read from out, and stored in masked (with act 0:          \
+     * m = grad, and neither out nor masked is read) */                                    \
+    static CYCONV_MULTIVERSION_EXACT void gradient_sums_run_##T(                             \
+        const T *grad, const T *out, const T *x, T *masked, ptrdiff_t n, double center,     \
+        int act, double *sum_m, double *sum_mx)                                              \
+    {                                                                                        \
+        if (act == 1)                                                                        \
+            CYCONV_GRADIENT_SUMS(T, MASK_T, 1)                                               \
+        else if (act == 2)                                                                   \
+            CYCONV_GRADIENT_SUMS(T, MASK_T, 2)                                               \
+        else                                                                                 \
+            CYCONV_GRADIENT_SUMS(T, MASK_T, 0)                                               \
+    }                                                                                        \
     /* out = a * dy + b * x + c (out may be dy itself) */                                  \
     static CYCONV_MULTIVERSION_EXACT void combine_run_##T(const T *dy, const T *x, T *out,   \
                                                           ptrdiff_t n, T a, T b, T c)        \
@@ -99,16 +179,16 @@
 
 #include "_activate.h"
 
-CYCONV_RUNS(float)
-CYCONV_RUNS(double)
+CYCONV_RUNS(float, int)
+CYCONV_RUNS(double, long long)
 
 #include "_typed.h"
 #define sum_run(x, ...) CYCONV_TYPED(sum_run, x, __VA_ARGS__)
 #define sum_squared_deviation(x, ...) CYCONV_TYPED(sum_squared_deviation, x, __VA_ARGS__)
-#define sum_product_centered(a, ...) CYCONV_TYPED(sum_product_centered, a, __VA_ARGS__)
 #define relu_mask_run(grad, ...) CYCONV_TYPED(relu_mask_run, grad, __VA_ARGS__)
 #define relu6_mask_run(grad, ...) CYCONV_TYPED(relu6_mask_run, grad, __VA_ARGS__)
 #define affine_run(x, ...) CYCONV_TYPED(affine_run, x, __VA_ARGS__)
 #define combine_run(dy, ...) CYCONV_TYPED(combine_run, dy, __VA_ARGS__)
+#define gradient_sums_run(grad, ...) CYCONV_TYPED(gradient_sums_run, grad, __VA_ARGS__)
 
 #endif
