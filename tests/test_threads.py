@@ -115,6 +115,34 @@ def test_layer_bitwise_thread_invariant(name, dtype):
         assert np.array_equal(a, b)
 
 
+FUSED = {   # batch norm with what follows it, fused by Sequential into one kernel each way
+    "bn_relu": lambda d: nn.Sequential(nn.BatchNorm2d(256, dtype=d), nn.ReLU()),
+    "bn_relu6": lambda d: nn.Sequential(nn.BatchNorm2d(256, dtype=d), nn.ReLU6()),
+    "bn_relu_pool": lambda d: nn.Sequential(nn.BatchNorm2d(256, dtype=d), nn.ReLU(),
+                                            nn.MaxPool2d(2)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_norm_bitwise_thread_invariant(name):
+    """Many channels of many small planes, so that the threads run through short loops
+    side by side (a variable that a kernel shares between its threads by mistake shows
+    up here), several times."""
+    data = np.random.default_rng(4)
+    x = data.standard_normal((64, 256, 4, 4)).astype(np.float32)
+    results = {}
+    for n in (1, 2, 3) + (2,) * 12:
+        with num_threads(n):
+            layer = FUSED[name](np.float32)
+            y = layer(x)
+            dy = np.random.default_rng(5).standard_normal(y.shape).astype(np.float32)
+            dx = layer.backward(dy)
+            outputs = [y, dx] + [p.grad.copy() for p in layer.parameters()]
+        first = results.setdefault("first", outputs)
+        for a, b in zip(first, outputs):
+            assert np.array_equal(a, b), f"{name}: {n} threads differ from 1"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_linear_loss_optim_bitwise_thread_invariant(dtype):
     data = np.random.default_rng(3)
