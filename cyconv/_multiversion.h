@@ -12,8 +12,11 @@
  * convolutions' products, whose bits may then differ between CPUs, never
  * between thread counts).
  *
- * A helper that a multiversioned function calls is compiled for baseline
- * x86-64 only, unless it is inlined into it: CYCONV_ALWAYS_INLINE.
+ * A multiversioned function is never inlined into its caller (the row loops
+ * rely on it: inlined into a parallel loop, their __restrict pointers stopped
+ * telling GCC that the rows do not overlap, and a loop stayed scalar); a helper
+ * that it calls is compiled for baseline x86-64 only, unless it is inlined into
+ * it: CYCONV_ALWAYS_INLINE.
  */
 #ifndef CYCONV_MULTIVERSION_H
 #define CYCONV_MULTIVERSION_H
@@ -23,6 +26,12 @@
 #define CYCONV_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
                                                          "arch=x86-64-v4")))
 #define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
+#elif defined(__GNUC__) && !defined(__clang__)   /* one version, a function of its own */
+#define CYCONV_MULTIVERSION __attribute__((noinline))
+#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
+#elif defined(__GNUC__)
+#define CYCONV_MULTIVERSION __attribute__((noinline))
+#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION
 #else
 #define CYCONV_MULTIVERSION
 #define CYCONV_MULTIVERSION_EXACT

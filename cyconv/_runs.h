@@ -46,6 +46,34 @@
 #define CYCONV_RELU_MASK(g, k) (out[k] > 0 ? (g) : 0)
 #define CYCONV_RELU6_MASK(g, k) ((out[k] > 0) & (out[k] < 6) ? (g) : 0)
 
+/* Element i of the gradient sums, added to lane LANE: m = grad[i] masked for the
+ * activation of code ACT (0 none, 1 ReLU, 2 ReLU6) and stored in masked unless ACT is
+ * 0, then m and m * (x[i] - center) summed in double precision */
+#define CYCONV_GRADIENT_TERM(T, ACT, i, LANE)                                                \
+    {                                                                                        \
+        T m = grad[i];                                                                       \
+        if ((ACT) == 1)                                                                      \
+            m = CYCONV_RELU_MASK(m, i);                                                      \
+        if ((ACT) == 2)                                                                      \
+            m = CYCONV_RELU6_MASK(m, i);                                                     \
+        if (ACT)                                                                             \
+            masked[i] = m;                                                                   \
+        lanes_m[LANE] += (double)m;                                                          \
+        lanes_mx[LANE] += (double)m * ((double)x[i] - center);                               \
+    }
+
+/* masked = grad times the derivative MASK of an activation read from its output (masked
+ * may be grad itself) */
+#define CYCONV_MASK_RUN(T, NAME, MASK)                                                       \
+    static CYCONV_MULTIVERSION_EXACT void NAME##_##T(const T *grad, const T *out, T *masked, \
+                                                     ptrdiff_t n)                            \
+    {                                                                                        \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+            T g = grad[i];                                                                   \
+            masked[i] = MASK(g, i);                                                          \
+        }                                                                                    \
+    }
+
 #if defined(__GNUC__)
 /* The gradient sums' loop on GCC vectors of 8 lanes (GCC's own vectorizer left it
  * scalar): lane j of vector block b holds element 8 b + j, as in sum_run.  ACT is a
@@ -71,17 +99,8 @@
             lanes_m += m;                                                                    \
             lanes_mx += m * (__builtin_convertvector(xs, doubles) - center);                 \
         }                                                                                    \
-        for (; i < n; i++) {                                                                 \
-            T m = grad[i];                                                                   \
-            if (ACT == 1)                                                                    \
-                m = CYCONV_RELU_MASK(m, i);                                                  \
-            if (ACT == 2)                                                                    \
-                m = CYCONV_RELU6_MASK(m, i);                                                 \
-            if (ACT)                                                                         \
-                masked[i] = m;                                                               \
-            lanes_m[0] += (double)m;                                                         \
-            lanes_mx[0] += (double)m * ((double)x[i] - center);                              \
-        }                                                                                    \
+        for (; i < n; i++)                                                                   \
+            CYCONV_GRADIENT_TERM(T, ACT, i, 0)                                               \
         *sum_m = CYCONV_LANE_TREE(lanes_m);                                                  \
         *sum_mx = CYCONV_LANE_TREE(lanes_mx);                                                \
     }
@@ -90,24 +109,14 @@
     {                                                                                        \
         double lanes_m[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                        \
         double lanes_mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                       \
-        for (ptrdiff_t i = 0; i < n; i++) {                                                  \
-            int lane = i < n - n % 8 ? (int)(i % 8) : 0;                                     \
-            T m = grad[i];                                                                   \
-            if (ACT == 1)                                                                    \
-                m = CYCONV_RELU_MASK(m, i);                                                  \
-            if (ACT == 2)                                                                    \
-                m = CYCONV_RELU6_MASK(m, i);                                                 \
-            if (ACT)                                                                         \
-                masked[i] = m;                                                               \
-            lanes_m[lane] += (double)m;                                                      \
-            lanes_mx[lane] += (double)m * ((double)x[i] - center);                           \
-        }                                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            CYCONV_GRADIENT_TERM(T, ACT, i, i < n - n % 8 ? i % 8 : 0)                       \
         *sum_m = CYCONV_LANE_TREE(lanes_m);                                                  \
         *sum_mx = CYCONV_LANE_TREE(lanes_mx);                                                \
     }
 #endif
 
-#define CYCONV_RUNS(T, MASK_T)                                                                       \
+#define CYCONV_RUNS(T, MASK_T)                                                               \
     /* sum_i x[i] */                                                                        \
     static CYCONV_MULTIVERSION_EXACT double sum_run_##T(const T *x, ptrdiff_t n)             \
     {                                                                                        \
@@ -120,25 +129,9 @@
     {                                                                                        \
         CYCONV_EIGHT_ACCUMULATORS(CYCONV_SQUARED_DEVIATION);                                 \
     }                                                                                        \
-    /* masked = grad where out > 0, else 0: the gradient of max(., 0) from its output      \
-     * (masked may be grad itself) */                                                      \
-    static CYCONV_MULTIVERSION_EXACT void relu_mask_run_##T(const T *grad, const T *out,     \
-                                                            T *masked, ptrdiff_t n)          \
-    {                                                                                        \
-        for (ptrdiff_t i = 0; i < n; i++) {                                                  \
-            T g = grad[i];                                                                   \
-            masked[i] = CYCONV_RELU_MASK(g, i);                                              \
-        }                                                                                    \
-    }                                                                                        \
-    /* masked = grad where 0 < out < 6, else 0: the gradient of ReLU6 from its output */   \
-    static CYCONV_MULTIVERSION_EXACT void relu6_mask_run_##T(const T *grad, const T *out,    \
-                                                             T *masked, ptrdiff_t n)         \
-    {                                                                                        \
-        for (ptrdiff_t i = 0; i < n; i++) {                                                  \
-            T g = grad[i];                                                                   \
-            masked[i] = CYCONV_RELU6_MASK(g, i);                                             \
-        }                                                                                    \
-    }                                                                                        \
+    /* the gradients of max(., 0) and of ReLU6 from their outputs */                     \
+    CYCONV_MASK_RUN(T, relu_mask_run, CYCONV_RELU_MASK)                                      \
+    CYCONV_MASK_RUN(T, relu6_mask_run, CYCONV_RELU6_MASK)                                    \
     /* out = x * scale + shift, then the activation of code act (_activate.h; NaN kept),   \
      * in the array's precision; act is a constant in each loop, so that each vectorises */ \
     static CYCONV_MULTIVERSION_EXACT void affine_run_##T(const T *x, T *out, ptrdiff_t n,    \
