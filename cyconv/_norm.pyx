@@ -79,6 +79,22 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
                            activation)
 
 
+def batch_norm2d_fold_weight(const floating[:, ::1] weight,   # IN  (OC, K) a convolution's
+                             const double[::1] scale,           # IN  (OC,) weight / sqrt(var + eps)
+                             floating[:, ::1] out,              # OUT (OC, K)
+                             int num_threads):
+    """out = weight * scale per row, each product in double, then rounded to the dtype:
+    the weight of a convolution with this layer folded into it (eval mode)."""
+    cdef Py_ssize_t OC = weight.shape[0], K = weight.shape[1]
+    cdef Py_ssize_t o, k
+    cdef double s
+    with nogil:
+        for o in prange(OC, schedule='static', num_threads=num_threads):
+            s = scale[o]
+            for k in range(K):
+                out[o, k] = <floating> (weight[o, k] * s)
+
+
 def batch_norm2d_backward(const floating[:, :, ::1] grad_out,   # IN    (N, C, HW)
                           const floating[:, :, ::1] x,          # IN    (N, C, HW) forward input
                           const floating[::1] mean,             # IN    (C,) the statistics used forward

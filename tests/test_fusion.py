@@ -363,3 +363,22 @@ def test_a_folded_batchnorm_of_other_channels_names_itself(rng):
     with cyconv.no_grad(), pytest.raises(ValueError, match=r"^1: BatchNorm2d: expected input "
                                                            r"of shape \(N, 5"):
         model(rng.standard_normal((1, 3, 5, 5)).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_shape", [(7, 5, 3, 3), (37, 1, 3, 3), (3, 11, 1, 1), (67, 65, 3, 3)])
+def test_folded_weight_is_each_product_in_double_rounded_once(weight_shape, dtype, rng):
+    bn = nn.BatchNorm2d(weight_shape[0], dtype=dtype).eval()
+    bn.weight.data[:] = rng.uniform(0.5, 2, weight_shape[0])
+    bn.running_var[:] = rng.uniform(0.1, 3, weight_shape[0])
+    bn.running_mean[:] = rng.standard_normal(weight_shape[0])
+    weight = rng.standard_normal(weight_shape).astype(dtype)
+    bias = rng.standard_normal(weight_shape[0]).astype(dtype)
+    scale = bn.weight.data / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
+    expected = (weight.astype(np.float64) * scale[:, None, None, None]).astype(dtype)
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            folded, shift = bn._folded(weight, bias, np.full_like(weight, np.nan))
+        np.testing.assert_array_equal(folded, expected)
+        np.testing.assert_array_equal(shift, (bn.bias.data + (bias - bn.running_mean) * scale)
+                                      .astype(dtype))

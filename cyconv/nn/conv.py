@@ -170,7 +170,8 @@ class Conv2d(Module):
         if type(absorbed[0]) is ReLU:
             return self._forward(x, activation)
         bias = self.bias.data if self.bias is not None else np.zeros(self.out_channels)
-        weight, bias = absorbed[0]._folded(self.weight.data, bias)
+        weight, bias = absorbed[0]._folded(self.weight.data, bias,
+                                           self._scratch(self.weight.data.shape, self.dtype))
         return self._forward(x, activation, weight, bias)
 
     def _uses_depthwise_kernel(self):

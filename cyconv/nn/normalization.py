@@ -75,14 +75,17 @@ class BatchNorm2d(Module):
         return (type(self) is BatchNorm2d and not self.training and not is_grad_enabled()
                 and self.num_features == conv.out_channels and self.dtype == conv.dtype)
 
-    def _folded(self, weight, bias):
+    def _folded(self, weight, bias, out):
         """(weight, bias) of a convolution followed by this layer in eval mode:
-        weight * s and (bias - running_mean) * s + self.bias, s = self.weight /
-        sqrt(running_var + eps) per output channel, computed in float64."""
+        weight * s (written into out, weight's shape) and (bias - running_mean) * s +
+        self.bias, s = self.weight / sqrt(running_var + eps) per output channel, computed
+        in float64."""
         scale = self.weight.data / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         shift = self.bias.data + (bias - self.running_mean) * scale
-        scaled = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        return scaled.astype(weight.dtype), shift.astype(weight.dtype)
+        rows = (weight.shape[0], -1)
+        _norm.batch_norm2d_fold_weight(weight.reshape(rows), scale, out.reshape(rows),
+                                       threads_for(weight.size))
+        return out, shift.astype(weight.dtype)
 
     def _absorb(self, out):
         """Stand in for a forward that the Conv2d before folded into its own (inference
