@@ -159,6 +159,26 @@ cdef const floating* columns(const floating* image, floating* tile, Geometry g, 
     return tile
 
 
+cdef void finish_rows(floating* y, const floating[::1] bias, int oc0, int channels,
+                      Py_ssize_t plane, Py_ssize_t count, int activation) noexcept nogil:
+    """y[oc * plane + p] = activation(y[oc * plane + p] + bias[oc0 + oc]) for oc < channels,
+    p < count: the bias (none when bias is empty) and activation (0: none) of the output
+    rows a tile's product just wrote, while they are in the cache."""
+    cdef bint has_bias = bias.shape[0] > 0
+    cdef Py_ssize_t oc, p
+    cdef floating b
+    cdef floating* row
+    for oc in range(channels):
+        b = bias[oc0 + oc] if has_bias else 0
+        row = y + oc * plane
+        if activation:
+            for p in range(count):
+                row[p] = activate(row[p] + b, activation)
+        elif has_bias:
+            for p in range(count):
+                row[p] += b
+
+
 def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                    const floating[:, ::1] weight,      # IN  (OC, K), K = (C/groups)*kh*kw
                    const floating[::1] bias,           # IN  (OC,), or empty for no bias
@@ -166,7 +186,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                    floating[:, :, :, ::1] out,         # OUT (N, OC, OH, OW)
                    Geometry g, int groups, int rows_per_tile, int activation, int num_threads):
     """out = weight @ im2col(x) + bias, then the activation of that code (see
-    _elementwise.pxd; 0: none), image by image.
+    _elementwise.pxd; 0: none), image by image, tile by tile.
 
     With groups > 1, input channels [i*C/groups, (i+1)*C/groups) of each image meet
     weight rows [i*OC/groups, (i+1)*OC/groups) only (g.channels is C/groups).
@@ -175,13 +195,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     cdef int OC = weight.shape[0], K = weight.shape[1], group_oc = OC // groups
     cdef int OW = g.out_width, P = g.out_height * g.out_width
     cdef Py_ssize_t plane = <Py_ssize_t> g.channels * g.height * g.width
-    cdef bint has_bias = bias.shape[0] > 0
-    cdef Py_ssize_t n, oc, p
+    cdef Py_ssize_t n
     cdef int t, oh0, oh1, slot, grp, ld
-    cdef floating* y
     cdef floating* tile
     cdef const floating* cols_tile
-    cdef floating b
     with nogil:
         for n in prange(N, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
@@ -195,15 +212,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                     gemm(False, False, group_oc, (oh1 - oh0) * OW, K, 1,
                          &weight[grp * group_oc, 0], K, cols_tile, ld, 0,
                          &out[n, grp * group_oc, oh0, 0], P)
-            y = &out[n, 0, 0, 0]
-            for oc in range(OC):
-                b = bias[oc] if has_bias else 0
-                if activation:
-                    for p in range(P):
-                        y[oc * P + p] = activate(y[oc * P + p] + b, activation)
-                elif has_bias:
-                    for p in range(P):
-                        y[oc * P + p] += b
+                    finish_rows(&out[n, grp * group_oc, oh0, 0], bias, grp * group_oc,
+                                group_oc, P, (oh1 - oh0) * OW, activation)
 
 
 cdef void weight_grad_tile(const floating* dy, const floating* image, floating* tile,
