@@ -1,5 +1,5 @@
 """Elementwise kernels over flat (contiguous) arrays: the activations, and the sum of
-two arrays that residual connections need.
+two arrays that residual connections need (with the activation after it, if any).
 
 Each element is independent, so prange over elements gives the same result for
 any thread count and schedule.  The schedule is 'guided' (threads take
@@ -9,7 +9,7 @@ another process does not hold the others up.
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cyconv._elementwise cimport relu, relu6, relu6_mask_run, relu_mask_run
+from cyconv._elementwise cimport activate, relu, relu6, relu6_mask_run, relu_mask_run
 
 # Elements per task of the masked-gradient loops (whole runs, so they vectorise).
 cdef Py_ssize_t RUN = 4096
@@ -83,9 +83,10 @@ def leaky_relu_backward(const floating[::1] x,         # IN  (M,) the forward in
 def add_arrays(const floating[::1] a,   # IN  (M,)
                const floating[::1] b,   # IN  (M,)
                floating[::1] out,       # OUT (M,)
-               int num_threads):
-    """out = a + b: a residual connection's output, or the gradient of an input that
-    feeds both of its paths."""
+               int activation, int num_threads):
+    """out = a + b, then the activation of that code (_elementwise.pxd; 0: none): a
+    residual connection's output, or the gradient of an input that feeds both of its
+    paths."""
     cdef Py_ssize_t i
     for i in prange(a.shape[0], nogil=True, schedule='guided', num_threads=num_threads):
-        out[i] = a[i] + b[i]
+        out[i] = activate(a[i] + b[i], activation)

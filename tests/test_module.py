@@ -7,6 +7,7 @@ import pytest
 
 import cyconv
 from cyconv import models, nn
+from cyconv.models.resnet import BasicBlock
 from cyconv.nn import array_pool
 from cyconv.nn.containers import add_into
 
@@ -341,6 +342,42 @@ def test_residual_sums_are_numpys_for_any_thread_count(rng, threads, dtype):
         np.testing.assert_array_equal(add_into(np.empty_like(a), a, b), a + b)
         np.testing.assert_array_equal(add_into(np.empty_like(a), a, other),
                                       a + other.astype(dtype))
+
+
+@pytest.mark.parametrize("activation", [1, 2])   # ReLU, ReLU6
+def test_residual_sum_with_its_activation_is_numpys(rng, threads, activation):
+    """add_into with an activation: max(a + b, 0) (and min(., 6)), NaN kept, bit for bit."""
+    a = rng.standard_normal((3, 5, 67, 129)).astype(np.float32) * 5
+    b = rng.standard_normal(a.shape).astype(np.float32) * 5
+    a.flat[::997] = np.nan
+    total = a + b
+    expected = np.where(total > 0, total, np.where(np.isnan(total), total, 0))
+    if activation == 2:
+        expected = np.where(expected >= 6, 6, expected).astype(np.float32)
+    for n in (1, 2, 3):
+        threads(n)
+        np.testing.assert_array_equal(add_into(np.empty_like(a), a, b, activation), expected)
+
+
+def test_basic_block_sums_and_applies_relu_out_in_one_pass_with_the_same_results(rng):
+    """Without hooks, a BasicBlock adds its paths and applies relu_out in one kernel pass;
+    a hook on relu_out makes it run as a layer: outputs and gradients are the same bits."""
+    x = rng.standard_normal((2, 8, 9, 11)).astype(np.float32)
+    dy = rng.standard_normal((2, 16, 5, 6)).astype(np.float32)
+    results, seen = [], []
+    for hooked in (False, True):
+        cyconv.manual_seed(3)
+        block = BasicBlock(8, 16, stride=2, downsample=nn.Sequential(
+            nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16)))
+        if hooked:
+            block.relu_out.register_forward_hook(lambda m, i, o: seen.append(o.copy()))
+        y = block(x).copy()
+        dx = block.backward(dy)
+        results.append([y, dx] + [p.grad.copy() for p in block.parameters()])
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).all(where=results[0][0] != 0)
+    for fused, plain in zip(*results):
+        np.testing.assert_array_equal(fused, plain)
+    np.testing.assert_array_equal(seen[0], results[1][0])
 
 
 def test_concat_puts_branches_side_by_side(rng, finite_difference):

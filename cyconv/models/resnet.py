@@ -13,6 +13,7 @@ from cyconv import nn
 from cyconv._random import generator
 from cyconv.models import spec
 from cyconv.nn._init import kaiming_normal_fan_out
+from cyconv.nn.activation import ACTIVATION_CODES
 from cyconv.nn.containers import add_into, backward_chain, forward_chain
 
 
@@ -55,7 +56,12 @@ class BasicBlock(nn.Module):
         self.output_shape(np.shape(x))   # refuse a bad shape before any statistics move
         main = forward_chain(self._main(), x)
         side = x if self.downsample is None else self.downsample(x)
-        return self.relu_out(add_into(self._output_array(main.shape, main.dtype), main, side))
+        out = self._output_array(main.shape, main.dtype)
+        if self.relu_out._hooked():   # (its hooks must see it run)
+            return self.relu_out(add_into(out, main, side))
+        # the sum and relu_out in one pass; relu_out's backward masks the gradient as usual
+        return self.relu_out._absorb(add_into(out, main, side, ACTIVATION_CODES[nn.ReLU]),
+                                     preceding_masks=False)
 
     def backward(self, grad_output, input_grad=True):
         grad = self.relu_out.backward(grad_output)

@@ -48,13 +48,14 @@ class _Absorbable(_Elementwise):
         self._save_for_backward(out, False)
         return out
 
-    def _absorb(self, out):
+    def _absorb(self, out, preceding_masks=True):
         """Stand in for a forward that the preceding layer already applied (out: its
         output, or that of a max-pool it absorbed too).
 
-        The preceding layer then also masks the gradient, so backward passes it on.
+        The preceding layer then also masks the gradient, so backward passes it on;
+        preceding_masks=False: it does not, and backward masks it here, from out.
         """
-        self._save_for_backward(out, True)
+        self._save_for_backward(out, preceding_masks)
         return out
 
     def backward(self, grad_output, input_grad=True):

@@ -19,16 +19,18 @@ from cyconv._threads import threads_for
 from cyconv.nn.module import Module, naming_errors
 
 
-def add_into(out, a, b):
+def add_into(out, a, b, activation=0):
     """out = a + b for arrays of out's shape (the sum of a residual connection, or the
-    gradients of an input used twice), on the kernel threads; returns out.  The callers
+    gradients of an input used twice), then the activation of that code (see
+    ACTIVATION_CODES; 0: none), on the kernel threads; returns out.  The callers
     check the shapes for the user; a mismatch here would make the kernel read past an
     array, so it is refused."""
     if np.shape(a) != out.shape or np.shape(b) != out.shape:
         raise ValueError(f"add_into: expected two arrays of shape {shape_text(out.shape)}, "
                          f"got {shape_text(np.shape(a))} and {shape_text(np.shape(b))}")
     a, b = (np.ascontiguousarray(v, dtype=out.dtype) for v in (a, b))
-    _activation.add_arrays(a.reshape(-1), b.reshape(-1), out.reshape(-1), threads_for(out.size))
+    _activation.add_arrays(a.reshape(-1), b.reshape(-1), out.reshape(-1), activation,
+                           threads_for(out.size))
     return out
 
 
