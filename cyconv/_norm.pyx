@@ -12,7 +12,8 @@ depend on the thread count.
     eval:   the running statistics stand for mean_c and var_c.
 
 An activation (ReLU or ReLU6: the codes of _elementwise.pxd, 0 for none) may follow
-in the same pass, its gradient masked from the output in backward.
+in the same pass, its gradient masked from the output in backward.  The forwards may
+also add an array to y before the activation (a residual connection's other path).
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -25,8 +26,26 @@ cdef extern from "_runs.h" nogil:
     # (const T* x, T* out, n, T scale, T shift, int activation):
     # out = x * scale + shift, then the activation (RELU, RELU6 or none; NaN kept)
     void affine_run(...)
+    # (const T* x, const T* addend, T* out, n, T scale, T shift, int activation):
+    # out = (x * scale + shift) + addend, then the activation
+    void affine_add_run(...)
     # (const T* dy, const T* x, T* out, n, T a, T b, T c): out = a * dy + b * x + c
     void combine_run(...)
+
+
+cdef inline void normalize_channel(const floating[:, :, ::1] x, const floating[:, :, ::1] addend,
+                                   floating[:, :, ::1] out, Py_ssize_t c, double scale,
+                                   double shift, int activation) noexcept nogil:
+    """out[:, c] = x[:, c] * scale + shift (+ addend[:, c] unless addend is empty), then the
+    activation, scale and shift rounded to the array's precision."""
+    cdef Py_ssize_t n
+    for n in range(x.shape[0]):
+        if addend.shape[0] > 0:
+            affine_add_run(&x[n, c, 0], &addend[n, c, 0], &out[n, c, 0], x.shape[2],
+                           <floating> scale, <floating> shift, activation)
+        else:
+            affine_run(&x[n, c, 0], &out[n, c, 0], x.shape[2], <floating> scale,
+                       <floating> shift, activation)
 
 
 def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, HW)
@@ -36,11 +55,12 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
                                floating[::1] running_var,        # INOUT (C,)
                                floating[::1] saved_mean,         # OUT   (C,) batch mean
                                floating[::1] saved_invstd,       # OUT   (C,) 1 / sqrt(var + eps)
+                               const floating[:, :, ::1] addend, # IN    (N, C, HW), or empty
                                floating[:, :, ::1] out,          # OUT   (N, C, HW)
                                double eps, double momentum, bint update_running,
                                int activation, int num_threads):
-    """Normalise with the batch statistics (then the activation); update the running
-    ones."""
+    """Normalise with the batch statistics (plus addend, then the activation); update the
+    running ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
@@ -53,9 +73,7 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
             saved_invstd[c] = <floating> invstd
             scale = weight[c] * invstd
             shift = bias[c] - mean * scale
-            for n in range(N):
-                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
-                           activation)
+            normalize_channel(x, addend, out, c, scale, shift, activation)
 
 
 def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, HW)
@@ -63,10 +81,11 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
                               const floating[::1] bias,           # IN  (C,)
                               const floating[::1] running_mean,   # IN  (C,)
                               const floating[::1] running_var,    # IN  (C,)
+                              const floating[:, :, ::1] addend,   # IN  (N, C, HW), or empty
                               floating[:, :, ::1] out,            # OUT (N, C, HW)
                               double eps, int activation, int num_threads):
-    """Normalise with the running statistics (an affine map per channel; then the
-    activation)."""
+    """Normalise with the running statistics (an affine map per channel; plus addend,
+    then the activation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t chunk = chunk_size(C, HW)
     cdef Py_ssize_t c, n
@@ -74,9 +93,7 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
     with nogil:
         for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             scale, shift = running_affine(weight[c], bias[c], running_mean[c], running_var[c], eps)
-            for n in range(N):
-                affine_run(&x[n, c, 0], &out[n, c, 0], HW, <floating> scale, <floating> shift,
-                           activation)
+            normalize_channel(x, addend, out, c, scale, shift, activation)
 
 
 def batch_norm2d_fold_weight(const floating[:, ::1] weight,   # IN  (OC, K) a convolution's

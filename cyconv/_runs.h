@@ -116,6 +116,19 @@
     }
 #endif
 
+/* out[i] = the activation of code act (_activate.h) of VALUE, for i < n; act is a
+ * constant in each loop, so that each vectorises */
+#define CYCONV_ACTIVATED_LOOPS(VALUE)                                                        \
+    if (act == 1)                                                                            \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            out[i] = CYCONV_ACTIVATE(VALUE, 1);                                              \
+    else if (act == 2)                                                                       \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            out[i] = CYCONV_ACTIVATE(VALUE, 2);                                              \
+    else                                                                                     \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            out[i] = VALUE;
+
 #define CYCONV_RUNS(T, MASK_T)                                                               \
     /* sum_i x[i] */                                                                        \
     static CYCONV_MULTIVERSION_EXACT double sum_run_##T(const T *x, ptrdiff_t n)             \
@@ -133,19 +146,19 @@
     CYCONV_MASK_RUN(T, relu_mask_run, CYCONV_RELU_MASK)                                      \
     CYCONV_MASK_RUN(T, relu6_mask_run, CYCONV_RELU6_MASK)                                    \
     /* out = x * scale + shift, then the activation of code act (_activate.h; NaN kept),   \
-     * in the array's precision; act is a constant in each loop, so that each vectorises */ \
+     * in the array's precision */                                                          \
     static CYCONV_MULTIVERSION_EXACT void affine_run_##T(const T *x, T *out, ptrdiff_t n,    \
                                                          T scale, T shift, int act)          \
     {                                                                                        \
-        if (act == 1)                                                                        \
-            for (ptrdiff_t i = 0; i < n; i++)                                                \
-                out[i] = CYCONV_ACTIVATE(x[i] * scale + shift, 1);                           \
-        else if (act == 2)                                                                   \
-            for (ptrdiff_t i = 0; i < n; i++)                                                \
-                out[i] = CYCONV_ACTIVATE(x[i] * scale + shift, 2);                           \
-        else                                                                                 \
-            for (ptrdiff_t i = 0; i < n; i++)                                                \
-                out[i] = x[i] * scale + shift;                                               \
+        CYCONV_ACTIVATED_LOOPS(x[i] * scale + shift)                                         \
+    }                                                                                        \
+    /* out = (x * scale + shift) + addend, then the activation, each step rounded to the   \
+     * array's precision (an affine map and a residual sum, in one pass) */                 \
+    static CYCONV_MULTIVERSION_EXACT void affine_add_run_##T(const T *x, const T *addend,    \
+                                                             T *out, ptrdiff_t n, T scale,   \
+                                                             T shift, int act)               \
+    {                                                                                        \
+        CYCONV_ACTIVATED_LOOPS((T)(x[i] * scale + shift) + addend[i])                        \
     }                                                                                        \
     /* sum_i m[i] in *sum_m and sum_i m[i] * (x[i] - center) in *sum_mx, each in          \
      * sum_run's order, in one sweep: m = grad masked by the derivative of the activation  \
@@ -181,6 +194,7 @@ CYCONV_RUNS(double, long long)
 #define relu_mask_run(grad, ...) CYCONV_TYPED(relu_mask_run, grad, __VA_ARGS__)
 #define relu6_mask_run(grad, ...) CYCONV_TYPED(relu6_mask_run, grad, __VA_ARGS__)
 #define affine_run(x, ...) CYCONV_TYPED(affine_run, x, __VA_ARGS__)
+#define affine_add_run(x, ...) CYCONV_TYPED(affine_add_run, x, __VA_ARGS__)
 #define combine_run(dy, ...) CYCONV_TYPED(combine_run, dy, __VA_ARGS__)
 #define gradient_sums_run(grad, ...) CYCONV_TYPED(gradient_sums_run, grad, __VA_ARGS__)
 

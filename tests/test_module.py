@@ -359,22 +359,37 @@ def test_residual_sum_with_its_activation_is_numpys(rng, threads, activation):
         np.testing.assert_array_equal(add_into(np.empty_like(a), a, b, activation), expected)
 
 
-def test_basic_block_sums_and_applies_relu_out_in_one_pass_with_the_same_results(rng):
-    """Without hooks, a BasicBlock adds its paths and applies relu_out in one kernel pass;
-    a hook on relu_out makes it run as a layer: outputs and gradients are the same bits."""
-    x = rng.standard_normal((2, 8, 9, 11)).astype(np.float32)
-    dy = rng.standard_normal((2, 16, 5, 6)).astype(np.float32)
+@pytest.mark.parametrize("mode", ["train", "eval", "inference"])
+@pytest.mark.parametrize("downsample", [False, True])
+def test_basic_block_fuses_its_sum_with_the_same_results(mode, downsample):
+    """Without hooks, a BasicBlock computes bn2, the sum of its paths and relu_out in one
+    kernel pass (in inference: the sum and relu_out, bn2 being folded into conv2); a hook
+    on relu_out makes them run as layers: outputs, gradients and running statistics are
+    the same bits."""
+    planes, stride = (16, 2) if downsample else (8, 1)
+    x = np.random.default_rng(4).standard_normal((2, 8, 9, 11)).astype(np.float32)
     results, seen = [], []
     for hooked in (False, True):
         cyconv.manual_seed(3)
-        block = BasicBlock(8, 16, stride=2, downsample=nn.Sequential(
-            nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16)))
+        block = BasicBlock(8, planes, stride=stride, downsample=nn.Sequential(
+            nn.Conv2d(8, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            if downsample else None)
+        block.bn2.running_mean[:] = np.random.default_rng(7).standard_normal(planes)
+        block.train(mode == "train")
         if hooked:
             block.relu_out.register_forward_hook(lambda m, i, o: seen.append(o.copy()))
+        if mode == "inference":
+            with cyconv.no_grad():
+                y = block(x).copy()
+            results.append([y])
+            continue
         y = block(x).copy()
-        dx = block.backward(dy)
-        results.append([y, dx] + [p.grad.copy() for p in block.parameters()])
-    assert (results[0][0] == 0).any() and (results[0][0] > 0).all(where=results[0][0] != 0)
+        dx = block.backward(np.random.default_rng(5).standard_normal(y.shape)
+                            .astype(np.float32))
+        results.append([y, dx, block.bn2.running_mean.copy()]
+                       + [p.grad.copy() for p in block.parameters()])
+    y = results[0][0]
+    assert (y == 0).any() and (y > 0).any()
     for fused, plain in zip(*results):
         np.testing.assert_array_equal(fused, plain)
     np.testing.assert_array_equal(seen[0], results[1][0])

@@ -15,6 +15,7 @@ from cyconv.models import spec
 from cyconv.nn._init import kaiming_normal_fan_out
 from cyconv.nn.activation import ACTIVATION_CODES
 from cyconv.nn.containers import add_into, backward_chain, forward_chain
+from cyconv.nn.module import naming_errors
 
 
 class BasicBlock(nn.Module):
@@ -53,15 +54,29 @@ class BasicBlock(nn.Module):
         return main
 
     def forward(self, x):
+        """The sum and relu_out run in one pass, with bn2 too unless bn2 folds into conv2
+        (inference); relu_out's backward masks the gradient as usual.  A layer with hooks
+        runs as a layer of its own (its hooks must see it)."""
         self.output_shape(np.shape(x))   # refuse a bad shape before any statistics move
-        main = forward_chain(self._main(), x)
-        side = x if self.downsample is None else self.downsample(x)
-        out = self._output_array(main.shape, main.dtype)
-        if self.relu_out._hooked():   # (its hooks must see it run)
-            return self.relu_out(add_into(out, main, side))
-        # the sum and relu_out in one pass; relu_out's backward masks the gradient as usual
-        return self.relu_out._absorb(add_into(out, main, side, ACTIVATION_CODES[nn.ReLU]),
-                                     preceding_masks=False)
+        relu = ACTIVATION_CODES[nn.ReLU]
+        if self.relu_out._hooked():
+            main = forward_chain(self._main(), x)
+            return self.relu_out(add_into(self._output_array(main.shape, main.dtype), main,
+                                          self._shortcut(x)))
+        if self.bn2._hooked() or self.bn2._folds_into(self.conv2):
+            main = forward_chain(self._main(), x)
+            out = add_into(self._output_array(main.shape, main.dtype), main, self._shortcut(x),
+                           relu)
+        else:
+            hidden = forward_chain(self._main()[:-1], x)
+            side = self._shortcut(x)
+            with naming_errors(self.bn2):
+                out = self.bn2._forward(hidden, relu, addend=np.ascontiguousarray(
+                    side, dtype=self.bn2.dtype))
+        return self.relu_out._absorb(out, preceding_masks=False)
+
+    def _shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
 
     def backward(self, grad_output, input_grad=True):
         grad = self.relu_out.backward(grad_output)

@@ -98,26 +98,31 @@ class BatchNorm2d(Module):
             return self._forward_pooled(x, absorbed[1])
         return self._forward(x, ACTIVATION_CODES[type(absorbed[0])])
 
-    def _forward(self, x, activation):
+    def _forward(self, x, activation, addend=None):
         """The forward, then the activation of that code (ACTIVATION_CODES; 0 for none) in
-        the same pass."""
+        the same pass.  addend (an array of x's shape and dtype, or None) is added before
+        the activation: the other path of a residual sum, whose activation layer then
+        masks the gradient itself (this layer's backward does not)."""
         x = as_input(self, x, ("N", self.num_features, "H", "W"), self.dtype)
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)
         out = self._output_array(x.shape, x.dtype)
         flat_out = out.reshape(n, c, h * w)
+        flat_addend = (np.empty((0, 0, 0), self.dtype) if addend is None
+                       else addend.reshape(n, c, h * w))
         momentum, mean, invstd = self._statistics(x.shape)
         if self.training:
             _norm.batch_norm2d_forward_train(flat, self.weight.data, self.bias.data,
                                              self.running_mean, self.running_var, mean, invstd,
-                                             flat_out, self.eps, momentum, True, activation,
-                                             threads_for(x.size))
+                                             flat_addend, flat_out, self.eps, momentum, True,
+                                             activation, threads_for(x.size))
         else:
             _norm.batch_norm2d_forward_eval(flat, self.weight.data, self.bias.data,
-                                            self.running_mean, self.running_var, flat_out,
-                                            self.eps, activation, threads_for(x.size))
-        self._save_for_backward(self.training, int(activation), x, mean, invstd,
-                                out if activation else None, None)
+                                            self.running_mean, self.running_var, flat_addend,
+                                            flat_out, self.eps, activation, threads_for(x.size))
+        masked = activation if addend is None else 0
+        self._save_for_backward(self.training, int(masked), x, mean, invstd,
+                                out if masked else None, None)
         return out
 
     def _forward_pooled(self, x, pool):
