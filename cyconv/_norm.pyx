@@ -63,7 +63,7 @@ def batch_norm2d_forward_train(const floating[:, :, ::1] x,      # IN    (N, C, 
     running ones."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t chunk = chunk_size(C, HW)
-    cdef Py_ssize_t c, n
+    cdef Py_ssize_t c
     cdef double mean, invstd, scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
@@ -86,9 +86,9 @@ def batch_norm2d_forward_eval(const floating[:, :, ::1] x,        # IN  (N, C, H
                               double eps, int activation, int num_threads):
     """Normalise with the running statistics (an affine map per channel; plus addend,
     then the activation)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], HW = x.shape[2]
+    cdef Py_ssize_t C = x.shape[1], HW = x.shape[2]
     cdef Py_ssize_t chunk = chunk_size(C, HW)
-    cdef Py_ssize_t c, n
+    cdef Py_ssize_t c
     cdef double scale, shift
     with nogil:
         for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):

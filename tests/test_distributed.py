@@ -214,6 +214,23 @@ def test_converted_model_keeps_keys_parameters_and_loads_as_batchnorm(tmp_path):
     assert np.array_equal(loaded.eval()(x), model.eval()(x))
 
 
+def test_a_converted_resnet_trains_as_the_plain_one():
+    """SyncBatchNorm in a ResNet block runs its own forward (the block adds its paths
+    after it): on one rank, a training step gives what BatchNorm2d gives."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    results = []
+    for convert in (False, True):
+        cyconv.manual_seed(4)
+        model = models.resnet_small(3)
+        if convert:
+            convert_sync_batchnorm(model, OneRank())
+        y = model(x)
+        model.backward(np.ones_like(y))
+        results.append([y] + [p.grad for p in model.parameters()])
+    for synced, plain in zip(*results):
+        np.testing.assert_allclose(synced, plain, rtol=1e-4, atol=1e-5)
+
+
 # -- 2 ranks under mpirun ------------------------------------------------------------------
 
 @needs_mpi

@@ -55,15 +55,17 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         """The sum and relu_out run in one pass, with bn2 too unless bn2 folds into conv2
-        (inference); relu_out's backward masks the gradient as usual.  A layer with hooks
-        runs as a layer of its own (its hooks must see it)."""
+        (inference) or is a subclass (SyncBatchNorm); relu_out's backward masks the
+        gradient as usual.  A layer with hooks runs as a layer of its own (its hooks must
+        see it)."""
         self.output_shape(np.shape(x))   # refuse a bad shape before any statistics move
         relu = ACTIVATION_CODES[nn.ReLU]
         if self.relu_out._hooked():
             main = forward_chain(self._main(), x)
             return self.relu_out(add_into(self._output_array(main.shape, main.dtype), main,
                                           self._shortcut(x)))
-        if self.bn2._hooked() or self.bn2._folds_into(self.conv2):
+        if (self.bn2._hooked() or self.bn2._folds_into(self.conv2)
+                or not self.bn2._takes_addend()):
             main = forward_chain(self._main(), x)
             out = add_into(self._output_array(main.shape, main.dtype), main, self._shortcut(x),
                            relu)

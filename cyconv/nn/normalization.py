@@ -69,6 +69,11 @@ class BatchNorm2d(Module):
         return (type(self) is BatchNorm2d and type(activation) is ReLU
                 and type(pool) is MaxPool2d and pool._tiles_2x2())
 
+    def _takes_addend(self):
+        """True when its forward can add another array in its own pass (see _forward; not
+        in subclasses: SyncBatchNorm normalises in a forward of its own)."""
+        return type(self) is BatchNorm2d
+
     def _folds_into(self, conv):
         """True when conv (a Conv2d) can apply this layer through its weight and bias: in
         inference (eval mode, no gradient wanted), on conv's channels and dtype."""
