@@ -74,12 +74,27 @@ def prepare_input(model, images):
     return np.ascontiguousarray(x, dtype=dtype), sizes, batched
 
 
-def predict(model, images, batch_size=64):
+def flip_averaged(model, x):
+    """Logits (N, classes) whose softmax is the mean of the model's class probabilities
+    on ``x`` (N, C, H, W) and on ``x`` mirrored left to right (test-time augmentation):
+    ``log((softmax(model(x)) + softmax(model(mirrored x))) / 2)``.  Runs the model as it
+    is (call it in eval mode, without gradients)."""
+    def log_softmax(logits):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+    plain = log_softmax(model(x))
+    mirrored = log_softmax(model(np.ascontiguousarray(x[..., ::-1])))
+    return (np.logaddexp(plain, mirrored) - np.log(2)).astype(plain.dtype, copy=False)
+
+
+def predict(model, images, batch_size=64, flip=False):
     """Logits (N, classes), in the model's dtype, of a model in eval mode without gradients.
 
     ``images``: file names, RGB uint8 images (``(N, H, W, 3)`` or a list), or an
     already normalised ``(N, 3, H, W)`` float array; see :func:`prepare_input`.
-    The model's train/eval mode is restored afterwards.
+    ``flip``: average the class probabilities of each image and its mirror image
+    (:func:`flip_averaged`).  The model's train/eval mode is restored afterwards.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
@@ -93,7 +108,7 @@ def predict(model, images, batch_size=64):
         with no_grad():
             for start in range(0, len(images), batch_size):
                 x, _, _ = prepare_input(model, _batch(images, start, batch_size))
-                outputs.append(model(x))
+                outputs.append(flip_averaged(model, x) if flip else model(x))
     finally:
         model.train(was_training)
     if outputs:

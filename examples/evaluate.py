@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--blur", type=float_range(0, 1000), default=0.0, metavar="SIGMA",
                    help="Gaussian blur of this sigma in pixels (at the model's input size) "
                         "on every image first (default: none)")
+    p.add_argument("--flip", action="store_true",
+                   help="average the class probabilities of each image and its mirror image "
+                        "(as a run trained with --eval-flip was validated and tested)")
     p.add_argument("--batch-size", type=int_range(1, 4096), default=64)
     p.add_argument("--workers", type=int_range(0, 64), default=2,
                    help="data-loading threads (default 2)")
@@ -98,12 +101,14 @@ def main(argv=None):
         if len(dataset) == 0:
             fail(f"the {args.part} part of {split} is empty")
 
+    if args.flip:
+        what += ", each image averaged with its mirror image"
     if args.blur > 0:
         what += f", blurred (sigma {args.blur:g} px)"
         dataset = Blurred(dataset, args.blur)
     loader = DataLoader(dataset, args.batch_size, mean=model.mean, std=model.std,
                         num_workers=args.workers, cache=False)
-    result = evaluate(model, loader, len(classes))
+    result = evaluate(model, loader, len(classes), flip=args.flip)
     print(f"{args.checkpoint} on {what}: {len(dataset)} images, {len(classes)} classes")
     print(f"accuracy: {result['accuracy']:.4f}   loss: {result['loss']:.4f}\n")
     width = max(len("class"), max(len(c) for c in classes)) + 2

@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--recursive", action="store_true", help="also look in sub-folders")
     p.add_argument("--image-size", type=int_range(8, 4096),
                    help="input side in pixels, for a checkpoint that does not store one")
+    p.add_argument("--flip", action="store_true",
+                   help="average the class probabilities of each image and its mirror image "
+                        "(as a run trained with --eval-flip was validated and tested)")
     p.add_argument("--threads", type=threads, help="kernel threads (default: every core)")
     return p.parse_args(argv)
 
@@ -88,7 +91,7 @@ def main(argv=None):
             names.append(path)
         if not batch:
             continue
-        probabilities = softmax(cyconv.predict(model, batch, args.batch_size))
+        probabilities = softmax(cyconv.predict(model, batch, args.batch_size, args.flip))
         for path, p in zip(names, probabilities):
             order = np.argsort(-p, kind="stable")[:args.top]
             text = ", ".join(f"{classes[i] if classes else i} {100 * p[i]:.1f}%" for i in order)

@@ -12,10 +12,10 @@ from cyconv.data import Augment
 # What identifies a run (saved in its checkpoints; --resume refuses other values).
 RUN_SETTINGS = ("classes", "model", "augment", "epochs", "batch_size", "lr", "image_size",
                 "weight_decay", "momentum", "warmup", "schedule", "step_size", "label_smoothing",
-                "ema", "seed", "limit")
+                "ema", "eval_flip", "seed", "limit")
 
 _COMMON = dict(batch_size=32, weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
-               step_size=10, label_smoothing=0.1, ema=0.998, seed=0)
+               step_size=10, label_smoothing=0.1, ema=0.998, eval_flip=False, seed=0)
 
 RECIPES = {
     # the default: four Conv + BN + ReLU + MaxPool stages on 128 px photos; the moving
@@ -24,8 +24,9 @@ RECIPES = {
                   augment=dict(hflip=0.5, crop=0.5, crop_scale=[0.75, 1.0], rotate=0.3,
                                max_angle=15.0, color=0.5)),
     # a ResNet of BasicBlocks sized for 128 px photos (cyconv.models.resnet_small: no
-    # max-pool after the stem, so its stages work at the small network's 64-8 px)
-    "resnet": dict(_COMMON, epochs=60, lr=0.1, image_size=128,
+    # max-pool after the stem, so its stages work at the small network's 64-8 px); valid
+    # and test on each photo and its mirror image
+    "resnet": dict(_COMMON, epochs=60, lr=0.1, image_size=128, eval_flip=True,
                    augment=dict(hflip=0.5, crop=0.7, crop_scale=[0.6, 1.0], rotate=0.3,
                                 max_angle=15.0, color=0.5)),
     # the reference project's network: no normalisation or dropout, it overfits: every image

@@ -93,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=ema_decay, metavar="DECAY",
                    help="validate and save a moving average of the weights with this decay "
                         "per step; 0: off (default 0.998)")
+    p.add_argument("--eval-flip", action=argparse.BooleanOptionalAction,
+                   help="classify valid and test photos by the mean of the class probabilities "
+                        "of each photo and its mirror image (recipe's default)")
     p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
                    help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
                    "(keys: the arguments of cyconv.data.Augment)")
@@ -271,7 +274,8 @@ def trainer_for(config, data, loaders_, folder, args, argv, comm=None):
     arguments = (model, opt, nn.CrossEntropyLoss(config["label_smoothing"]), loaders_[0],
                  loaders_[1])
     settings = {"epochs": config["epochs"], "schedule": schedule, "average": average,
-                "run": folder, "save_every": args.save_every,
+                "eval_flip": config.get("eval_flip", False), "run": folder,
+                "save_every": args.save_every,
                 "progress": not args.no_progress, "resume_hint": hint}
     if comm is not None:
         return distributed.DistributedTrainer(comm, *arguments, **settings)
@@ -281,10 +285,10 @@ def trainer_for(config, data, loaders_, folder, args, argv, comm=None):
 def test_once(folder, data, test_loader, split, trainer):
     """Evaluate best.safetensors on the test split (once, at the end) and write the report."""
     best = cyconv.load(folder.best)
-    result = evaluate(best, test_loader, len(data.classes))
+    result = evaluate(best, test_loader, len(data.classes), flip=trainer.eval_flip)
     files = [data.samples[i][0].relative_to(data.root).as_posix() for i in split[2]]
     report = {k: v for k, v in result.items() if k not in ("predictions", "labels")}
-    report.update(best_epoch=trainer.position.best["epoch"],
+    report.update(eval_flip=trainer.eval_flip, best_epoch=trainer.position.best["epoch"],
                   valid_accuracy=trainer.position.best["accuracy"],
                   classes=data.classes, predictions=[
                       {"file": f, "label": int(t), "predicted": int(p)}

@@ -54,7 +54,7 @@ def check_predictions(data_root, out, image_size):
     model = cyconv.load(out / "best.safetensors")
     assert model.classes == report["classes"]
     images = [read_image(data_root / p["file"], image_size) for p in report["predictions"]]
-    predicted = cyconv.predict(model, np.stack(images)).argmax(axis=1)
+    predicted = cyconv.predict(model, np.stack(images), flip=report["eval_flip"]).argmax(axis=1)
     assert predicted.tolist() == [p["predicted"] for p in report["predictions"]]
     labels = [p["label"] for p in report["predictions"]]
     assert report["accuracy"] == pytest.approx(np.mean(predicted == labels))
@@ -76,6 +76,18 @@ def test_train_save_reload_same_predictions(shapes_folder, tmp_path):
     again = run("--data", shapes_folder, "--out", out, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
     run("--data", shapes_folder, "--out", out, "--resume", "--no-progress")
+
+
+def test_eval_flip_validates_and_tests_on_mirror_images_too(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", shapes_folder, "--epochs", 2, "--image-size", SIZE, "--batch-size", 16,
+            "--out", out, "--no-progress"]
+    run(*args, "--eval-flip")
+    report = check_predictions(shapes_folder, out, SIZE)
+    assert report["eval_flip"] is True
+    assert checkpoint.read(out / "last.safetensors").metadata["config"]["eval_flip"] is True
+    refused = run(*args, "--resume", "--no-eval-flip", check=False)
+    assert refused.returncode == 2 and "--eval-flip False (the run has True)" in refused.stderr
 
 
 @pytest.mark.skipif(not ANIMALS.is_dir(), reason="no ../shared/datasets/animals")

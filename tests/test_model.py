@@ -503,6 +503,26 @@ def test_sequential_conv_relu_matches_layer_by_layer(rng):
                                rtol=1e-5, atol=1e-8)
 
 
+def test_predict_with_flip_averages_the_probabilities_of_the_mirror_image(rng):
+    """predict(flip=True): logits whose softmax is the mean of the model's softmax on the
+    image and on its mirror image; an image and its mirror image get the same bits."""
+    def softmax(logits):
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    model = wide_net(np.float64)
+    x = rng.standard_normal((3, 3, 11, 13))
+    mirrored = x[..., ::-1].copy()
+    logits = cyconv.predict(model, x, flip=True)
+    model.eval()
+    with cyconv.no_grad():
+        expected = (softmax(model(x)) + softmax(model(mirrored))) / 2
+    np.testing.assert_allclose(softmax(logits), expected, rtol=1e-12, atol=1e-15)
+    assert np.array_equal(cyconv.predict(model, mirrored, flip=True), logits)
+    assert not np.allclose(cyconv.predict(model, x), logits)     # the mirror image counts
+    assert cyconv.predict(wide_net(np.float32), x, flip=True).dtype == np.float32
+
+
 def test_predict_keeps_the_model_dtype_and_mode(rng):
     """cyconv.predict on a float64 model gives float64 logits, and leaves the model in the
     mode it found it in (review finding 3)."""

@@ -111,6 +111,26 @@ def test_metrics():
     assert "precision" in text and "recall" in text
 
 
+def test_evaluate_with_flip_classifies_by_the_averaged_probabilities(shapes):
+    data, _, valid = shapes
+    model = models.small(3, SIZE, widths=(8, 16))
+    loader = DataLoader(Subset(data, valid), 32, num_workers=0)
+    result = evaluate(model, loader, 3, flip=True)
+    logits = cyconv.predict(model, np.concatenate([x for x, _ in loader]), flip=True)
+    assert result["predictions"].tolist() == logits.argmax(axis=1).tolist()
+    assert result["loss"] == pytest.approx(nn.CrossEntropyLoss()(logits, result["labels"]))
+
+
+def test_validation_with_flip(shapes):
+    """Trainer(eval_flip=True) validates as evaluate(..., flip=True) does."""
+    trainer = make_trainer(shapes, None, epochs=1, eval_flip=True)
+    last = trainer.fit()[-1]
+    again = evaluate(trainer.model, trainer.valid_loader, 3, flip=True)
+    plain = evaluate(trainer.model, trainer.valid_loader, 3)
+    assert (last["valid_acc"], last["valid_loss"]) == (again["accuracy"], again["loss"])
+    assert last["valid_loss"] != plain["loss"]
+
+
 # ---------------------------------------------------------------------------
 # A run and its outputs
 # ---------------------------------------------------------------------------

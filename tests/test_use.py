@@ -81,6 +81,11 @@ def test_predict(setup, capsys):
     assert lines[0] == f"{single}: " + ", ".join(f"{CLASSES[i]} {100 * p[i]:.1f}%" for i in best)
     code, out, err = call(capsys, "predict.py", ckpt, photos / "a.png")
     assert code == 0 and out.count("%") == 3 and not err
+    logits = cyconv.predict(setup["model"], [read_image(photos / "a.png")], flip=True)[0]
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    code, out, err = call(capsys, "predict.py", ckpt, photos / "a.png", "--flip", "--top", "1")
+    assert code == 0 and out.strip().endswith(f"{CLASSES[p.argmax()]} {100 * p.max():.1f}%")
 
 
 def test_missing_or_broken_checkpoint(setup, capsys):
@@ -141,6 +146,11 @@ def test_evaluate(setup, capsys):
     for name in CLASSES + ["precision", "recall", "true \\ predicted"]:
         assert name in r.stdout
     assert read_image(out).ndim == 3
+    flipped = cyconv.predict(setup["model"], np.stack([folder[i][0] for i in test]), flip=True)
+    r = run("evaluate.py", setup["ckpt"], "--data", setup["data"], "--out", out, "--flip")
+    assert r.returncode == 0 and "mirror image" in r.stdout, r.stderr
+    accuracy = np.mean(flipped.argmax(1) == [folder[i][1] for i in test])
+    assert f"accuracy: {accuracy:.4f}" in r.stdout
     code, stdout, _ = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["data"],
                            "--all", "--out", out, "--workers", "0")
     assert code == 0 and "15 images" in stdout

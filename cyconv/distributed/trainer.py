@@ -14,12 +14,12 @@ from cyconv.train.metrics import evaluate as evaluate_here
 from cyconv.train.signals import SignalGuard
 
 
-def evaluate(comm, model, loader, num_classes=None, loss_fn=None):
+def evaluate(comm, model, loader, num_classes=None, loss_fn=None, flip=False):
     """:func:`cyconv.train.evaluate` over every rank's part of the data (a
     :class:`ShardedLoader`): loss, accuracy, confusion matrix, precision, recall and f1
     of all the ranks' images together, the same on every rank (without the per-image
     predictions, which stay with each rank)."""
-    here = evaluate_here(model, loader, num_classes, loss_fn)
+    here = evaluate_here(model, loader, num_classes, loss_fn, flip)
     classes = comm.max(len(here["confusion"]), "the number of classes of the evaluation")
     matrix = confusion_matrix(here["labels"], here["predictions"], classes)
     count = len(here["labels"])
@@ -168,7 +168,7 @@ class DistributedTrainer(Trainer):
             self._committed = self._forward_state()
 
     def _evaluate(self, loader, num_classes):
-        return evaluate(self.comm, self.model, loader, num_classes, self.loss_fn)
+        return evaluate(self.comm, self.model, loader, num_classes, self.loss_fn, self.eval_flip)
 
     # -- the Trainer's methods, distributed -------------------------------------------------
     def save_last(self):

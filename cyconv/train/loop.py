@@ -45,7 +45,8 @@ class Trainer:
     (the optimizer's lr throughout).  ``valid_loader``: evaluated after every epoch
     (without one, the best epoch is chosen by the train accuracy).  ``average``: an
     :class:`cyconv.optim.ExponentialMovingAverage` of the model, updated after every
-    step; validation and best.safetensors then use the averaged weights.  ``run``: a
+    step; validation and best.safetensors then use the averaged weights.  ``eval_flip``:
+    validate on each image and its mirror image (``evaluate(..., flip=True)``).  ``run``: a
     :class:`RunFolder` (or None: nothing is written).  ``save_every``: also write
     last.safetensors every that many steps.  ``progress``: a tqdm bar per epoch;
     ``verbose``: one line per epoch.  ``handle_signals``: SIGINT/SIGTERM save and stop.
@@ -53,8 +54,8 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, loss_fn, train_loader, valid_loader=None, *, epochs,
-                 schedule=None, average=None, run=None, save_every=None, progress=True,
-                 verbose=True, handle_signals=True, resume_hint=None):
+                 schedule=None, average=None, eval_flip=False, run=None, save_every=None,
+                 progress=True, verbose=True, handle_signals=True, resume_hint=None):
         if average is not None and average.model is not model:
             raise ValueError("Trainer: the average must be an ExponentialMovingAverage of "
                              "the model being trained")
@@ -62,6 +63,7 @@ class Trainer:
             raise ValueError(f"Trainer: epochs must be a positive int, got {epochs!r}")
         self.model, self.optimizer, self.loss_fn, self.average = model, optimizer, loss_fn, average
         self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.eval_flip = eval_flip
         self.epochs, self.steps_per_epoch = epochs, len(train_loader)
         if self.steps_per_epoch < 1:
             raise ValueError("Trainer: the train loader yields no batch")
@@ -271,7 +273,7 @@ class Trainer:
         return nullcontext()
 
     def _evaluate(self, loader, num_classes):
-        return evaluate(self.model, loader, num_classes, self.loss_fn)
+        return evaluate(self.model, loader, num_classes, self.loss_fn, self.eval_flip)
 
     def _log(self, text):
         if self.verbose:

@@ -2,6 +2,7 @@
 import numpy as np
 
 from cyconv._grad_mode import no_grad
+from cyconv.inference import flip_averaged
 from cyconv.nn import CrossEntropyLoss
 
 
@@ -42,10 +43,12 @@ def format_confusion(matrix, classes):
     return "\n".join(lines)
 
 
-def evaluate(model, loader, num_classes=None, loss_fn=None):
+def evaluate(model, loader, num_classes=None, loss_fn=None, flip=False):
     """Loss, accuracy, confusion matrix, per-class precision/recall of ``model`` on ``loader``.
 
     ``loss_fn``: a loss called as ``loss_fn(logits, labels)`` (default: cross-entropy).
+    ``flip``: classify each image by the mean of the class probabilities of the image
+    and its mirror image (:func:`cyconv.inference.flip_averaged`).
     Runs in eval mode without gradients (the model's mode is restored).
     Returns a dict: ``loss``, ``accuracy``, ``confusion`` (list of lists),
     ``precision``, ``recall``, ``f1`` (lists), ``predictions`` (int64 array)
@@ -58,7 +61,7 @@ def evaluate(model, loader, num_classes=None, loss_fn=None):
     try:
         with no_grad():
             for x, y in loader:
-                logits = model(x)
+                logits = flip_averaged(model, x) if flip else model(x)
                 total += loss_fn(logits, y) * len(y)
                 count += len(y)
                 preds.append(np.argmax(logits, axis=1))
