@@ -171,7 +171,8 @@ def train(args):
     model.register_full_backward_pre_hook(faults.before_backward)
     opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     common = {"epochs": args.epochs, "schedule": LRSchedule(0.05, "cosine", warmup_epochs=0.5),
-              "average": optim.ExponentialMovingAverage(model, 0.9), "progress": False,
+              "average": optim.ExponentialMovingAverage(model, 0.9), "eval_flip": True,
+              "progress": False,
               "verbose": False, "run": RunFolder(args.out, classes=classes)}
     trainer = (Trainer(model, opt, nn.CrossEntropyLoss(), train_loader, valid_loader, **common)
                if comm is None else
