@@ -305,7 +305,7 @@ def test_best_epoch_ties_go_to_the_lower_valid_loss(shapes, tmp_path, monkeypatc
     # scripted valid results: accuracy 0.5, 0.75, 0.75 (lower loss), 0.75 (higher loss)
     scripted = iter([(0.5, 1.0), (0.75, 0.9), (0.75, 0.6), (0.75, 0.8)])
 
-    def fake_evaluate(model, loader, num_classes=None, loss_fn=None):
+    def fake_evaluate(model, loader, num_classes=None, loss_fn=None, flip=False):
         accuracy, loss = next(scripted)
         return {"accuracy": accuracy, "loss": loss, "confusion": np.eye(3, dtype=int).tolist(),
                 "precision": [1.0] * 3, "recall": [1.0] * 3, "f1": [1.0] * 3}

@@ -168,7 +168,8 @@ class DistributedTrainer(Trainer):
             self._committed = self._forward_state()
 
     def _evaluate(self, loader, num_classes):
-        return evaluate(self.comm, self.model, loader, num_classes, self.loss_fn, self.eval_flip)
+        return evaluate(self.comm, self.model, loader, num_classes, self.loss_fn,
+                        flip=self.eval_flip)
 
     # -- the Trainer's methods, distributed -------------------------------------------------
     def save_last(self):

@@ -273,7 +273,7 @@ class Trainer:
         return nullcontext()
 
     def _evaluate(self, loader, num_classes):
-        return evaluate(self.model, loader, num_classes, self.loss_fn, self.eval_flip)
+        return evaluate(self.model, loader, num_classes, self.loss_fn, flip=self.eval_flip)
 
     def _log(self, text):
         if self.verbose:
