@@ -99,6 +99,8 @@ def predict(model, images, batch_size=64, flip=False):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"predict: batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(flip, (bool, np.bool_)):
+        raise TypeError(f"predict: flip must be True or False, got {flip!r}")
     if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim == 3):
         images = [images]
     was_training = model.training

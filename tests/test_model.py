@@ -521,6 +521,8 @@ def test_predict_with_flip_averages_the_probabilities_of_the_mirror_image(rng):
     assert np.array_equal(cyconv.predict(model, mirrored, flip=True), logits)
     assert not np.allclose(cyconv.predict(model, x), logits)     # the mirror image counts
     assert cyconv.predict(wide_net(np.float32), x, flip=True).dtype == np.float32
+    with pytest.raises(TypeError, match="flip must be True or False, got 'yes'"):
+        cyconv.predict(model, x, flip="yes")
 
 
 def test_predict_keeps_the_model_dtype_and_mode(rng):

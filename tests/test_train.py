@@ -129,6 +129,8 @@ def test_validation_with_flip(shapes):
     plain = evaluate(trainer.model, trainer.valid_loader, 3)
     assert (last["valid_acc"], last["valid_loss"]) == (again["accuracy"], again["loss"])
     assert last["valid_loss"] != plain["loss"]
+    with pytest.raises(TypeError, match="eval_flip must be True or False, got 1"):
+        make_trainer(shapes, None, epochs=1, eval_flip=1)
 
 
 # ---------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class Trainer:
                              "the model being trained")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Trainer: epochs must be a positive int, got {epochs!r}")
+        if not isinstance(eval_flip, (bool, np.bool_)):
+            raise TypeError(f"Trainer: eval_flip must be True or False, got {eval_flip!r}")
         self.model, self.optimizer, self.loss_fn, self.average = model, optimizer, loss_fn, average
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.eval_flip = eval_flip
