@@ -13,12 +13,19 @@ from libc.string cimport memset
 from cyconv._conv cimport Geometry, gather_strided, valid_range
 from cyconv._direct_conv cimport (DIRECT_COLUMNS, DIRECT_MAX_TAPS, DIRECT_VECTORIZED,
                                   conv_row_direct)
+from cyconv._vectors cimport set_vector_width
 
 
 # the largest K = C*kh*kw that conv2d_forward_direct accepts, and whether this
 # compiler built its vectorised kernel (else it is slower than im2col + GEMM)
 MAX_DIRECT_TAPS = DIRECT_MAX_TAPS
 DIRECT_IS_VECTORIZED = bool(DIRECT_VECTORIZED)
+
+
+def force_vector_width(width):
+    """Run the kernel with vectors of width bytes (32 or 64), or as the CPU suits
+    (None): for the tests, which check that both widths give the same bits."""
+    set_vector_width(width, "_conv_direct")
 
 
 def direct_row_length(Geometry g):

@@ -9,9 +9,11 @@
  *     out[oc * P + ow] = act(bias[oc] + sum_k weight[oc * K + k] * rows[tap_offset[k] + ow])
  *
  * for oc < OC, ow < OW, with act the activation of code act (_activate.h).
- * DIRECT_CHANNELS output channels x DIRECT_COLUMNS columns are accumulated in
- * registers at a time; a run is read up to DIRECT_COLUMNS - 1 elements past OW,
- * so the caller pads each row by DIRECT_COLUMNS.
+ * DIRECT_CHANNELS output channels x one vector of columns are accumulated in
+ * registers at a time: DIRECT_COLUMNS columns with CPUs that have AVX-512, 32
+ * bytes of them with the others (_multiversion.h); a run is read up to
+ * DIRECT_COLUMNS - 1 elements past OW, so the caller pads each row by
+ * DIRECT_COLUMNS.
  *
  * The kernel is compiled for baseline x86-64 and, where GCC can dispatch at
  * load time (target_clones), also for x86-64-v3 (AVX2 + FMA) and v4
@@ -32,94 +34,119 @@
 
 #if defined(__GNUC__)
 #define DIRECT_VECTORIZED 1
-/* GCC and clang: one DIRECT_COLUMNS-wide vector per accumulator (generic vector
- * extensions: the compiler maps it onto xmm, ymm or zmm registers for each
- * clone).  Plain loops over a local array were not kept in registers. */
-#define CYCONV_DIRECT_CONV(T, MASK)                                                          \
-    typedef T vec_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T)),                \
-                                     aligned(sizeof(T))));                                   \
-    typedef MASK mask_##T __attribute__((vector_size(DIRECT_COLUMNS * sizeof(T))));          \
-    CYCONV_VECTOR_ACTIVATE(direct_activate_##T, vec_##T, mask_##T)                         \
-    static inline __attribute__((always_inline)) void direct_store_##T(                      \
-        T *out, vec_##T *value, int columns, int act)                                        \
+/* GCC and clang: one vector of LANES columns per accumulator, named by width W
+ * (generic vector extensions: the compiler maps it onto xmm, ymm or zmm
+ * registers for each clone).  Plain loops over a local array were not kept in
+ * registers. */
+#define CYCONV_DIRECT_CONV(T, MASK, W, LANES)                                                \
+    typedef T vec_##T##W __attribute__((vector_size(LANES * sizeof(T)),                      \
+                                        aligned(sizeof(T))));                                \
+    typedef MASK mask_##T##W __attribute__((vector_size(LANES * sizeof(T))));                \
+    CYCONV_VECTOR_ACTIVATE(direct_activate_##T##W, vec_##T##W, mask_##T##W)                  \
+    static inline __attribute__((always_inline)) void direct_store_##T##W(                   \
+        T *out, vec_##T##W *value, int columns, int act)                                     \
     {                                                                                        \
-        *value = direct_activate_##T(*value, act);                                           \
-        if (columns == DIRECT_COLUMNS)                                                       \
-            *(vec_##T *)out = *value;                                                        \
+        *value = direct_activate_##T##W(*value, act);                                        \
+        if (columns == LANES)                                                                \
+            *(vec_##T##W *)out = *value;                                                     \
         else                                                                                 \
             memcpy(out, value, columns * sizeof(T));                                         \
     }                                                                                        \
     /* channels (a constant after inlining) output channels from oc, columns from ow0 */    \
-    static inline __attribute__((always_inline)) void direct_block_##T(                      \
+    static inline __attribute__((always_inline)) void direct_block_##T##W(                   \
         const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int K,   \
         int OW, int act, T *out, ptrdiff_t P, int oc, int ow0, const int channels)           \
     {                                                                                        \
-        vec_##T acc[DIRECT_CHANNELS];                                                        \
-        int columns = OW - ow0 < DIRECT_COLUMNS ? OW - ow0 : DIRECT_COLUMNS;                 \
+        vec_##T##W acc[DIRECT_CHANNELS];                                                     \
+        int columns = OW - ow0 < LANES ? OW - ow0 : LANES;                                   \
         for (int j = 0; j < channels; j++)                                                   \
-            acc[j] = (bias ? bias[oc + j] : 0) + (vec_##T){0};                               \
+            acc[j] = (bias ? bias[oc + j] : 0) + (vec_##T##W){0};                            \
         for (int k = 0; k < K; k++) {                                                        \
-            vec_##T run = *(const vec_##T *)(rows + tap_offset[k] + ow0);                    \
+            vec_##T##W run = *(const vec_##T##W *)(rows + tap_offset[k] + ow0);              \
             for (int j = 0; j < channels; j++)                                               \
                 acc[j] += weight[(ptrdiff_t)(oc + j) * K + k] * run;                         \
         }                                                                                    \
         for (int j = 0; j < channels; j++)                                                   \
-            direct_store_##T(out + (oc + j) * P + ow0, &acc[j], columns, act);               \
+            direct_store_##T##W(out + (oc + j) * P + ow0, &acc[j], columns, act);            \
     }
 #else
 #define DIRECT_VECTORIZED 0
 /* Other compilers: the same blocks as plain loops (slower than im2col + GEMM:
  * nn/conv.py then uses the direct kernel only when a test asks for it). */
-#define CYCONV_DIRECT_CONV(T, MASK)                                                          \
-    static void direct_block_##T(const T *weight, const T *bias, const T *rows,              \
-                                 const ptrdiff_t *tap_offset, int K, int OW, int act,        \
-                                 T *out, ptrdiff_t P, int oc, int ow0, const int channels)   \
+#define CYCONV_DIRECT_CONV(T, MASK, W, LANES)                                                \
+    static void direct_block_##T##W(const T *weight, const T *bias, const T *rows,           \
+                                    const ptrdiff_t *tap_offset, int K, int OW, int act,     \
+                                    T *out, ptrdiff_t P, int oc, int ow0,                    \
+                                    const int channels)                                      \
     {                                                                                        \
-        int columns = OW - ow0 < DIRECT_COLUMNS ? OW - ow0 : DIRECT_COLUMNS;                 \
+        int columns = OW - ow0 < LANES ? OW - ow0 : LANES;                                   \
         for (int j = 0; j < channels; j++)                                                   \
             for (int i = 0; i < columns; i++) {                                              \
                 T acc = bias ? bias[oc + j] : 0;                                             \
                 for (int k = 0; k < K; k++)                                                  \
-                    acc += weight[(ptrdiff_t)(oc + j) * K + k] * rows[tap_offset[k] + ow0 + i]; \
+                    acc += weight[(ptrdiff_t)(oc + j) * K + k] *                             \
+                           rows[tap_offset[k] + ow0 + i];                                    \
                 out[(oc + j) * P + ow0 + i] = CYCONV_ACTIVATE(acc, act);                     \
             }                                                                                \
     }
 #endif
 
-/* out rows of all OC channels for one output row (see the top of this file); act is
- * made a constant in each of three copies of the loop, so that no store tests it */
-#define CYCONV_DIRECT_ROW(T)                                                                 \
-    CYCONV_ALWAYS_INLINE void direct_row_##T(                                                \
+/* out rows of all OC channels for one output row (see the top of this file), in
+ * blocks of LANES columns; act is made a constant in each of three copies of the
+ * loop, so that no store tests it */
+#define CYCONV_DIRECT_ROW(T, W, LANES)                                                       \
+    CYCONV_ALWAYS_INLINE void direct_row_act_##T##W(                                         \
         const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int OC,  \
         int K, int OW, int act, T *out, ptrdiff_t P)                                         \
     {                                                                                        \
-        for (int ow0 = 0; ow0 < OW; ow0 += DIRECT_COLUMNS) {                                 \
+        for (int ow0 = 0; ow0 < OW; ow0 += LANES) {                                          \
             int oc = 0;                                                                      \
             for (; oc + DIRECT_CHANNELS <= OC; oc += DIRECT_CHANNELS)                        \
-                direct_block_##T(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,     \
-                                 ow0, DIRECT_CHANNELS);                                      \
+                direct_block_##T##W(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,  \
+                                    ow0, DIRECT_CHANNELS);                                   \
             for (; oc < OC; oc++)                                                            \
-                direct_block_##T(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,     \
-                                 ow0, 1);                                                    \
+                direct_block_##T##W(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,  \
+                                    ow0, 1);                                                 \
         }                                                                                    \
     }                                                                                        \
+    CYCONV_ALWAYS_INLINE void direct_row_##T##W(                                             \
+        const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int OC,  \
+        int K, int OW, int act, T *out, ptrdiff_t P)                                         \
+    {                                                                                        \
+        if (act == 0)                                                                        \
+            direct_row_act_##T##W(weight, bias, rows, tap_offset, OC, K, OW, 0, out, P);     \
+        else if (act == 1)                                                                   \
+            direct_row_act_##T##W(weight, bias, rows, tap_offset, OC, K, OW, 1, out, P);     \
+        else                                                                                 \
+            direct_row_act_##T##W(weight, bias, rows, tap_offset, OC, K, OW, 2, out, P);     \
+    }
+
+/* the row in the CPU's vector width (_multiversion.h) */
+#define CYCONV_DIRECT_KERNEL(T)                                                              \
     CYCONV_MULTIVERSION                                                                      \
     static void conv_row_direct_##T(const T *weight, const T *bias, const T *rows,           \
                                     const ptrdiff_t *tap_offset, int OC, int K, int OW,      \
                                     int act, T *out, ptrdiff_t P)                            \
     {                                                                                        \
-        if (act == 0)                                                                        \
-            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, 0, out, P);            \
-        else if (act == 1)                                                                   \
-            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, 1, out, P);            \
+        if (cyconv_wide_vectors())                                                           \
+            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, act, out, P);          \
         else                                                                                 \
-            direct_row_##T(weight, bias, rows, tap_offset, OC, K, OW, 2, out, P);            \
+            direct_row_##T##_v32(weight, bias, rows, tap_offset, OC, K, OW, act, out, P);    \
     }
 
-CYCONV_DIRECT_CONV(float, int)
-CYCONV_DIRECT_CONV(double, long long)
-CYCONV_DIRECT_ROW(float)
-CYCONV_DIRECT_ROW(double)
+/* Wide: DIRECT_COLUMNS columns (64 bytes of float, 128 of double), under the plain
+ * names (vec_float, ...: _depthwise.h's kernels use these vectors too); narrow:
+ * 32 bytes, names ending in _v32. */
+CYCONV_DIRECT_CONV(float, int, , DIRECT_COLUMNS)
+CYCONV_DIRECT_CONV(double, long long, , DIRECT_COLUMNS)
+CYCONV_DIRECT_CONV(float, int, _v32, 8)
+CYCONV_DIRECT_CONV(double, long long, _v32, 4)
+CYCONV_DIRECT_ROW(float, , DIRECT_COLUMNS)
+CYCONV_DIRECT_ROW(double, , DIRECT_COLUMNS)
+CYCONV_DIRECT_ROW(float, _v32, 8)
+CYCONV_DIRECT_ROW(double, _v32, 4)
+CYCONV_DIRECT_KERNEL(float)
+CYCONV_DIRECT_KERNEL(double)
 
 #include "_typed.h"
 #define conv_row_direct(weight, ...) CYCONV_TYPED(conv_row_direct, weight, __VA_ARGS__)

@@ -39,8 +39,33 @@
 
 #if defined(__GNUC__)
 #define CYCONV_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define CYCONV_MAYBE_UNUSED __attribute__((unused))
 #else
 #define CYCONV_ALWAYS_INLINE static inline
+#define CYCONV_MAYBE_UNUSED
 #endif
+
+/* Kernels that keep blocks of accumulators in vector registers (Winograd's
+ * product, the direct convolution) come in two vector widths: 64 bytes for CPUs
+ * with AVX-512 (32 registers of 64 bytes) and 32 bytes for the others (AVX2:
+ * 16 registers of 32 bytes, where the 64-byte blocks would spill to memory at
+ * every multiply-add).  Each element is computed by the same operations in the
+ * same order in both: the width changes the speed, not the bits.
+ *
+ * cyconv_vector_choice (one per extension module): -1 picks by the CPU; 0 (32
+ * bytes) and 1 (64 bytes) are set by the tests, through the module's
+ * force_vector_width, to check that both widths give the same bits. */
+static int cyconv_vector_choice CYCONV_MAYBE_UNUSED = -1;
+
+CYCONV_MAYBE_UNUSED static inline int cyconv_wide_vectors(void)
+{
+    if (cyconv_vector_choice >= 0)
+        return cyconv_vector_choice;
+#if defined(__GNUC__) && defined(__x86_64__)
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
 
 #endif

@@ -17,10 +17,10 @@
  * so that one range of tiles may span several small images.
  *
  * _winograd_kernels.h holds the code (with _winograd_tiles.h and
- * _winograd_filters.h); it is included once per element type.
- * The matrix-product kernels use GCC's vector extensions; they are compiled
- * for baseline x86-64 and, where GCC can dispatch at load time, also for
- * x86-64-v3 (AVX2 + FMA) and v4 (AVX-512).
+ * _winograd_filters.h); it is included once per element type and vector width
+ * (64 or 32 bytes, picked when called: _multiversion.h).  The kernels use GCC's
+ * vector extensions; they are compiled for baseline x86-64 and, where GCC can
+ * dispatch at load time, also for x86-64-v3 (AVX2 + FMA) and v4 (AVX-512).
  */
 #ifndef CYCONV_WINOGRAD_H
 #define CYCONV_WINOGRAD_H
@@ -39,11 +39,11 @@
 #define WINOGRAD_TILE_BLOCK 32
 /* Output channels per block of the forward product (the packed weight's row block). */
 #define WINOGRAD_CHANNEL_BLOCK 8
-#define WINOGRAD_VECTOR_BYTES 64
 /* Elements a row of the transforms' workspace extends past the tiles it holds
- * (vector loads read up to a vector past the end; also the slack the forward's
- * product block needs past its end, read by the output transform). */
-#define WINOGRAD_ROW_SLACK (WINOGRAD_VECTOR_BYTES / 4)
+ * (vector loads read up to a vector past the end, at most 64 bytes of float;
+ * also the slack the forward's product block needs past its end, read by the
+ * output transform). */
+#define WINOGRAD_ROW_SLACK 16
 /* Tiles the transforms gather at a time (from as many tile rows and images as
  * they span), so that their vectors are full however narrow the images; the
  * gathered taps (36 of them) are rows of GATHER_LD elements. */
@@ -55,25 +55,47 @@
 
 #define WT float
 #define WMASK int
-#define WSUF(name) name##_float
+#define WINOGRAD_VECTOR_BYTES 64
+#define WSUF(name) name##_float_v64
 #include "_winograd_kernels.h"
+#undef WSUF
+#undef WINOGRAD_VECTOR_BYTES
+#define WINOGRAD_VECTOR_BYTES 32
+#define WSUF(name) name##_float_v32
+#include "_winograd_kernels.h"
+#undef WSUF
+#undef WINOGRAD_VECTOR_BYTES
 #undef WT
 #undef WMASK
-#undef WSUF
 
 #define WT double
 #define WMASK long long
-#define WSUF(name) name##_double
+#define WINOGRAD_VECTOR_BYTES 64
+#define WSUF(name) name##_double_v64
 #include "_winograd_kernels.h"
+#undef WSUF
+#undef WINOGRAD_VECTOR_BYTES
+#define WINOGRAD_VECTOR_BYTES 32
+#define WSUF(name) name##_double_v32
+#include "_winograd_kernels.h"
+#undef WSUF
+#undef WINOGRAD_VECTOR_BYTES
 #undef WT
 #undef WMASK
-#undef WSUF
 
-#include "_typed.h"
-#define winograd_transform(plane, ...) CYCONV_TYPED(winograd_transform, plane, __VA_ARGS__)
-#define winograd_output(src, ...) CYCONV_TYPED(winograd_output, src, __VA_ARGS__)
-#define winograd_filters(g, ...) CYCONV_TYPED(winograd_filters, g, __VA_ARGS__)
-#define winograd_filter_grads(src, ...) CYCONV_TYPED(winograd_filter_grads, src, __VA_ARGS__)
-#define winograd_product(u, ...) CYCONV_TYPED(winograd_product, u, __VA_ARGS__)
+/* One name for the four versions of a kernel: the element type picked by the
+ * type of the first (pointer) argument at compile time (as _typed.h does), the
+ * vector width by the CPU at run time. */
+#define WINOGRAD_WIDTH(name, T) (cyconv_wide_vectors() ? name##_##T##_v64 : name##_##T##_v32)
+#define WINOGRAD_TYPED(name, first, ...)                                                     \
+    _Generic((first), float *: WINOGRAD_WIDTH(name, float),                                  \
+             const float *: WINOGRAD_WIDTH(name, float),                                     \
+             double *: WINOGRAD_WIDTH(name, double),                                         \
+             const double *: WINOGRAD_WIDTH(name, double))(first, __VA_ARGS__)
+#define winograd_transform(plane, ...) WINOGRAD_TYPED(winograd_transform, plane, __VA_ARGS__)
+#define winograd_output(src, ...) WINOGRAD_TYPED(winograd_output, src, __VA_ARGS__)
+#define winograd_filters(g, ...) WINOGRAD_TYPED(winograd_filters, g, __VA_ARGS__)
+#define winograd_filter_grads(src, ...) WINOGRAD_TYPED(winograd_filter_grads, src, __VA_ARGS__)
+#define winograd_product(u, ...) WINOGRAD_TYPED(winograd_product, u, __VA_ARGS__)
 
 #endif

@@ -33,6 +33,7 @@ from libc.string cimport memset
 
 from cyconv._blas cimport gemm
 from cyconv._reduce cimport sum_run
+from cyconv._vectors cimport set_vector_width
 
 cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_TILE
@@ -55,6 +56,12 @@ TILE_BLOCK = WINOGRAD_TILE_BLOCK
 CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
 ROW_SLACK = WINOGRAD_ROW_SLACK
 GATHER_SIZE = WINOGRAD_GATHER_SIZE
+
+
+def force_vector_width(width):
+    """Run the kernels with vectors of width bytes (32 or 64), or as the CPU suits
+    (None): for the tests, which check that both widths give the same bits."""
+    set_vector_width(width, "_winograd")
 
 
 cdef inline int tiles_across(int size) noexcept nogil:

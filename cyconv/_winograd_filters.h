@@ -78,32 +78,43 @@ static void WSUF(winograd_filter_grads)(const WT *src, ptrdiff_t xi_stride, int 
 }
 
 #if defined(__GNUC__)
+/* Rows (output channels) and tiles of a register block of the forward product:
+ * 2 vectors of tiles by 8 rows (16 accumulators) with 64-byte vectors, by 4
+ * rows (8) with 32-byte ones; either way a part of a row block of the packed
+ * weight. */
+enum {
+    WSUF(BLOCK_ROWS) = WINOGRAD_VECTOR_BYTES == 64 ? WINOGRAD_CHANNEL_BLOCK
+                                                   : WINOGRAD_CHANNEL_BLOCK / 2,
+    WSUF(BLOCK_TILES) = 2 * WLANES
+};
+
 /* c[i * ldc + j] = sum_k a[k * CHANNEL_BLOCK + i] * b[k * ldb + j] for
- * i < WINOGRAD_CHANNEL_BLOCK, j < TILE_BLOCK: one register block of the forward
- * product (outer products, two vectors of tiles per row). */
+ * i < BLOCK_ROWS, j < BLOCK_TILES: one register block of the forward product
+ * (outer products, two vectors of tiles per row). */
 CYCONV_ALWAYS_INLINE void WSUF(winograd_block)(
     const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c, ptrdiff_t ldc)
 {
-    enum { MR = WINOGRAD_CHANNEL_BLOCK, NV = WINOGRAD_TILE_BLOCK / WLANES };
-    WSUF(wvec) acc[MR][NV];
+    enum { MR = WSUF(BLOCK_ROWS) };
+    WSUF(wvec) acc[MR][2];
     for (int i = 0; i < MR; i++)
-        for (int v = 0; v < NV; v++)
-            acc[i][v] = (WSUF(wvec)){0};
+        acc[i][0] = acc[i][1] = (WSUF(wvec)){0};
     for (int k = 0; k < K; k++) {
-        WSUF(wvec) x[NV];
-        for (int v = 0; v < NV; v++)
-            x[v] = *(const WSUF(wvec) *)(b + k * ldb + v * WLANES);
-        for (int i = 0; i < MR; i++)
-            for (int v = 0; v < NV; v++)
-                acc[i][v] += a[k * MR + i] * x[v];
+        WSUF(wvec) x0 = WSUF(wload)(b + k * ldb), x1 = WSUF(wload)(b + k * ldb + WLANES);
+        for (int i = 0; i < MR; i++) {
+            acc[i][0] += a[k * WINOGRAD_CHANNEL_BLOCK + i] * x0;
+            acc[i][1] += a[k * WINOGRAD_CHANNEL_BLOCK + i] * x1;
+        }
     }
-    for (int i = 0; i < MR; i++)
-        for (int v = 0; v < NV; v++)
-            *(WSUF(wvec) *)(c + i * ldc + v * WLANES) = acc[i][v];
+    for (int i = 0; i < MR; i++) {
+        *(WSUF(wvec) *)(c + i * ldc) = acc[i][0];
+        *(WSUF(wvec) *)(c + i * ldc + WLANES) = acc[i][1];
+    }
 }
 
 #else
 /* Other compilers: the same blocks as plain loops. */
+enum { WSUF(BLOCK_ROWS) = WINOGRAD_CHANNEL_BLOCK, WSUF(BLOCK_TILES) = WINOGRAD_TILE_BLOCK };
+
 static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c,
                                  ptrdiff_t ldc)
 {
@@ -125,7 +136,10 @@ CYCONV_MULTIVERSION
 static void WSUF(winograd_product)(const WT *u, const WT *v, ptrdiff_t ldv, int M, int K,
                                    ptrdiff_t T, WT *y, ptrdiff_t ldy)
 {
-    for (ptrdiff_t j = 0; j < T; j += WINOGRAD_TILE_BLOCK)
-        for (int i = 0; i < M; i += WINOGRAD_CHANNEL_BLOCK)
-            WSUF(winograd_block)(u + (ptrdiff_t)i * K, v + j, ldv, K, y + i * ldy + j, ldy);
+    for (ptrdiff_t j = 0; j < T; j += WSUF(BLOCK_TILES))
+        for (int i = 0; i < M; i += WSUF(BLOCK_ROWS)) {
+            const WT *weight_rows = u + (ptrdiff_t)(i / WINOGRAD_CHANNEL_BLOCK) * K *
+                                            WINOGRAD_CHANNEL_BLOCK + i % WINOGRAD_CHANNEL_BLOCK;
+            WSUF(winograd_block)(weight_rows, v + j, ldv, K, y + i * ldy + j, ldy);
+        }
 }

@@ -331,6 +331,27 @@ def test_direct_and_im2col_forward_agree_on_a_first_layer(dtype, rng, monkeypatc
     assert (direct == 0).mean() > 0.3  # the fused ReLU did cut
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 16, 224, 224, 2, 1), (2, 11, 9, 13, 1, 0),
+                                   (1, 2, 31, 5, 3, 2)])
+def test_direct_kernel_same_bits_for_both_vector_widths(dtype, shape, rng):
+    """The direct kernel's 64-byte (AVX-512) and 32-byte (AVX2) register blocks give the
+    same bits: 16 channels and more than a vector of columns, odd channels and widths,
+    stride 3, with and without the fused ReLU."""
+    c, oc, h, w, s, p = shape
+    x = rng.standard_normal((2, c, h, w)).astype(dtype)
+    for fuse_relu in (False, True):
+        layer = nn.Conv2d(c, oc, 3, stride=s, padding=p, dtype=dtype, seed=0, fuse_relu=fuse_relu)
+        outputs = []
+        try:
+            for width in (32, 64):
+                _conv_direct.force_vector_width(width)
+                outputs.append(layer(x).copy())
+        finally:
+            _conv_direct.force_vector_width(None)
+        np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 MEDIUM_CASES = [
     _case(2, 16, 24, 12, 12, k=3, p=1),
     _case(3, 8, 5, 10, 11, k=5, s=2, p=2),

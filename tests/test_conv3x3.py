@@ -137,6 +137,30 @@ def test_same_bits_for_any_thread_count(dtype, rng, monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_same_bits_for_both_vector_widths(case, dtype, rng):
+    """The kernels' 64-byte (AVX-512) and 32-byte (AVX2) register blocks compute
+    each element alike: whichever the CPU picks, the results are the same."""
+    x = inputs(case, dtype, rng)
+    layer = make(case, dtype)
+    dy = rng.standard_normal(layer(x).shape).astype(dtype)
+    results = {}
+    try:
+        for width in (32, 64):
+            _winograd.force_vector_width(width)
+            results[width] = run(case, dtype, x, dy)
+    finally:
+        _winograd.force_vector_width(None)
+    for a, b in zip(results[32], results[64]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_force_vector_width_refuses_other_widths():
+    with pytest.raises(ValueError, match="_winograd.force_vector_width: expected None, 32 or 64, got 16"):
+        _winograd.force_vector_width(16)
+
+
 @pytest.mark.parametrize("itemsize", [4, 8])
 @pytest.mark.parametrize("rows", [1, 48, 1024])
 @pytest.mark.parametrize("tiles", [1, 31, 33, 100, 128, 1000, 6272, 50000])
