@@ -216,47 +216,59 @@
 /* out[i] = act(bias + sum_t weight[t] * rows[tap_offset[t] + i]) for i < n, act the
  * activation of code act (CYCONV_ACTIVATE): one output channel from one input plane (the direct
  * kernel's rows, with blocks of DEPTHWISE_RUN_VECTORS vectors in flight instead of
- * channels).  Whole vectors are stored: out has room for DIRECT_COLUMNS - 1 more. */
+ * channels), in the CPU's vector width (vec_T or vec_T_v32: _direct_conv.h).  Whole
+ * vectors are stored: out has room for DIRECT_COLUMNS - 1 more. */
 #if DIRECT_VECTORIZED
 #define DEPTHWISE_RUN_VECTORS 4
-#define CYCONV_DEPTHWISE_RUN(T)                                                              \
-    static inline __attribute__((always_inline)) void depthwise_run_block_##T(               \
+#define CYCONV_DEPTHWISE_RUN_WIDTH(T, W, LANES)                                              \
+    static inline __attribute__((always_inline)) void depthwise_run_block_##T##W(            \
         const T *weight, T bias, const T *rows, const ptrdiff_t *tap_offset, int taps,       \
         int act, T *out, const int vectors)                                                  \
     {                                                                                        \
-        vec_##T acc[DEPTHWISE_RUN_VECTORS];                                                  \
+        vec_##T##W acc[DEPTHWISE_RUN_VECTORS];                                               \
         for (int v = 0; v < vectors; v++)                                                    \
-            acc[v] = bias + (vec_##T){0};                                                    \
+            acc[v] = bias + (vec_##T##W){0};                                                 \
         for (int t = 0; t < taps; t++) {                                                     \
             const T *run = rows + tap_offset[t];                                             \
             for (int v = 0; v < vectors; v++)                                                \
-                acc[v] += weight[t] * *(const vec_##T *)(run + v * DIRECT_COLUMNS);          \
+                acc[v] += weight[t] * *(const vec_##T##W *)(run + v * LANES);                \
         }                                                                                    \
-        for (int v = 0; v < vectors; v++) {                                                  \
-            *(vec_##T *)(out + v * DIRECT_COLUMNS) = direct_activate_##T(acc[v], act);       \
-        }                                                                                    \
+        for (int v = 0; v < vectors; v++)                                                    \
+            *(vec_##T##W *)(out + v * LANES) = direct_activate_##T##W(acc[v], act);          \
     }                                                                                        \
+    CYCONV_ALWAYS_INLINE void depthwise_run_vectors_##T##W(                                  \
+        const T *weight, T b, const T *rows, const ptrdiff_t *tap_offset, int taps,          \
+        ptrdiff_t n, int act, T *out)                                                        \
+    {                                                                                        \
+        const ptrdiff_t block = DEPTHWISE_RUN_VECTORS * LANES;                               \
+        ptrdiff_t i = 0;                                                                     \
+        for (; i + block < n; i += block)                                                    \
+            depthwise_run_block_##T##W(weight, b, rows + i, tap_offset, taps, act, out + i,  \
+                                       DEPTHWISE_RUN_VECTORS);                               \
+        switch ((n - i + LANES - 1) / LANES) { /* the rest, as constants */                  \
+        case 4: depthwise_run_block_##T##W(weight, b, rows + i, tap_offset, taps, act, out + i, 4); \
+                break;                                                                       \
+        case 3: depthwise_run_block_##T##W(weight, b, rows + i, tap_offset, taps, act, out + i, 3); \
+                break;                                                                       \
+        case 2: depthwise_run_block_##T##W(weight, b, rows + i, tap_offset, taps, act, out + i, 2); \
+                break;                                                                       \
+        case 1: depthwise_run_block_##T##W(weight, b, rows + i, tap_offset, taps, act, out + i, 1); \
+                break;                                                                       \
+        }                                                                                    \
+    }
+#define CYCONV_DEPTHWISE_RUN(T)                                                              \
+    CYCONV_DEPTHWISE_RUN_WIDTH(T, , DIRECT_COLUMNS)                                          \
+    CYCONV_DEPTHWISE_RUN_WIDTH(T, _v32, (32 / (int)sizeof(T)))                              \
     CYCONV_MULTIVERSION                                                                      \
     static void depthwise_run_##T(const T *weight, const T *bias, const T *rows,             \
                                   const ptrdiff_t *tap_offset, int taps, ptrdiff_t n,        \
                                   int act, T *out)                                           \
     {                                                                                        \
         T b = bias ? *bias : 0;                                                              \
-        const ptrdiff_t block = DEPTHWISE_RUN_VECTORS * DIRECT_COLUMNS;                      \
-        ptrdiff_t i = 0;                                                                     \
-        for (; i + block < n; i += block)                                                    \
-            depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i,    \
-                                    DEPTHWISE_RUN_VECTORS);                                  \
-        switch ((n - i + DIRECT_COLUMNS - 1) / DIRECT_COLUMNS) { /* the rest, as constants */ \
-        case 4: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 4); \
-                break;                                                                       \
-        case 3: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 3); \
-                break;                                                                       \
-        case 2: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 2); \
-                break;                                                                       \
-        case 1: depthwise_run_block_##T(weight, b, rows + i, tap_offset, taps, act, out + i, 1); \
-                break;                                                                       \
-        }                                                                                    \
+        if (cyconv_wide_vectors())                                                           \
+            depthwise_run_vectors_##T(weight, b, rows, tap_offset, taps, n, act, out);       \
+        else                                                                                 \
+            depthwise_run_vectors_##T##_v32(weight, b, rows, tap_offset, taps, n, act, out); \
     }
 #else
 #define CYCONV_DEPTHWISE_RUN(T)                                                              \

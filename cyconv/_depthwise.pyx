@@ -30,6 +30,7 @@ from cyconv._depthwise_layout cimport (blocks_size, block_rows, copy_runs, dy_st
                                        pitch, plan_copies, prepare_plane, slack,
                                        tap_offset_of, unprepare_plane)
 from cyconv._reduce cimport sum_run
+from cyconv._vectors cimport set_vector_width
 
 cdef extern from "_depthwise.h" nogil:
     # float and double versions, one name each (see _typed.h and _depthwise.h)
@@ -47,6 +48,12 @@ cdef extern from "_depthwise.h" nogil:
 # double sums after 4096 products per lane at most: a bound on their rounding.
 cdef Py_ssize_t FLUSH_ELEMENTS = 4096 * DIRECT_COLUMNS
 LANES = DIRECT_COLUMNS
+
+
+def force_vector_width(width):
+    """Run the kernels with vectors of width bytes (32 or 64), or as the CPU suits
+    (None): for the tests, which check that both widths give the same bits."""
+    set_vector_width(width, "_depthwise")
 
 
 def plane_size(Geometry g):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cyconv
-from cyconv import nn
+from cyconv import _depthwise, nn
 from cyconv.nn import conv as conv_module
 
 import reference as R
@@ -197,6 +197,26 @@ def test_bitwise_the_same_for_1_2_3_threads(c, dtype, rng, path, threads):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [c for c in CASES if _is_depthwise(c)] + [
+    _case(2, 16, 32, 30, 33, k=3, s=2, p=1, groups=16)], ids=_id)
+def test_depthwise_kernels_same_bits_for_both_vector_widths(c, dtype, rng):
+    """The depthwise kernels' 64-byte (AVX-512) and 32-byte (AVX2) vectors compute each
+    element alike: whichever the CPU picks, the results are the same."""
+    layer = make_layer(c, dtype, fuse_relu=True)
+    x = _input(c, rng, dtype)
+    dy = rng.standard_normal((c["N"], c["O"]) + layer.output_shape(x.shape)[2:]).astype(dtype)
+    results = []
+    try:
+        for width in (32, 64):
+            _depthwise.force_vector_width(width)
+            results.append(_run(layer, x, dy))
+    finally:
+        _depthwise.force_vector_width(None)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
