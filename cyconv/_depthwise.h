@@ -10,6 +10,7 @@
  *   depthwise_scatter:     run_t[i] += weight[t] * dy[i], every tap t, i < n
  *
  * The weight gradient keeps DEPTHWISE_TAP_BLOCK taps' sums in vector registers
+ * (fewer with the 32-byte vectors of CPUs without AVX-512: _multiversion.h)
  * while it streams through the plane once per block.  Between calls they wait
  * in lanes (taps, DIRECT_COLUMNS), zeroed by the caller at first; a call with
  * flush adds each tap's lanes in order, in double precision, to sums[t] and
@@ -23,64 +24,95 @@
 #define DEPTHWISE_TAP_BLOCK 9
 
 #if DIRECT_VECTORIZED
-#define DEPTHWISE_REST(T, n)                                                                 \
+#define DEPTHWISE_REST(T, W, n, TAP_BLOCK)                                                   \
     case n:                                                                                  \
-        depthwise_grad_block_##T(dy, rows, tap_offset + t, length, lanes + t * DIRECT_COLUMNS, \
-                                 sums + t, flush, n);                                        \
+        depthwise_grad_block_##T##W(dy, rows, tap_offset + t, length,                        \
+                                    lanes + t * DIRECT_COLUMNS, sums + t, flush,             \
+                                    n < TAP_BLOCK ? n : TAP_BLOCK);                          \
         break;
-#define CYCONV_DEPTHWISE_GRAD(T)                                                             \
-    /* taps (a constant after inlining) taps' lane sums; the last vector's lanes past n are \
-     * cleared by a select (not multiplied by 0: the input there may be inf) */             \
-    static inline __attribute__((always_inline)) void depthwise_grad_block_##T(              \
+#define CYCONV_DEPTHWISE_GRAD_WIDTH(T, W, LANES, TAP_BLOCK)                                  \
+    /* taps (a constant after inlining) taps' lane sums, each in DIRECT_COLUMNS / LANES      \
+     * vectors; the last vectors' lanes past n are cleared by a select (not multiplied       \
+     * by 0: the input there may be inf) */                                                  \
+    static inline __attribute__((always_inline)) void depthwise_grad_block_##T##W(           \
         const T *dy, const T *rows, const ptrdiff_t *tap_offset, ptrdiff_t n, T *lanes,      \
         double *sums, int flush, const int taps)                                             \
     {                                                                                        \
-        const mask_##T lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};        \
-        vec_##T acc[DEPTHWISE_TAP_BLOCK];                                                    \
-        const T *run[DEPTHWISE_TAP_BLOCK];                                                   \
+        enum { PARTS = DIRECT_COLUMNS / LANES };                                             \
+        mask_##T##W lane;                                                                    \
+        for (int l = 0; l < LANES; l++)                                                      \
+            lane[l] = l;                                                                     \
+        vec_##T##W acc[TAP_BLOCK][PARTS];                                                    \
+        const T *run[TAP_BLOCK];                                                             \
         for (int t = 0; t < taps; t++) {                                                     \
-            acc[t] = *(const vec_##T *)(lanes + t * DIRECT_COLUMNS);                         \
+            for (int p = 0; p < PARTS; p++)                                                  \
+                acc[t][p] = *(const vec_##T##W *)(lanes + t * DIRECT_COLUMNS + p * LANES);   \
             run[t] = rows + tap_offset[t];                                                   \
         }                                                                                    \
         ptrdiff_t i = 0;                                                                     \
-        for (; i + DIRECT_COLUMNS <= n; i += DIRECT_COLUMNS) {                               \
-            vec_##T grad = *(const vec_##T *)(dy + i);                                       \
-            for (int t = 0; t < taps; t++)                                                   \
-                acc[t] += grad * *(const vec_##T *)(run[t] + i);                             \
-        }                                                                                    \
-        if (i < n) {                                                                         \
-            mask_##T keep = lane < (mask_##T){0} + (int)(n - i);                             \
-            vec_##T grad = (vec_##T)((mask_##T) * (const vec_##T *)(dy + i) & keep);         \
-            for (int t = 0; t < taps; t++)                                                   \
-                acc[t] += grad * (vec_##T)((mask_##T) * (const vec_##T *)(run[t] + i) & keep); \
+        for (; i + DIRECT_COLUMNS <= n; i += DIRECT_COLUMNS)                                 \
+            for (int p = 0; p < PARTS; p++) {                                                \
+                vec_##T##W grad = *(const vec_##T##W *)(dy + i + p * LANES);                 \
+                for (int t = 0; t < taps; t++)                                               \
+                    acc[t][p] += grad * *(const vec_##T##W *)(run[t] + i + p * LANES);       \
+            }                                                                                \
+        for (int p = 0; p < PARTS && i < n; p++) {                                           \
+            mask_##T##W keep = lane < (mask_##T##W){0} + (int)(n - i - p * LANES);           \
+            const T *tail = dy + i + p * LANES;                                              \
+            vec_##T##W grad = (vec_##T##W)((mask_##T##W) * (const vec_##T##W *)tail & keep); \
+            for (int t = 0; t < taps; t++) {                                                 \
+                const vec_##T##W *x = (const vec_##T##W *)(run[t] + i + p * LANES);          \
+                acc[t][p] += grad * (vec_##T##W)((mask_##T##W) * x & keep);                  \
+            }                                                                                \
         }                                                                                    \
         for (int t = 0; t < taps; t++) {                                                     \
             if (flush) {                                                                     \
                 double total = 0;                                                            \
                 for (int j = 0; j < DIRECT_COLUMNS; j++)                                     \
-                    total += acc[t][j];                                                      \
+                    total += acc[t][j / LANES][j % LANES];                                   \
                 sums[t] += total;                                                            \
-                acc[t] = (vec_##T){0};                                                       \
+                for (int p = 0; p < PARTS; p++)                                              \
+                    acc[t][p] = (vec_##T##W){0};                                             \
             }                                                                                \
-            *(vec_##T *)(lanes + t * DIRECT_COLUMNS) = acc[t];                               \
+            for (int p = 0; p < PARTS; p++)                                                  \
+                *(vec_##T##W *)(lanes + t * DIRECT_COLUMNS + p * LANES) = acc[t][p];         \
         }                                                                                    \
     }                                                                                        \
+    /* TAP_BLOCK taps at a time, then the rest (fewer: a count of TAP_BLOCK or more does     \
+     * not reach the switch) */                                                              \
+    CYCONV_ALWAYS_INLINE void depthwise_grad_blocks_##T##W(                                  \
+        const T *dy, const T *rows, const ptrdiff_t *tap_offset, int taps, ptrdiff_t length, \
+        T *lanes, double *sums, int flush)                                                   \
+    {                                                                                        \
+        int t = 0;                                                                           \
+        for (; t + TAP_BLOCK <= taps; t += TAP_BLOCK)                                        \
+            depthwise_grad_block_##T##W(dy, rows, tap_offset + t, length,                    \
+                                        lanes + t * DIRECT_COLUMNS, sums + t, flush,         \
+                                        TAP_BLOCK);                                          \
+        switch (taps - t) {                                                                  \
+            DEPTHWISE_REST(T, W, 1, TAP_BLOCK) DEPTHWISE_REST(T, W, 2, TAP_BLOCK)            \
+            DEPTHWISE_REST(T, W, 3, TAP_BLOCK) DEPTHWISE_REST(T, W, 4, TAP_BLOCK)            \
+            DEPTHWISE_REST(T, W, 5, TAP_BLOCK) DEPTHWISE_REST(T, W, 6, TAP_BLOCK)            \
+            DEPTHWISE_REST(T, W, 7, TAP_BLOCK) DEPTHWISE_REST(T, W, 8, TAP_BLOCK)            \
+        }                                                                                    \
+    }
+/* Wide: the taps of a 3x3 window in one block of 64-byte (or wider) vectors;
+ * narrow: 8 accumulators of 32 bytes, for AVX2's 16 registers (_multiversion.h). */
+#define CYCONV_DEPTHWISE_GRAD(T)                                                             \
+    CYCONV_DEPTHWISE_GRAD_WIDTH(T, , DIRECT_COLUMNS, DEPTHWISE_TAP_BLOCK)                    \
+    CYCONV_DEPTHWISE_GRAD_WIDTH(T, _v32, (32 / (int)sizeof(T)),                              \
+                                (8 * 32 / (int)sizeof(T) / DIRECT_COLUMNS))                  \
     CYCONV_MULTIVERSION                                                                      \
     static void depthwise_weight_grad_##T(const T *dy, const T *rows,                        \
                                           const ptrdiff_t *tap_offset, int taps,             \
                                           ptrdiff_t length, T *lanes, double *sums,          \
                                           int flush)                                         \
     {                                                                                        \
-        int t = 0;                                                                           \
-        for (; t + DEPTHWISE_TAP_BLOCK <= taps; t += DEPTHWISE_TAP_BLOCK)                    \
-            depthwise_grad_block_##T(dy, rows, tap_offset + t, length,                       \
-                                     lanes + t * DIRECT_COLUMNS, sums + t, flush,            \
-                                     DEPTHWISE_TAP_BLOCK);                                   \
-        switch (taps - t) { /* the rest, its count a constant in each case */                \
-            DEPTHWISE_REST(T, 1) DEPTHWISE_REST(T, 2) DEPTHWISE_REST(T, 3)                   \
-            DEPTHWISE_REST(T, 4) DEPTHWISE_REST(T, 5) DEPTHWISE_REST(T, 6)                   \
-            DEPTHWISE_REST(T, 7) DEPTHWISE_REST(T, 8)                                        \
-        }                                                                                    \
+        if (cyconv_wide_vectors())                                                           \
+            depthwise_grad_blocks_##T(dy, rows, tap_offset, taps, length, lanes, sums, flush); \
+        else                                                                                 \
+            depthwise_grad_blocks_##T##_v32(dy, rows, tap_offset, taps, length, lanes, sums, \
+                                            flush);                                          \
     }
 #else
 /* Other compilers: plain loops, one tap at a time, straight into the sums. */
