@@ -62,7 +62,11 @@ CYCONV_MAYBE_UNUSED static inline int cyconv_wide_vectors(void)
     if (cyconv_vector_choice >= 0)
         return cyconv_vector_choice;
 #if defined(__GNUC__) && defined(__x86_64__)
-    return __builtin_cpu_supports("avx512f");
+    /* the features of x86-64-v4, whose clone then runs (a CPU with AVX-512F alone,
+     * such as Xeon Phi, gets the x86-64-v3 clone: 16 registers) */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
 #else
     return 0;
 #endif
