@@ -45,8 +45,8 @@
 #define CYCONV_MAYBE_UNUSED
 #endif
 
-/* Kernels that keep blocks of accumulators in vector registers (Winograd's
- * product, the direct convolution) come in two vector widths: 64 bytes for CPUs
+/* Kernels that keep blocks of accumulators in vector registers (Winograd's, the
+ * direct convolution's, the depthwise convolution's) come in two vector widths: 64 bytes for CPUs
  * with AVX-512 (32 registers of 64 bytes) and 32 bytes for the others (AVX2:
  * 16 registers of 32 bytes, where the 64-byte blocks would spill to memory at
  * every multiply-add).  Each element is computed by the same operations in the
