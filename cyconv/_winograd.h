@@ -50,6 +50,9 @@
 #define WINOGRAD_GATHER_TILES 64
 #define WINOGRAD_GATHER_LD (WINOGRAD_GATHER_TILES + WINOGRAD_ROW_SLACK)
 #define WINOGRAD_GATHER_SIZE (WINOGRAD_POSITIONS * WINOGRAD_GATHER_LD)
+/* Bytes of the partial sums each element of the thin layers' weight-gradient
+ * product keeps (one lane per tile mod that many): a 64-byte vector. */
+#define WINOGRAD_GRAD_LANE_BYTES 64
 
 #include "_multiversion.h"
 
@@ -97,5 +100,8 @@
 #define winograd_filters(g, ...) WINOGRAD_TYPED(winograd_filters, g, __VA_ARGS__)
 #define winograd_filter_grads(src, ...) WINOGRAD_TYPED(winograd_filter_grads, src, __VA_ARGS__)
 #define winograd_product(u, ...) WINOGRAD_TYPED(winograd_product, u, __VA_ARGS__)
+#define winograd_grad_lanes(d, ...) WINOGRAD_TYPED(winograd_grad_lanes, d, __VA_ARGS__)
+#define winograd_grad_lanes_sum(lanes, ...) \
+    WINOGRAD_TYPED(winograd_grad_lanes_sum, lanes, __VA_ARGS__)
 
 #endif

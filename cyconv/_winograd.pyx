@@ -22,10 +22,13 @@ Weight gradient (winograd_weight_grad): per range of tiles (in order), the
 transformed input (36, C, range) and output gradient (36, M, range) are made
 in shared blocks (one channel per task), then each position's task adds its
 matrix product over the range (one single-threaded BLAS call) to that
-position's (M, C) gradient of the transformed weight.  Each element of that sum
-is owned by one task and the ranges are taken in order, so the additions happen
-in the same order for any thread count.  Last, each filter's gradient is
-transformed back and added to grad_weight.
+position's (M, C) gradient of the transformed weight.  Thin layers, whose
+products are too small for BLAS to pay, take cyconv's own product instead,
+which keeps each element as partial sums over lanes of tiles (in lanes) and adds
+them up after the last range.  Each element of that sum is owned by one task
+and the ranges are taken in order, so the additions happen in the same order
+for any thread count.  Last, each filter's gradient is transformed back and
+added to grad_weight.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
@@ -42,6 +45,7 @@ cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_CHANNEL_BLOCK
     enum: WINOGRAD_ROW_SLACK
     enum: WINOGRAD_GATHER_SIZE
+    enum: WINOGRAD_GRAD_LANE_BYTES
     # C kernels with a float and a double version, one name each (see _typed.h and
     # _winograd_tiles.h / _winograd_filters.h for the arguments)
     void winograd_transform(...)
@@ -49,6 +53,8 @@ cdef extern from "_winograd.h" nogil:
     void winograd_filters(...)
     void winograd_filter_grads(...)
     void winograd_product(...)
+    void winograd_grad_lanes(...)
+    void winograd_grad_lanes_sum(...)
 
 TILE = WINOGRAD_TILE
 POSITIONS = WINOGRAD_POSITIONS
@@ -56,6 +62,7 @@ TILE_BLOCK = WINOGRAD_TILE_BLOCK
 CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
 ROW_SLACK = WINOGRAD_ROW_SLACK
 GATHER_SIZE = WINOGRAD_GATHER_SIZE
+GRAD_LANE_BYTES = WINOGRAD_GRAD_LANE_BYTES
 
 
 def force_vector_width(width):
@@ -162,15 +169,21 @@ cdef void transform_for_grad(const floating* x, const floating* grad_out, const 
                            0, 0, TH, TW, t0, t1, T, True, taps, d + j * T, M * T)
 
 
-cdef void grad_product(const floating* v, const floating* d, floating* dw, double* bias_sums,
-                       int xi, int C, int M, Py_ssize_t T) noexcept nogil:
-    """dw (36, M, C) at position xi += d @ v^T over the T tiles; position 7 of d
-    ((A y A^T)[1][1], A's row 1 all ones) is the sum of each tile's output gradient, so
-    that task also adds those to bias_sums."""
+cdef void grad_product(const floating* v, const floating* d, floating* dw, floating* lanes,
+                       double* bias_sums, int xi, int C, int M, Py_ssize_t T) noexcept nogil:
+    """dw (36, M, C) at position xi += d @ v^T over the T tiles (one BLAS call), or, with
+    lanes given, its partial sums in lanes (36, M, C, GRAD_LANES) (see _winograd_filters.h).
+    Position 7 of d ((A y A^T)[1][1], A's row 1 all ones) is the sum of each tile's output
+    gradient, so that task also adds those to bias_sums."""
     cdef const floating* a = d + xi * M * T
+    cdef Py_ssize_t elements = <Py_ssize_t> M * C
     cdef int m
-    gemm(False, True, M, C, <int> T, 1, a, <int> T, v + xi * C * T, <int> T, 1,
-         dw + xi * M * C, C)
+    if lanes != NULL:
+        winograd_grad_lanes(a, v + xi * C * T, M, C, T,
+                            lanes + xi * elements * (WINOGRAD_GRAD_LANE_BYTES // sizeof(floating)))
+    else:
+        gemm(False, True, M, C, <int> T, 1, a, <int> T, v + xi * C * T, <int> T, 1,
+             dw + xi * elements, C)
     if xi == 7:
         for m in range(M):
             bias_sums[m] += sum_run(a + m * T, T)
@@ -196,20 +209,26 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                          floating[::1] v,                        # WORK  (36 * C * tile_range)
                          floating[::1] d,                        # WORK  (36 * M * tile_range)
                          floating[:, :, ::1] dw,                 # WORK  (36, M, C)
+                         floating[::1] lanes,                    # WORK  (36 * M * C * GRAD_LANES), or empty
                          double[::1] bias_sums,                  # WORK  (M,)
                          floating[:, ::1] taps,                  # WORK  (threads, GATHER_SIZE)
                          int pad_h, int pad_w, Py_ssize_t tile_range, int num_threads):
     """grad_weight += the gradient of sum(grad_out * conv3x3(x, weight)); grad_bias += sum
     of grad_out over (N, OH, OW).  With out given, grad_out counts only where out > 0 (the
     gradient through a fused ReLU).  The products are one task per position: one
-    single-threaded BLAS call per position and range."""
+    single-threaded BLAS call per position and range, or with lanes given (thin layers),
+    cyconv's own product, whose partial sums are added up at the end."""
     cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef int M = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
     cdef int j, xi, m, c
     cdef Py_ssize_t tiles = <Py_ssize_t> N * tiles_across(OH) * tiles_across(OW)
     cdef Py_ssize_t chunk, t0
     cdef const floating* mask_ptr = &out[0, 0, 0, 0] if out.shape[0] > 0 else NULL
-    memset(&dw[0, 0, 0], 0, WINOGRAD_POSITIONS * M * C * sizeof(floating))
+    cdef floating* lanes_ptr = &lanes[0] if lanes.shape[0] > 0 else NULL
+    cdef Py_ssize_t elements = <Py_ssize_t> M * C
+    memset(&dw[0, 0, 0], 0, WINOGRAD_POSITIONS * elements * sizeof(floating))
+    if lanes_ptr != NULL:
+        memset(lanes_ptr, 0, lanes.shape[0] * sizeof(floating))
     memset(&bias_sums[0], 0, M * sizeof(double))
     with nogil, parallel(num_threads=num_threads):
         for chunk in range((tiles + tile_range - 1) // tile_range):
@@ -219,7 +238,12 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                                    &taps[threadid(), 0], j, C, M, H, W, OH, OW, pad_h, pad_w,
                                    t0, min(t0 + tile_range, tiles), tile_range)
             for xi in prange(WINOGRAD_POSITIONS, schedule='dynamic'):
-                grad_product(&v[0], &d[0], &dw[0, 0, 0], &bias_sums[0], xi, C, M, tile_range)
+                grad_product(&v[0], &d[0], &dw[0, 0, 0], lanes_ptr, &bias_sums[0], xi, C, M,
+                             tile_range)
+        if lanes_ptr != NULL:
+            for xi in prange(WINOGRAD_POSITIONS, schedule='static'):
+                winograd_grad_lanes_sum(lanes_ptr + xi * (lanes.shape[0] // WINOGRAD_POSITIONS),
+                                        elements, &dw[xi, 0, 0])
         for m in prange(M, schedule='static'):
             unpack_filter_grads(dw, m, grad_weight)
             if grad_bias.shape[0] > 0:

@@ -128,6 +128,111 @@ static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K,
 }
 #endif
 
+/* The weight gradient's product for thin layers (few channels, many tiles), where
+ * a BLAS call per position and range costs more than it multiplies: each element
+ * of dw = d v^T, a sum over tiles, is kept as WINOGRAD_GRAD_LANES partial sums
+ * (lane l: the tiles t = l mod GRAD_LANES), WINOGRAD_GRAD_LANE_BYTES of them whatever
+ * the vector width, so that both widths add the same numbers in the same order. */
+#define WINOGRAD_GRAD_LANES ((int)(WINOGRAD_GRAD_LANE_BYTES / sizeof(WT)))
+
+#if defined(__GNUC__)
+enum { WSUF(GRAD_PARTS) = WINOGRAD_GRAD_LANES / WLANES }; /* vectors per 64 bytes */
+
+/* lanes[((i * C + j) * GRAD_LANES + l] += sum over tiles t = l mod GRAD_LANES of
+ * d[(m + i) * T + t] * v[(c + j) * T + t], for i < BM, j < BC: one register block. */
+#define WINOGRAD_GRAD_BLOCK(NAME, BM, BC)                                                     \
+    CYCONV_ALWAYS_INLINE void NAME(const WT *d, const WT *v, ptrdiff_t T, int C, WT *lanes)   \
+    {                                                                                         \
+        enum { P = WSUF(GRAD_PARTS) };                                                        \
+        WSUF(wvec) acc[BM][BC][P];                                                            \
+        for (int i = 0; i < BM; i++)                                                          \
+            for (int j = 0; j < BC; j++)                                                      \
+                for (int p = 0; p < P; p++)                                                   \
+                    acc[i][j][p] = WSUF(wload)(lanes + (i * C + j) * WINOGRAD_GRAD_LANES      \
+                                               + p * WLANES);                                 \
+        for (ptrdiff_t t = 0; t < T; t += WINOGRAD_GRAD_LANES)                                \
+            for (int p = 0; p < P; p++) {                                                     \
+                WSUF(wvec) dv[BM], vv[BC];                                                    \
+                for (int i = 0; i < BM; i++)                                                  \
+                    dv[i] = WSUF(wload)(d + i * T + t + p * WLANES);                          \
+                for (int j = 0; j < BC; j++)                                                  \
+                    vv[j] = WSUF(wload)(v + j * T + t + p * WLANES);                          \
+                for (int i = 0; i < BM; i++)                                                  \
+                    for (int j = 0; j < BC; j++)                                              \
+                        acc[i][j][p] += dv[i] * vv[j];                                        \
+            }                                                                                 \
+        for (int i = 0; i < BM; i++)                                                          \
+            for (int j = 0; j < BC; j++)                                                      \
+                for (int p = 0; p < P; p++)                                                   \
+                    *(WSUF(wvec) *)(lanes + (i * C + j) * WINOGRAD_GRAD_LANES + p * WLANES) = \
+                        acc[i][j][p];                                                         \
+    }
+/* the register block: 4 x 4 sums of one vector each with 64-byte vectors (16
+ * accumulators), 3 x 2 of two vectors with 32-byte ones (12) */
+enum {
+    WSUF(GRAD_ROWS) = WINOGRAD_VECTOR_BYTES == 64 ? 4 : 3,
+    WSUF(GRAD_COLUMNS) = WINOGRAD_VECTOR_BYTES == 64 ? 4 : 2
+};
+WINOGRAD_GRAD_BLOCK(WSUF(winograd_grad_block), WSUF(GRAD_ROWS), WSUF(GRAD_COLUMNS))
+WINOGRAD_GRAD_BLOCK(WSUF(winograd_grad_single), 1, 1)
+#undef WINOGRAD_GRAD_BLOCK
+
+#else
+/* Other compilers: the same sums, one element at a time. */
+enum { WSUF(GRAD_ROWS) = 1, WSUF(GRAD_COLUMNS) = 1 };
+
+static void WSUF(winograd_grad_single)(const WT *d, const WT *v, ptrdiff_t T, int C, WT *lanes)
+{
+    (void)C;
+    for (ptrdiff_t t = 0; t < T; t++)
+        lanes[t % WINOGRAD_GRAD_LANES] += d[t] * v[t];
+}
+
+static void WSUF(winograd_grad_block)(const WT *d, const WT *v, ptrdiff_t T, int C, WT *lanes)
+{
+    WSUF(winograd_grad_single)(d, v, T, C, lanes);
+}
+#endif
+
+/* lanes[(i * C + j) * GRAD_LANES + l] += sum over tiles t = l mod GRAD_LANES of
+ * d[i * T + t] * v[j * T + t] for i < M, j < C (T a multiple of GRAD_LANES): the
+ * weight gradient's product of one position over one range of tiles, its
+ * (M, C) sums in lanes. */
+CYCONV_MULTIVERSION
+static void WSUF(winograd_grad_lanes)(const WT *d, const WT *v, int M, int C, ptrdiff_t T,
+                                      WT *lanes)
+{
+    enum { BM = WSUF(GRAD_ROWS), BC = WSUF(GRAD_COLUMNS) };
+    int m_end = M - M % BM, c_end = C - C % BC;
+#define WINOGRAD_LANES_AT(m, c) (lanes + ((ptrdiff_t)(m) * C + (c)) * WINOGRAD_GRAD_LANES)
+    for (int m = 0; m < m_end; m += BM) {
+        for (int c = 0; c < c_end; c += BC)
+            WSUF(winograd_grad_block)(d + m * T, v + c * T, T, C, WINOGRAD_LANES_AT(m, c));
+        for (int c = c_end; c < C; c++) /* the columns left over */
+            for (int i = m; i < m + BM; i++)
+                WSUF(winograd_grad_single)(d + i * T, v + c * T, T, C, WINOGRAD_LANES_AT(i, c));
+    }
+    for (int m = m_end; m < M; m++) /* the rows left over */
+        for (int c = 0; c < C; c++)
+            WSUF(winograd_grad_single)(d + m * T, v + c * T, T, C, WINOGRAD_LANES_AT(m, c));
+#undef WINOGRAD_LANES_AT
+}
+
+/* dw[e] = the sum of lanes[e * GRAD_LANES + l] over l < GRAD_LANES, added in halves
+ * (lanes l and l + half, half = GRAD_LANES / 2, ..., 1), for e < count. */
+static void WSUF(winograd_grad_lanes_sum)(const WT *lanes, ptrdiff_t count, WT *dw)
+{
+    for (ptrdiff_t e = 0; e < count; e++) {
+        WT sums[WINOGRAD_GRAD_LANES];
+        memcpy(sums, lanes + e * WINOGRAD_GRAD_LANES, sizeof(sums));
+        for (int half = WINOGRAD_GRAD_LANES / 2; half > 0; half /= 2)
+            for (int l = 0; l < half; l++)
+                sums[l] += sums[l + half];
+        dw[e] = sums[0];
+    }
+}
+#undef WINOGRAD_GRAD_LANES
+
 /* y[i * ldy + j] = sum_k u[(i / CB * K + k) * CB + i % CB] * v[k * ldv + j] for
  * i < M (a multiple of CB = WINOGRAD_CHANNEL_BLOCK), j < T (a multiple of
  * WINOGRAD_TILE_BLOCK): the forward product of one position xi, with u the

@@ -36,10 +36,13 @@ def _id(case):
     return f"n{n}c{c}m{m}_{h}x{w}_p{p}_{'b' if b else 'nb'}".replace(" ", "")
 
 
-@pytest.fixture(autouse=True)
-def every_channel_count(monkeypatch):
-    """The path also takes the thin layers it leaves to im2col by default."""
+@pytest.fixture(autouse=True, params=["own product", "BLAS product"])
+def every_channel_count(request, monkeypatch):
+    """The path also takes the thin layers it leaves to im2col by default; the weight
+    gradient by cyconv's own product (thin layers) or by BLAS (the others), each test
+    once with each."""
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "THIN_PRODUCT", 10**9 if request.param == "own product" else 0)
 
 
 def make(case, dtype, fuse_relu=False, seed=0):
@@ -125,6 +128,7 @@ def test_same_bits_for_any_thread_count(dtype, rng, monkeypatch):
     """Several tile ranges per call (small budgets), ranges spanning images."""
     monkeypatch.setattr(winograd, "FORWARD_BYTES", 16 * 64 * 32 * 8)
     monkeypatch.setattr(winograd, "GRAD_BYTES", 16 * 64 * 32 * 8)
+    monkeypatch.setattr(winograd, "THIN_GRAD_BYTES", 16 * 64 * 32 * 8)
     case = (5, 19, 21, 9, 11, 1, True)
     x = inputs(case, dtype, rng)
     dy = rng.standard_normal((5, 21, 9, 11)).astype(dtype)

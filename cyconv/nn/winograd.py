@@ -22,6 +22,12 @@ FORWARD_BYTES = 1 << 20
 GRAD_BYTES = 16 << 20
 # Longest tile range: beyond it a range only costs memory.
 MAX_RANGE = 4096
+# Layers with at most this many weights per position (out x in channels) take
+# cyconv's own weight-gradient product: a BLAS call per position and range is
+# too thin to pay for them (benchmarks/bench_conv3x3.py).  Their ranges are
+# shorter, so that the shared transformed tiles stay in the caches.
+THIN_PRODUCT = 24 * 24
+THIN_GRAD_BYTES = 2 << 20
 
 
 def applies(layer):
@@ -92,16 +98,21 @@ def backward(layer, grad_output, x, out, grad_input):
     gradient.  out: the forward output when a ReLU was fused (its mask), else empty."""
     channels, outputs = x.shape[1], layer.out_channels
     tiles = tile_count(grad_output.shape)
-    span = tile_range(tiles, channels + outputs, layer.dtype.itemsize, GRAD_BYTES)
+    thin = outputs * channels <= THIN_PRODUCT
+    span = tile_range(tiles, channels + outputs, layer.dtype.itemsize,
+                      THIN_GRAD_BYTES if thin else GRAD_BYTES)
     threads = min(get_num_threads(), channels + outputs)
     grad_bias = (layer.bias.grad if layer.bias is not None
                  else np.empty(0, layer.dtype))
+    lane_count = _winograd.POSITIONS * outputs * channels * (
+        _winograd.GRAD_LANE_BYTES // layer.dtype.itemsize)
+    lanes = layer._scratch((lane_count,), layer.dtype) if thin else np.empty(0, layer.dtype)
     with blas_single_threaded():
         _winograd.winograd_weight_grad(
             grad_output, x, out, layer.weight.grad, grad_bias,
             layer._scratch((_winograd.POSITIONS * channels * span,), layer.dtype),
             layer._scratch((_winograd.POSITIONS * outputs * span,), layer.dtype),
-            layer._scratch((_winograd.POSITIONS, outputs, channels), layer.dtype),
+            layer._scratch((_winograd.POSITIONS, outputs, channels), layer.dtype), lanes,
             layer._scratch((outputs,), np.float64),
             tap_scratch(layer, threads), layer.padding[0],
             layer.padding[1], span, threads)
