@@ -2,7 +2,8 @@
 
 The layers: the 3x3 stride-1 convolutions of models.small(3, 128) (after its
 stride-2 stem: 24->24 at 64x64, 24->48 at 32x32, 48->96 at 16x16, 96->192 at
-8x8) and ResNet-18's (64 at 56x56, 128 at 28x28, 256 at 14x14, 512 at 7x7), all
+8x8), models.resnet_small's (16 at 64x64 to 128 at 8x8: the --model resnet recipe)
+and ResNet-18's (64 at 56x56, 128 at 28x28, 256 at 14x14, 512 at 7x7), all
 padded, without bias, float32, batch 32.  Forward is one call in grad mode;
 backward is the input and weight gradients of that forward.  cyconv and both
 PyTorch layouts are timed one after the other, round after round, in this
@@ -14,6 +15,7 @@ is measured in the same run, with the same threads.
     python benchmarks/bench_conv3x3.py                       # 2 threads, all layers
     python benchmarks/bench_conv3x3.py --threads 1 --repeats 9 --layers small
     python benchmarks/bench_conv3x3.py --im2col    # also cyconv's im2col + GEMM path
+    python benchmarks/bench_conv3x3.py --blas-grad # also every weight gradient by BLAS
 """
 import argparse
 import statistics
@@ -40,19 +42,32 @@ from cyconv.profiling import gemm_peak  # noqa: E402
 LAYERS = {
     "small": [("small 24->24", 24, 24, 64), ("small 24->48", 24, 48, 32),
               ("small 48->96", 48, 96, 16), ("small 96->192", 96, 192, 8)],
+    "resnet_small": [("resnet_small 16", 16, 16, 64), ("resnet_small 32", 32, 32, 32),
+                     ("resnet_small 64", 64, 64, 16), ("resnet_small 128", 128, 128, 8)],
     "resnet18": [("resnet18 64", 64, 64, 56), ("resnet18 128", 128, 128, 28),
                  ("resnet18 256", 256, 256, 14), ("resnet18 512", 512, 512, 7)],
 }
 
 
-def im2col_only(task):
-    """task run with Conv2d's Winograd path switched off (cyconv's previous kernels)."""
+# Other cyconv kernels to time beside the default ones: (label, option, help, the
+# setting of cyconv.nn.winograd that selects them, its value).
+VARIANTS = [
+    ("im2col", "--im2col", "also time cyconv's im2col + GEMM kernels on these layers",
+     "MIN_CHANNELS", float("inf")),
+    ("BLAS grad", "--blas-grad", "also time the Winograd path with every weight gradient's "
+     "product by BLAS (thin layers take cyconv's own by default)", "THIN_PRODUCT", 0),
+]
+
+
+def with_setting(task, name, value):
+    """task run with cyconv.nn.winograd's setting name at value."""
     def run():
-        saved, winograd.MIN_CHANNELS = winograd.MIN_CHANNELS, float("inf")
+        saved = getattr(winograd, name)
+        setattr(winograd, name, value)
         try:
             return task()
         finally:
-            winograd.MIN_CHANNELS = saved
+            setattr(winograd, name, saved)
     return run
 
 
@@ -82,17 +97,18 @@ def torch_passes(layer, x, dy, channels_last):
     return forward, backward
 
 
-def measure_layer(c_in, c_out, size, batch, repeats, im2col):
-    """{(implementation, pass): [seconds]}, the implementations taking turns."""
+def measure_layer(c_in, c_out, size, batch, repeats, variants):
+    """{(implementation, pass): [seconds]}, the implementations (cyconv, the VARIANTS
+    given, PyTorch) taking turns."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, c_in, size, size)).astype(np.float32)
     dy = rng.standard_normal((batch, c_out, size, size)).astype(np.float32)
     forward, backward, layer = cyconv_passes(c_in, c_out, x, dy)
     tasks = {("cyconv", "forward"): forward, ("cyconv", "backward"): backward}
-    if im2col:
+    for label, _, _, name, value in variants:
         forward, backward, _ = cyconv_passes(c_in, c_out, x, dy)
-        tasks[("im2col", "forward")] = im2col_only(forward)
-        tasks[("im2col", "backward")] = im2col_only(backward)
+        tasks[(label, "forward")] = with_setting(forward, name, value)
+        tasks[(label, "backward")] = with_setting(backward, name, value)
     if torch is not None:
         for label, channels_last in (("torch NCHW", False), ("torch NHWC", True)):
             fwd, bwd = torch_passes(layer, x, dy, channels_last)
@@ -125,16 +141,17 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", choices=["all", *LAYERS], default="all")
-    parser.add_argument("--im2col", action="store_true",
-                        help="also time cyconv's im2col + GEMM kernels on these layers")
+    for _, option, text, _, _ in VARIANTS:
+        parser.add_argument(option, action="store_true", help=text)
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if getattr(args, v[1][2:].replace("-", "_"))]
     cyconv.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
     peak = gemm_peak(args.threads)
     print(f"threads {args.threads}, batch {args.batch}, {args.repeats} repeats; "
           f"numpy sgemm 2048^3: {peak:.0f} GFLOP/s")
-    impls = (["cyconv"] + (["im2col"] if args.im2col else [])
+    impls = (["cyconv"] + [v[0] for v in variants]
              + (["torch NCHW", "torch NHWC"] if torch is not None else []))
     print("| layer | pass | " + " | ".join(f"{i} ms [range]" for i in impls)
           + " | cyconv GFLOP/s | of peak | faster torch / cyconv |")
@@ -142,7 +159,7 @@ def main():
     groups = LAYERS if args.layers == "all" else {args.layers: LAYERS[args.layers]}
     for layers in groups.values():
         for name, c_in, c_out, size in layers:
-            times = measure_layer(c_in, c_out, size, args.batch, args.repeats, args.im2col)
+            times = measure_layer(c_in, c_out, size, args.batch, args.repeats, variants)
             flop = 2 * args.batch * c_out * c_in * 9 * size * size
             for row in report(name, flop, times, peak):
                 print(row, flush=True)

@@ -53,6 +53,10 @@
 /* Bytes of the partial sums each element of the thin layers' weight-gradient
  * product keeps (one lane per tile mod that many): a 64-byte vector. */
 #define WINOGRAD_GRAD_LANE_BYTES 64
+/* Elements between the positions of a block of transformed tiles past its rows: with
+ * the rows' length often a multiple of 4 KB, the 36 positions a transform writes at
+ * once would otherwise share a handful of L1 cache sets. */
+#define WINOGRAD_POSITION_PAD 16
 
 #include "_multiversion.h"
 

@@ -46,6 +46,7 @@ cdef extern from "_winograd.h" nogil:
     enum: WINOGRAD_ROW_SLACK
     enum: WINOGRAD_GATHER_SIZE
     enum: WINOGRAD_GRAD_LANE_BYTES
+    enum: WINOGRAD_POSITION_PAD
     # C kernels with a float and a double version, one name each (see _typed.h and
     # _winograd_tiles.h / _winograd_filters.h for the arguments)
     void winograd_transform(...)
@@ -63,12 +64,19 @@ CHANNEL_BLOCK = WINOGRAD_CHANNEL_BLOCK
 ROW_SLACK = WINOGRAD_ROW_SLACK
 GATHER_SIZE = WINOGRAD_GATHER_SIZE
 GRAD_LANE_BYTES = WINOGRAD_GRAD_LANE_BYTES
+POSITION_PAD = WINOGRAD_POSITION_PAD
 
 
 def force_vector_width(width):
     """Run the kernels with vectors of width bytes (32 or 64), or as the CPU suits
     (None): for the tests, which check that both widths give the same bits."""
     set_vector_width(width, "_winograd")
+
+
+cdef inline Py_ssize_t position_stride(int rows, Py_ssize_t T) noexcept nogil:
+    """Elements from one position to the next in a (36, rows, T) block of transformed
+    tiles: padded, so that the 36 positions do not fall on the same cache sets."""
+    return rows * T + WINOGRAD_POSITION_PAD
 
 
 cdef inline int tiles_across(int size) noexcept nogil:
@@ -104,13 +112,16 @@ cdef void forward_range(const floating* x, const floating* mask, const floating*
     (taps: the transforms' workspace)."""
     cdef int TH = tiles_across(OH), TW = tiles_across(OW), c, m, xi
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
+    cdef Py_ssize_t v_stride = position_stride(C, T), y_stride = position_stride(Mp, T)
     for c in range(C):
         winograd_transform(x + c * plane, mask + c * plane if mask != NULL else NULL, C * plane,
-                           H, W, pad_h, pad_w, TH, TW, t0, t1, T, False, taps, v + c * T, C * T)
+                           H, W, pad_h, pad_w, TH, TW, t0, t1, T, False, taps, v + c * T,
+                           v_stride)
     for xi in range(WINOGRAD_POSITIONS):
-        winograd_product(packed + xi * Mp * C, v + xi * C * T, T, Mp, C, T, y + xi * Mp * T, T)
+        winograd_product(packed + xi * Mp * C, v + xi * v_stride, T, Mp, C, T,
+                         y + xi * y_stride, T)
     for m in range(M):
-        winograd_output(y + m * T, Mp * T, bias[m] if bias != NULL else 0, activation, OH, OW, TH,
+        winograd_output(y + m * T, y_stride, bias[m] if bias != NULL else 0, activation, OH, OW, TH,
                         TW, t0, t1, taps, out + m * out_plane, M * out_plane)
 
 
@@ -119,8 +130,8 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
                      const floating[:, :, :, ::1] weight,  # IN   (M, C, 3, 3), or (C, M, 3, 3) when transposed
                      const floating[::1] bias,             # IN   (M,), or empty for no bias
                      floating[:, :, ::1] packed,           # WORK (36, Mp, C)
-                     floating[:, ::1] v,                   # WORK (threads, 36 * C * tile_range)
-                     floating[:, ::1] y,                   # WORK (threads, 36 * Mp * tile_range + ROW_SLACK)
+                     floating[:, ::1] v,                   # WORK (threads, 36 * (C * tile_range + POSITION_PAD))
+                     floating[:, ::1] y,                   # WORK (threads, 36 * (Mp * tile_range + POSITION_PAD) + ROW_SLACK)
                      floating[:, ::1] taps,                # WORK (threads, GATHER_SIZE)
                      floating[:, :, :, ::1] out,           # OUT  (N, M, OH, OW)
                      int pad_h, int pad_w, bint transposed, Py_ssize_t tile_range,
@@ -161,12 +172,12 @@ cdef void transform_for_grad(const floating* x, const floating* grad_out, const 
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
     if j < C:
         winograd_transform(x + j * plane, NULL, C * plane, H, W, pad_h, pad_w, TH, TW, t0, t1,
-                           T, False, taps, v + j * T, C * T)
+                           T, False, taps, v + j * T, position_stride(C, T))
     else:
         j -= C
         winograd_transform(grad_out + j * out_plane,
                            mask + j * out_plane if mask != NULL else NULL, M * out_plane, OH, OW,
-                           0, 0, TH, TW, t0, t1, T, True, taps, d + j * T, M * T)
+                           0, 0, TH, TW, t0, t1, T, True, taps, d + j * T, position_stride(M, T))
 
 
 cdef void grad_product(const floating* v, const floating* d, floating* dw, floating* lanes,
@@ -175,14 +186,15 @@ cdef void grad_product(const floating* v, const floating* d, floating* dw, float
     lanes given, its partial sums in lanes (36, M, C, GRAD_LANES) (see _winograd_filters.h).
     Position 7 of d ((A y A^T)[1][1], A's row 1 all ones) is the sum of each tile's output
     gradient, so that task also adds those to bias_sums."""
-    cdef const floating* a = d + xi * M * T
+    cdef const floating* a = d + xi * position_stride(M, T)
+    cdef const floating* b = v + xi * position_stride(C, T)
     cdef Py_ssize_t elements = <Py_ssize_t> M * C
     cdef int m
     if lanes != NULL:
-        winograd_grad_lanes(a, v + xi * C * T, M, C, T,
+        winograd_grad_lanes(a, b, M, C, T,
                             lanes + xi * elements * (WINOGRAD_GRAD_LANE_BYTES // sizeof(floating)))
     else:
-        gemm(False, True, M, C, <int> T, 1, a, <int> T, v + xi * C * T, <int> T, 1,
+        gemm(False, True, M, C, <int> T, 1, a, <int> T, b, <int> T, 1,
              dw + xi * elements, C)
     if xi == 7:
         for m in range(M):
@@ -206,8 +218,8 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                          const floating[:, :, :, ::1] out,       # IN    (N, M, OH, OW) relu mask, or empty
                          floating[:, :, :, ::1] grad_weight,     # INOUT (M, C, 3, 3), accumulated
                          floating[::1] grad_bias,                # INOUT (M,), accumulated; empty for no bias
-                         floating[::1] v,                        # WORK  (36 * C * tile_range)
-                         floating[::1] d,                        # WORK  (36 * M * tile_range)
+                         floating[::1] v,                        # WORK  (36 * (C * tile_range + POSITION_PAD))
+                         floating[::1] d,                        # WORK  (36 * (M * tile_range + POSITION_PAD))
                          floating[:, :, ::1] dw,                 # WORK  (36, M, C)
                          floating[::1] lanes,                    # WORK  (36 * M * C * GRAD_LANES), or empty
                          double[::1] bias_sums,                  # WORK  (M,)

@@ -27,7 +27,7 @@ MAX_RANGE = 4096
 # too thin to pay for them (benchmarks/bench_conv3x3.py).  Their ranges are
 # shorter, so that the shared transformed tiles stay in the caches.
 THIN_PRODUCT = 24 * 24
-THIN_GRAD_BYTES = 2 << 20
+THIN_GRAD_BYTES = 4 << 20
 
 
 def applies(layer):
@@ -57,6 +57,12 @@ def tiles_across(size):
     return -(-size // _winograd.TILE)
 
 
+def block_size(rows, span):
+    """Elements of a (POSITIONS, rows, span) block of transformed tiles, its positions
+    POSITION_PAD elements apart past their rows (see _winograd.position_stride)."""
+    return _winograd.POSITIONS * (rows * span + _winograd.POSITION_PAD)
+
+
 def tile_count(shape):
     """Output tiles of a batch whose output is shape (N, M, OH, OW)."""
     n, _, oh, ow = shape
@@ -82,8 +88,8 @@ def convolve(layer, x, weight, bias, out, padding, transposed, activation, mask=
     _winograd.winograd_forward(
         x, empty if mask is None else mask, weight, bias,
         layer._scratch((_winograd.POSITIONS, packed_rows, channels), layer.dtype),
-        layer._scratch((threads, _winograd.POSITIONS * channels * span), layer.dtype),
-        layer._scratch((threads, _winograd.POSITIONS * packed_rows * span + _winograd.ROW_SLACK),
+        layer._scratch((threads, block_size(channels, span)), layer.dtype),
+        layer._scratch((threads, block_size(packed_rows, span) + _winograd.ROW_SLACK),
                        layer.dtype),
         tap_scratch(layer, threads), out, padding[0], padding[1], transposed, span,
         activation, threads)
@@ -110,8 +116,8 @@ def backward(layer, grad_output, x, out, grad_input):
     with blas_single_threaded():
         _winograd.winograd_weight_grad(
             grad_output, x, out, layer.weight.grad, grad_bias,
-            layer._scratch((_winograd.POSITIONS * channels * span,), layer.dtype),
-            layer._scratch((_winograd.POSITIONS * outputs * span,), layer.dtype),
+            layer._scratch((block_size(channels, span),), layer.dtype),
+            layer._scratch((block_size(outputs, span),), layer.dtype),
             layer._scratch((_winograd.POSITIONS, outputs, channels), layer.dtype), lanes,
             layer._scratch((outputs,), np.float64),
             tap_scratch(layer, threads), layer.padding[0],
