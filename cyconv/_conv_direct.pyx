@@ -52,12 +52,13 @@ cdef void padded_row(const floating* image_row, floating* dst, int phase, Geomet
 
 
 cdef void prepare_rows(const floating* image, floating* rows, Geometry g, int oh,
-                       Py_ssize_t row_len) noexcept nogil:
+                       Py_ssize_t row_len, int phases) noexcept nogil:
     """rows <- the input rows that output row oh of one image (C, H, W) reads, for the direct kernel.
 
     Row ((c*kh + ki)*stride_w + phase) holds padded_row(input row
-    (c, oh*sh - ph + ki*dh), phase).  Tap (c, ki, kj) then reads a contiguous
-    run from row phase = kj*dw % stride_w at j = ow + kj*dw // stride_w.
+    (c, oh*sh - ph + ki*dh), phase), for phase < phases (phases_read).  Tap
+    (c, ki, kj) then reads a contiguous run from row phase = kj*dw % stride_w at
+    j = ow + kj*dw // stride_w.
     """
     cdef int c, ki, phase, ih
     cdef const floating* src
@@ -66,9 +67,18 @@ cdef void prepare_rows(const floating* image, floating* rows, Geometry g, int oh
             ih = oh * g.stride_h - g.pad_h + ki * g.dilation_h
             src = (image + (<Py_ssize_t> c * g.height + ih) * g.width
                    if 0 <= ih < g.height else NULL)
-            for phase in range(g.stride_w):
+            for phase in range(phases):
                 padded_row(src, rows + ((c * g.kernel_h + ki) * g.stride_w + phase) * row_len,
                            phase, g, row_len)
+
+
+cdef int phases_read(Geometry g) noexcept nogil:
+    """1 + the highest stride phase a tap reads (kj*dw % stride_w for kj < kw): the rows
+    of higher phases are never read (a 1x1 kernel of stride 2 reads phase 0 only)."""
+    cdef int kj, phases = 1
+    for kj in range(g.kernel_w):
+        phases = max(phases, (kj * g.dilation_w) % g.stride_w + 1)
+    return phases
 
 
 def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
@@ -94,7 +104,7 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef Py_ssize_t P = <Py_ssize_t> OH * OW
     cdef Py_ssize_t row_len = direct_row_length(g)
     cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
-    cdef int c, ki, kj, shift, n, oh, rows_per_chunk = (OH + 3) // 4
+    cdef int c, ki, kj, shift, n, oh, rows_per_chunk = (OH + 3) // 4, phases = phases_read(g)
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* scratch
     for c in range(g.channels):  # tap k = (c, ki, kj) in the weight's order
@@ -110,6 +120,6 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             n = task // OH
             oh = task % OH
             scratch = &rows[threadid(), 0]
-            prepare_rows(&x[n, 0, 0, 0], scratch, g, oh, row_len)
+            prepare_rows(&x[n, 0, 0, 0], scratch, g, oh, row_len, phases)
             conv_row_direct(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
                             activation, &out[n, 0, oh, 0], P)
