@@ -18,7 +18,9 @@ work into items by chunks of images and blocks of K instead (the weight
 gradient is a sum over images: see conv2d_backward).  Tiles and items are fixed
 by the shapes alone, so results do not depend on the thread count.  A pointwise
 layer (1x1, stride 1, no padding) reads the image in place of its columns and
-writes its input gradient straight into the image's rows.  Work is
+writes its input gradient straight into the image's rows; a 1x1 layer of stride
+> 1 without padding runs as a pointwise one on the pixels it reads, gathered
+first (subsample_forward).  Work is
 dealt out one image or item at a time (schedule 'dynamic'), so a thread that
 loses its core to another process does not hold the others up.  Backward never
 inserts zeros for strides: col2im scatters each column entry back onto the
@@ -349,3 +351,35 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     grad_weight[oc, k] += parts[j, oc, k]
             if has_bias:
                 add_sum(&bias_parts[0, oc], chunks, OC, &grad_bias[oc])
+
+
+def subsample_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
+                      floating[:, :, :, ::1] out,       # OUT (N, C, OH, OW)
+                      int stride_h, int stride_w, int num_threads):
+    """out[n, c, i, j] = x[n, c, i*stride_h, j*stride_w]: the pixels a 1x1 convolution of
+    that stride (without padding) reads, which it then multiplies as a pointwise one."""
+    cdef Py_ssize_t planes = <Py_ssize_t> x.shape[0] * x.shape[1], plane
+    cdef int C = x.shape[1], OH = out.shape[2], OW = out.shape[3], i
+    with nogil:
+        for plane in prange(planes, schedule='static', num_threads=num_threads):
+            for i in range(OH):
+                gather_strided(&out[plane // C, plane % C, i, 0],
+                               &x[plane // C, plane % C, i * stride_h, 0], OW, stride_w)
+
+
+def subsample_backward(const floating[:, :, :, ::1] grad_out,  # IN  (N, C, OH, OW)
+                       floating[:, :, :, ::1] grad_x,          # OUT (N, C, H, W)
+                       int stride_h, int stride_w, int num_threads):
+    """grad_x = the gradient of subsample_forward: grad_out at the pixels it read, 0
+    elsewhere."""
+    cdef Py_ssize_t planes = <Py_ssize_t> grad_x.shape[0] * grad_x.shape[1], plane
+    cdef int C = grad_x.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3], i, j
+    cdef Py_ssize_t plane_size = <Py_ssize_t> grad_x.shape[2] * grad_x.shape[3]
+    cdef floating* row
+    with nogil:
+        for plane in prange(planes, schedule='static', num_threads=num_threads):
+            memset(&grad_x[plane // C, plane % C, 0, 0], 0, plane_size * sizeof(floating))
+            for i in range(OH):
+                row = &grad_x[plane // C, plane % C, i * stride_h, 0]
+                for j in range(OW):
+                    row[j * stride_w] = grad_out[plane // C, plane % C, i, j]

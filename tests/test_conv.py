@@ -41,6 +41,8 @@ def _random_cases(n=26, seed=20240611):
 EDGE_CASES = [
     _case(2, 3, 4, 5, 7, k=1),                               # 1x1, stride 1
     _case(2, 3, 2, 6, 5, k=1, s=2),                          # 1x1, stride 2 (skips inputs)
+    _case(2, 5, 3, 7, 8, k=1, s=(3, 2)),                     # 1x1, per-axis strides
+    _case(1, 3, 2, 5, 9, k=1, s=(1, 3), d=2, bias=False),    # 1x1, stride across only
     _case(1, 2, 3, 3, 4, k=1, p=2),                          # padding > kernel
     _case(2, 2, 3, 5, 5, k=5),                               # kernel == input -> 1x1
     _case(2, 2, 2, 7, 9, k=(2, 4), s=(2, 3), p=(1, 0)),      # even, non-square

@@ -12,7 +12,7 @@ from cyconv._checks import (
     positive_pair,
 )
 from cyconv._random import generator
-from cyconv._threads import blas_single_threaded, get_num_threads
+from cyconv._threads import blas_single_threaded, get_num_threads, threads_for
 from cyconv.nn import winograd
 from cyconv.nn._init import kaiming_uniform
 from cyconv.nn.activation import ACTIVATION_CODES, ReLU
@@ -177,6 +177,13 @@ class Conv2d(Module):
     def _uses_depthwise_kernel(self):
         return DEPTHWISE_KERNEL and self.groups == self.in_channels > 1
 
+    def _subsamples(self):
+        """A 1x1 kernel of stride > 1 without padding (ResNet's downsample shortcuts) runs
+        as a pointwise convolution of the pixels it reads, gathered first: im2col would
+        copy them tile by tile, and the direct kernel row by row."""
+        return (self.kernel_size == (1, 1) and self.stride != (1, 1)
+                and self.padding == (0, 0) and self.groups == 1)
+
     def _uses_direct_kernel(self, g):
         return (self.groups == 1 and self.weight.data[0].size <= DIRECT_MAX_TAPS
                 and not _conv.pointwise(g)
@@ -189,6 +196,9 @@ class Conv2d(Module):
         g = self._geometry(x.shape)
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
                                  self.dtype)
+        input_shape = x.shape
+        if self._subsamples():   # from here on, a pointwise layer of the pixels it reads
+            x, g = self._subsample(x, g)
         if weight is None:
             weight = self.weight.data
             bias = self.bias.data if self.bias is not None else empty(1, self.dtype)
@@ -203,8 +213,17 @@ class Conv2d(Module):
             self._im2col_forward(x, flat_weight, bias, out, g, activation)
         # backward rebuilds what it needs from x; the output is kept only as a ReLU mask
         fuse_relu = activation == ACTIVATION_CODES[ReLU]   # (a ReLU6 only in inference)
-        self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype))
+        self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype),
+                                input_shape)
         return out
+
+    def _subsample(self, x, g):
+        """(the pixels this 1x1 strided layer reads, (N, C, OH, OW); the geometry of a
+        pointwise layer on them)."""
+        pixels = self._output_array((x.shape[0], self.in_channels, g["out_height"],
+                                     g["out_width"]), self.dtype)
+        _conv.subsample_forward(x, pixels, *self.stride, threads_for(pixels.size))
+        return pixels, geometry(self, pixels.shape, (1, 1), (1, 1), (0, 0), (1, 1))
 
     def _direct_forward(self, x, weight, bias, out, g, activation):
         threads = min(get_num_threads(), x.shape[0] * g["out_height"])
@@ -233,7 +252,7 @@ class Conv2d(Module):
                                      planes_per_task, activation, threads)
 
     def backward(self, grad_output, input_grad=True):
-        x, g, fuse_relu, out = self._saved_for_backward()
+        x, g, fuse_relu, out, input_shape = self._saved_for_backward()
         grad_output = as_grad_output(self, grad_output, (x.shape[0], self.out_channels,
                                                          g["out_height"], g["out_width"]),
                                      self.dtype)
@@ -246,6 +265,10 @@ class Conv2d(Module):
                     else self._im2col_backward)
         backward(grad_output, x, out, grad_bias,
                  grad_input if input_grad else empty(4, self.dtype), g, fuse_relu, input_grad)
+        if input_grad and self._subsamples():   # the gradient of the pixels read, spread out
+            grad_pixels, grad_input = grad_input, self._grad_input_array(input_shape, self.dtype)
+            _conv.subsample_backward(grad_pixels, grad_input, *self.stride,
+                                     threads_for(grad_input.size))
         return grad_input
 
     def _im2col_backward(self, grad_output, x, out, grad_bias, grad_input, g, fuse_relu,
