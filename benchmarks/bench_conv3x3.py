@@ -141,10 +141,10 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", choices=["all", *LAYERS], default="all")
-    for _, option, text, _, _ in VARIANTS:
-        parser.add_argument(option, action="store_true", help=text)
+    for label, option, text, _, _ in VARIANTS:
+        parser.add_argument(option, action="store_true", dest=label, help=text)
     args = parser.parse_args()
-    variants = [v for v in VARIANTS if getattr(args, v[1][2:].replace("-", "_"))]
+    variants = [v for v in VARIANTS if vars(args)[v[0]]]
     cyconv.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)

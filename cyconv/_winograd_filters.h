@@ -138,7 +138,7 @@ static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K,
 #if defined(__GNUC__)
 enum { WSUF(GRAD_PARTS) = WINOGRAD_GRAD_LANES / WLANES }; /* vectors per 64 bytes */
 
-/* lanes[((i * C + j) * GRAD_LANES + l] += sum over tiles t = l mod GRAD_LANES of
+/* lanes[(i * C + j) * GRAD_LANES + l] += sum over tiles t = l mod GRAD_LANES of
  * d[(m + i) * T + t] * v[(c + j) * T + t], for i < BM, j < BC: one register block. */
 #define WINOGRAD_GRAD_BLOCK(NAME, BM, BC)                                                     \
     CYCONV_ALWAYS_INLINE void NAME(const WT *d, const WT *v, ptrdiff_t T, int C, WT *lanes)   \
