@@ -9,11 +9,14 @@
  *     out[oc * P + ow] = act(bias[oc] + sum_k weight[oc * K + k] * rows[tap_offset[k] + ow])
  *
  * for oc < OC, ow < OW, with act the activation of code act (_activate.h).
- * DIRECT_CHANNELS output channels x one vector of columns are accumulated in
- * registers at a time: DIRECT_COLUMNS columns with CPUs that have AVX-512, 32
- * bytes of them with the others (_multiversion.h); a run is read up to
- * DIRECT_COLUMNS - 1 elements past OW, so the caller pads each row by
- * DIRECT_COLUMNS.
+ * A block of output channels x DIRECT_VECTORS vectors of columns is accumulated
+ * in registers at a time, so that each load of a run serves several channels
+ * and each broadcast weight several vectors: vectors of DIRECT_COLUMNS columns
+ * and blocks of DIRECT_CHANNELS channels with CPUs that have AVX-512 (24 of its
+ * 32 registers), 32-byte vectors and DIRECT_CHANNELS_V32 channels with the
+ * others (12 of 16).  The columns past the last whole block go one vector at a
+ * time; a run is read up to DIRECT_COLUMNS - 1 elements past OW, so the caller
+ * pads each row by DIRECT_COLUMNS.
  *
  * The kernel is compiled for baseline x86-64 and, where GCC can dispatch at
  * load time (target_clones), also for x86-64-v3 (AVX2 + FMA) and v4
@@ -26,8 +29,10 @@
 #include <string.h>
 
 #define DIRECT_CHANNELS 8
+#define DIRECT_CHANNELS_V32 4
+#define DIRECT_VECTORS 3
 #define DIRECT_COLUMNS 16
-#define DIRECT_MAX_TAPS 64
+#define DIRECT_MAX_TAPS 288
 
 #include "_multiversion.h"
 #include "_activate.h"
@@ -52,22 +57,34 @@
         else                                                                                 \
             memcpy(out, value, columns * sizeof(T));                                         \
     }                                                                                        \
-    /* channels (a constant after inlining) output channels from oc, columns from ow0 */    \
+    /* channels x vectors (constants after inlining) accumulators: output channels from      \
+     * oc, columns from ow0 in vectors of LANES (the last one partial only when vectors      \
+     * is 1); each tap's runs are loaded once for all the block's channels */                \
     static inline __attribute__((always_inline)) void direct_block_##T##W(                   \
         const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int K,   \
-        int OW, int act, T *out, ptrdiff_t P, int oc, int ow0, const int channels)           \
+        int OW, int act, T *out, ptrdiff_t P, int oc, int ow0, const int channels,           \
+        const int vectors)                                                                   \
     {                                                                                        \
-        vec_##T##W acc[DIRECT_CHANNELS];                                                     \
-        int columns = OW - ow0 < LANES ? OW - ow0 : LANES;                                   \
+        vec_##T##W acc[DIRECT_CHANNELS][DIRECT_VECTORS];                                     \
         for (int j = 0; j < channels; j++)                                                   \
-            acc[j] = (bias ? bias[oc + j] : 0) + (vec_##T##W){0};                            \
+            for (int v = 0; v < vectors; v++)                                                \
+                acc[j][v] = (bias ? bias[oc + j] : 0) + (vec_##T##W){0};                     \
         for (int k = 0; k < K; k++) {                                                        \
-            vec_##T##W run = *(const vec_##T##W *)(rows + tap_offset[k] + ow0);              \
-            for (int j = 0; j < channels; j++)                                               \
-                acc[j] += weight[(ptrdiff_t)(oc + j) * K + k] * run;                         \
+            vec_##T##W run[DIRECT_VECTORS];                                                  \
+            for (int v = 0; v < vectors; v++)                                                \
+                run[v] = *(const vec_##T##W *)(rows + tap_offset[k] + ow0 + v * LANES);      \
+            for (int j = 0; j < channels; j++) {                                             \
+                T w = weight[(ptrdiff_t)(oc + j) * K + k];                                   \
+                for (int v = 0; v < vectors; v++)                                            \
+                    acc[j][v] += w * run[v];                                                 \
+            }                                                                                \
         }                                                                                    \
         for (int j = 0; j < channels; j++)                                                   \
-            direct_store_##T##W(out + (oc + j) * P + ow0, &acc[j], columns, act);            \
+            for (int v = 0; v < vectors; v++) {                                              \
+                int columns = OW - ow0 - v * LANES;                                          \
+                direct_store_##T##W(out + (oc + j) * P + ow0 + v * LANES, &acc[j][v],        \
+                                    columns < LANES ? columns : LANES, act);                 \
+            }                                                                                \
     }
 #else
 #define DIRECT_VECTORIZED 0
@@ -77,9 +94,9 @@
     static void direct_block_##T##W(const T *weight, const T *bias, const T *rows,           \
                                     const ptrdiff_t *tap_offset, int K, int OW, int act,     \
                                     T *out, ptrdiff_t P, int oc, int ow0,                    \
-                                    const int channels)                                      \
+                                    const int channels, const int vectors)                   \
     {                                                                                        \
-        int columns = OW - ow0 < LANES ? OW - ow0 : LANES;                                   \
+        int columns = OW - ow0 < vectors * LANES ? OW - ow0 : vectors * LANES;               \
         for (int j = 0; j < channels; j++)                                                   \
             for (int i = 0; i < columns; i++) {                                              \
                 T acc = bias ? bias[oc + j] : 0;                                             \
@@ -91,23 +108,42 @@
     }
 #endif
 
-/* out rows of all OC channels for one output row (see the top of this file), in
- * blocks of LANES columns; act is made a constant in each of three copies of the
- * loop, so that no store tests it */
-#define CYCONV_DIRECT_ROW(T, W, LANES)                                                       \
+/* out rows of all OC channels for one output row (see the top of this file): blocks of      \
+ * CHANNELS channels x DIRECT_VECTORS vectors of LANES columns, then one of 2 vectors if     \
+ * so many columns are left, then DIRECT_CHANNELS channels x 1 vector at a time; act is      \
+ * made a constant in each of three copies of the loop, so that no store tests it */         \
+#define CYCONV_DIRECT_ROW(T, W, LANES, CHANNELS)                                             \
+    /* columns from ow0 (vectors of LANES) of all OC channels: blocks of channels, then      \
+     * one channel at a time */                                                              \
+    CYCONV_ALWAYS_INLINE void direct_columns_##T##W(                                         \
+        const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int OC,  \
+        int K, int OW, int act, T *out, ptrdiff_t P, int ow0, const int channels,            \
+        const int vectors)                                                                   \
+    {                                                                                        \
+        int oc = 0;                                                                          \
+        for (; oc + channels <= OC; oc += channels)                                          \
+            direct_block_##T##W(weight, bias, rows, tap_offset, K, OW, act, out, P, oc, ow0, \
+                                channels, vectors);                                          \
+        for (; oc < OC; oc++)                                                                \
+            direct_block_##T##W(weight, bias, rows, tap_offset, K, OW, act, out, P, oc, ow0, \
+                                1, vectors);                                                 \
+    }                                                                                        \
     CYCONV_ALWAYS_INLINE void direct_row_act_##T##W(                                         \
         const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int OC,  \
         int K, int OW, int act, T *out, ptrdiff_t P)                                         \
     {                                                                                        \
-        for (int ow0 = 0; ow0 < OW; ow0 += LANES) {                                          \
-            int oc = 0;                                                                      \
-            for (; oc + DIRECT_CHANNELS <= OC; oc += DIRECT_CHANNELS)                        \
-                direct_block_##T##W(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,  \
-                                    ow0, DIRECT_CHANNELS);                                   \
-            for (; oc < OC; oc++)                                                            \
-                direct_block_##T##W(weight, bias, rows, tap_offset, K, OW, act, out, P, oc,  \
-                                    ow0, 1);                                                 \
+        int ow0 = 0;                                                                         \
+        for (; ow0 + DIRECT_VECTORS * LANES <= OW; ow0 += DIRECT_VECTORS * LANES)            \
+            direct_columns_##T##W(weight, bias, rows, tap_offset, OC, K, OW, act, out, P,    \
+                                  ow0, CHANNELS, DIRECT_VECTORS);                            \
+        if (ow0 + 2 * LANES <= OW) {                                                         \
+            direct_columns_##T##W(weight, bias, rows, tap_offset, OC, K, OW, act, out, P,    \
+                                  ow0, CHANNELS, 2);                                         \
+            ow0 += 2 * LANES;                                                                \
         }                                                                                    \
+        for (; ow0 < OW; ow0 += LANES)                                                       \
+            direct_columns_##T##W(weight, bias, rows, tap_offset, OC, K, OW, act, out, P,    \
+                                  ow0, DIRECT_CHANNELS, 1);                                  \
     }                                                                                        \
     CYCONV_ALWAYS_INLINE void direct_row_##T##W(                                             \
         const T *weight, const T *bias, const T *rows, const ptrdiff_t *tap_offset, int OC,  \
@@ -141,10 +177,10 @@ CYCONV_DIRECT_CONV(float, int, , DIRECT_COLUMNS)
 CYCONV_DIRECT_CONV(double, long long, , DIRECT_COLUMNS)
 CYCONV_DIRECT_CONV(float, int, _v32, 8)
 CYCONV_DIRECT_CONV(double, long long, _v32, 4)
-CYCONV_DIRECT_ROW(float, , DIRECT_COLUMNS)
-CYCONV_DIRECT_ROW(double, , DIRECT_COLUMNS)
-CYCONV_DIRECT_ROW(float, _v32, 8)
-CYCONV_DIRECT_ROW(double, _v32, 4)
+CYCONV_DIRECT_ROW(float, , DIRECT_COLUMNS, DIRECT_CHANNELS)
+CYCONV_DIRECT_ROW(double, , DIRECT_COLUMNS, DIRECT_CHANNELS)
+CYCONV_DIRECT_ROW(float, _v32, 8, DIRECT_CHANNELS_V32)
+CYCONV_DIRECT_ROW(double, _v32, 4, DIRECT_CHANNELS_V32)
 CYCONV_DIRECT_KERNEL(float)
 CYCONV_DIRECT_KERNEL(double)
 

@@ -87,12 +87,18 @@ def ref_backward(c, layer, x, dy):
                              c["d"], bias=c["bias"])
 
 
+def force_forward_kernel(monkeypatch, direct):
+    """The direct kernel for every layer with K = C*kh*kw <= _conv_direct.MAX_DIRECT_TAPS,
+    whatever its width (direct), or im2col + GEMM for all."""
+    limit = _conv_direct.MAX_DIRECT_TAPS if direct else 0
+    monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", limit)
+    monkeypatch.setattr(conv_module, "DIRECT_WIDE_MAX_TAPS", limit)
+
+
 @pytest.fixture(params=["direct", "im2col"])
 def forward_path(request, monkeypatch):
-    """Runs a test with each forward kernel: the direct one for every layer with
-    K = C*kh*kw <= _conv_direct.MAX_DIRECT_TAPS, or im2col + GEMM for all."""
-    limit = _conv_direct.MAX_DIRECT_TAPS if request.param == "direct" else 0
-    monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", limit)
+    """Runs a test with each forward kernel (force_forward_kernel)."""
+    force_forward_kernel(monkeypatch, request.param == "direct")
     return request.param
 
 
@@ -328,18 +334,19 @@ def test_direct_and_im2col_forward_agree_on_a_first_layer(dtype, rng, monkeypatc
     layer = nn.Conv2d(3, 16, 3, stride=2, dtype=dtype, seed=0, fuse_relu=True)
     x = rng.standard_normal((3, 3, 224, 224)).astype(dtype)
     direct = layer(x).copy()
-    monkeypatch.setattr(conv_module, "DIRECT_MAX_TAPS", 0)
+    force_forward_kernel(monkeypatch, direct=False)
     assert_close(layer(x), direct, dtype)
     assert (direct == 0).mean() > 0.3  # the fused ReLU did cut
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 16, 224, 224, 2, 1), (2, 11, 9, 13, 1, 0),
-                                   (1, 2, 31, 5, 3, 2)])
+                                   (1, 2, 31, 5, 3, 2), (16, 13, 5, 140, 2, 1)])
 def test_direct_kernel_same_bits_for_both_vector_widths(dtype, shape, rng):
     """The direct kernel's 64-byte (AVX-512) and 32-byte (AVX2) register blocks give the
     same bits: 16 channels and more than a vector of columns, odd channels and widths,
-    stride 3, with and without the fused ReLU."""
+    stride 3, with and without the fused ReLU; 144 taps over 70 columns (blocks of 3, 2
+    and 1 vectors, and of 4 or 8 channels and single ones)."""
     c, oc, h, w, s, p = shape
     x = rng.standard_normal((2, c, h, w)).astype(dtype)
     for fuse_relu in (False, True):
@@ -352,6 +359,30 @@ def test_direct_kernel_same_bits_for_both_vector_widths(dtype, shape, rng):
         finally:
             _conv_direct.force_vector_width(None)
         np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [_case(3, 8, 11, 9, 70, k=5, s=2, p=2),    # 200 taps, 35 columns
+                               _case(2, 11, 6, 7, 29, k=3, p=2, d=2)],  # 99 taps, 29 columns
+                         ids=["5x5 stride 2", "3x3 dilation 2"])
+def test_direct_kernel_on_wide_rows_matches_reference_for_any_thread_count(c, dtype, rng,
+                                                                            threads):
+    """Layers of more than DIRECT_MAX_TAPS taps whose output rows are DIRECT_MIN_COLUMNS
+    wide or more take the direct kernel by default: the reference's outputs, and the same
+    bits for 1, 2 and 3 threads."""
+    layer = make_layer(c, dtype)
+    x = _input(c, rng, dtype)
+    taps = layer.weight.data[0].size
+    assert conv_module.DIRECT_MAX_TAPS < taps <= conv_module.DIRECT_WIDE_MAX_TAPS
+    assert layer._uses_direct_kernel(layer._geometry(x.shape))
+    outputs = []
+    with cyconv.no_grad():
+        for n in (1, 2, 3):
+            threads(n)
+            outputs.append(layer(x).copy())
+    assert_close(outputs[0], ref_forward(c, layer, x), dtype)
+    for y in outputs[1:]:
+        np.testing.assert_array_equal(y, outputs[0])
 
 
 MEDIUM_CASES = [

@@ -58,12 +58,18 @@ TILE_BYTES = 128 * 1024
 # TILE_BYTES with one or two output rows (benchmarks/bench_conv_layers.py).
 MIN_TILE_COLUMNS = 256
 
-# Forward passes of layers with at most this many taps K = C_in*kh*kw (e.g. 27
-# for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
+# Forward passes of layers with at most DIRECT_MAX_TAPS taps K = C_in*kh*kw (e.g.
+# 27 for a 3x3 kernel on RGB) run the direct kernel instead of im2col + GEMM,
 # which copies more than it multiplies for them (CHANGELOG.rst, 0.1, has the
-# measurement); pointwise layers excepted: their GEMM copies nothing.
+# measurement); so do layers of up to DIRECT_WIDE_MAX_TAPS taps whose output rows
+# are at least DIRECT_MIN_COLUMNS wide: the kernel's register blocks (3 vectors of
+# columns x 4 or 8 channels) then load each weight for many multiply-adds, and
+# im2col's copies cost more than the product gains (docs/design.rst has the
+# measurements).  Pointwise layers excepted: their GEMM copies nothing.
 DIRECT_MAX_TAPS = 32 if _conv_direct.DIRECT_IS_VECTORIZED else 0
-assert DIRECT_MAX_TAPS <= _conv_direct.MAX_DIRECT_TAPS
+DIRECT_WIDE_MAX_TAPS = 288 if _conv_direct.DIRECT_IS_VECTORIZED else 0
+DIRECT_MIN_COLUMNS = 24
+assert DIRECT_MAX_TAPS <= DIRECT_WIDE_MAX_TAPS <= _conv_direct.MAX_DIRECT_TAPS
 # The direct kernel keeps one copy of each input row per stride phase: only
 # for small horizontal strides.
 DIRECT_MAX_STRIDE = 4
@@ -185,9 +191,10 @@ class Conv2d(Module):
                 and self.padding == (0, 0) and self.groups == 1)
 
     def _uses_direct_kernel(self, g):
-        return (self.groups == 1 and self.weight.data[0].size <= DIRECT_MAX_TAPS
-                and not _conv.pointwise(g)
-                and self.stride[1] <= DIRECT_MAX_STRIDE)
+        taps = self.weight.data[0].size
+        return (self.groups == 1 and not _conv.pointwise(g) and self.stride[1] <= DIRECT_MAX_STRIDE
+                and (taps <= DIRECT_MAX_TAPS or (taps <= DIRECT_WIDE_MAX_TAPS
+                                                 and g["out_width"] >= DIRECT_MIN_COLUMNS)))
 
     def _forward(self, x, activation, weight=None, bias=None):
         """The forward, then the activation of that code (ACTIVATION_CODES; 0: none), with
