@@ -1,14 +1,19 @@
-"""Speed of single convolution layers: backward of whole networks' layers, and the
-depthwise layers of MobileNetV2 beside PyTorch.
+"""Speed of single convolution layers: backward of whole networks' layers, forward of
+their layers beside PyTorch, and the depthwise layers of MobileNetV2 beside PyTorch.
 
     python benchmarks/bench_conv_layers.py --backward resnet18     # ms per layer, batch 32
     python benchmarks/bench_conv_layers.py --backward reference    # the reference network's
+    python benchmarks/bench_conv_layers.py --forward resnet_small  # beside im2col and PyTorch
     python benchmarks/bench_conv_layers.py --depthwise             # MobileNetV2's 3x3 depthwise
 
 --backward times cyconv's Conv2d.backward (input and parameter gradients; the
 first layer's input gradient is skipped, as in training) after an untimed
 forward, and prints the layer's own scratch memory.  Before/after comparisons
 of two builds: run this script from each tree in turn, several times.
+
+--forward times each layer's forward (the kernel cyconv picks for it: winograd,
+direct, pointwise or im2col), the same layer forced onto im2col + GEMM, and
+PyTorch in NCHW and channels_last, all in this process, alternating call by call.
 
 --depthwise times forward and backward of each MobileNetV2 depthwise layer shape
 (3x3, stride 1 or 2, batch 32) with cyconv's depthwise kernel, cyconv's grouped
@@ -24,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +45,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from timing import median_range, seconds  # noqa: E402
 
 import cyconv  # noqa: E402
-from cyconv import nn  # noqa: E402
+from cyconv import _conv, nn  # noqa: E402
 from cyconv.nn import conv as conv_module  # noqa: E402
+from cyconv.nn import winograd  # noqa: E402
 
 # (in, out, kernel, stride, padding, input size, fused ReLU)
 NETWORKS = {
@@ -52,8 +59,11 @@ NETWORKS = {
                  (128, 256, 1, 2, 0, 28, False), (256, 256, 3, 1, 1, 14, False),
                  (256, 512, 3, 2, 1, 14, False), (256, 512, 1, 2, 0, 14, False),
                  (512, 512, 3, 1, 1, 7, False)],
+    "resnet_small": [(3, 16, 3, 2, 1, 128, False), (16, 16, 3, 1, 1, 64, False),
+                     (16, 32, 3, 2, 1, 64, False), (16, 32, 1, 2, 0, 64, False),
+                     (32, 64, 3, 2, 1, 32, False), (64, 128, 3, 2, 1, 16, False)],
 }
-DEFAULT_BATCH = {"reference": 16, "resnet18": 32}
+DEFAULT_BATCH = {"reference": 16, "resnet18": 32, "resnet_small": 32}
 
 # MobileNetV2's depthwise layers at 224 px: (channels, input size, stride)
 MOBILENET_DEPTHWISE = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1),
@@ -89,6 +99,65 @@ def run_backward(args):
         print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px | {median_range(times, width=8)} | "
               f"scratch {scratch_bytes(layer) / 2**20:7.2f} MB", flush=True)
     print(f"  sum of medians {sum(total) * 1e3:.1f} ms")
+
+
+def forward_path(layer, x):
+    """The kernel cyconv's Conv2d.forward picks for layer on x."""
+    g = layer._geometry(x.shape)
+    if winograd.applies(layer):
+        return "winograd"
+    if layer._subsamples() or _conv.pointwise(g):   # (a 1x1 strided layer: its pixels first)
+        return "pointwise"
+    return "direct" if layer._uses_direct_kernel(g) else "im2col"
+
+
+def cyconv_forward(layer, x, im2col):
+    """Times layer(x); im2col=True forces im2col + GEMM where the direct kernel would run."""
+    saved = conv_module.DIRECT_MAX_TAPS, conv_module.DIRECT_WIDE_MAX_TAPS
+    if im2col:
+        conv_module.DIRECT_MAX_TAPS = conv_module.DIRECT_WIDE_MAX_TAPS = 0
+    try:
+        with cyconv.no_grad():
+            return seconds(lambda: layer(x), clock)
+    finally:
+        conv_module.DIRECT_MAX_TAPS, conv_module.DIRECT_WIDE_MAX_TAPS = saved
+
+
+def torch_forward(layer, x):
+    with torch.no_grad():
+        return seconds(lambda: layer(x), clock)
+
+
+def run_forward(args):
+    batch = args.batch or DEFAULT_BATCH[args.forward]
+    rng = np.random.default_rng(0)
+    print(f"{args.forward} conv layers, batch {batch}, {args.threads} thread(s), {args.clock} "
+          f"clock: forward ms, median [min-max] of {args.rounds} alternating rounds")
+    for cin, cout, k, s, p, size, relu in NETWORKS[args.forward]:
+        layer = nn.Conv2d(cin, cout, k, stride=s, padding=p, seed=0, fuse_relu=relu)
+        x = rng.standard_normal((batch, cin, size, size)).astype(np.float32)
+        path = forward_path(layer, x)
+        runners = {f"cyconv ({path})": partial(cyconv_forward, layer, x, im2col=False)}
+        if path == "direct":
+            runners["cyconv im2col"] = partial(cyconv_forward, layer, x, im2col=True)
+        if torch is not None:
+            ops = [torch.nn.Conv2d(cin, cout, k, stride=s, padding=p)]
+            if relu:
+                ops.append(torch.nn.ReLU())
+            for name, fmt in (("torch nchw", torch.contiguous_format),
+                              ("torch cl", torch.channels_last)):
+                module = torch.nn.Sequential(*ops).to(memory_format=fmt)
+                tx = torch.from_numpy(x).contiguous(memory_format=fmt)
+                runners[name] = partial(torch_forward, module, tx)
+        times = {name: [] for name in runners}
+        for step in range(args.warmup + args.rounds):
+            for name, run in runners.items():
+                elapsed = run()
+                if step >= args.warmup:
+                    times[name].append(elapsed)
+        print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px")
+        for name, elapsed in times.items():
+            print(f"    {name:18s} {median_range(elapsed, width=8)}", flush=True)
 
 
 class CyconvLayer:
@@ -155,6 +224,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backward", choices=sorted(NETWORKS))
+    parser.add_argument("--forward", choices=sorted(NETWORKS))
     parser.add_argument("--depthwise", action="store_true")
     parser.add_argument("--batch", type=int, help="default: 16 (reference), 32 (others)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -173,10 +243,12 @@ def main():
         torch.set_num_threads(args.threads)
     if args.backward:
         run_backward(args)
+    if args.forward:
+        run_forward(args)
     if args.depthwise:
         run_depthwise(args)
-    if not (args.backward or args.depthwise):
-        parser.error("choose --backward NETWORK and/or --depthwise")
+    if not (args.backward or args.forward or args.depthwise):
+        parser.error("choose --backward NETWORK, --forward NETWORK and/or --depthwise")
 
 
 if __name__ == "__main__":
