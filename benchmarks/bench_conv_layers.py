@@ -42,12 +42,14 @@ except ImportError:  # the benchmark runs without PyTorch, reporting cyconv alon
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
+from speed import machine_info  # noqa: E402
 from timing import median_range, seconds  # noqa: E402
 
 import cyconv  # noqa: E402
 from cyconv import _conv, nn  # noqa: E402
 from cyconv.nn import conv as conv_module  # noqa: E402
 from cyconv.nn import winograd  # noqa: E402
+from cyconv.profiling import gemm_peak  # noqa: E402
 
 # (in, out, kernel, stride, padding, input size, fused ReLU)
 NETWORKS = {
@@ -241,6 +243,10 @@ def main():
     cyconv.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
+    info = machine_info(torch)
+    print(f"{info['date']}, {info['cpu']}, cyconv {info['cyconv']}, torch {info['torch']}; "
+          f"numpy sgemm 2048^3 on {args.threads} thread(s): {gemm_peak(args.threads):.0f} "
+          f"GFLOP/s", flush=True)
     if args.backward:
         run_backward(args)
     if args.forward:
