@@ -14,9 +14,10 @@
  * and each broadcast weight several vectors: vectors of DIRECT_COLUMNS columns
  * and blocks of DIRECT_CHANNELS channels with CPUs that have AVX-512 (24 of its
  * 32 registers), 32-byte vectors and DIRECT_CHANNELS_V32 channels with the
- * others (12 of 16).  The columns past the last whole block go one vector at a
- * time; a run is read up to DIRECT_COLUMNS - 1 elements past OW, so the caller
- * pads each row by DIRECT_COLUMNS.
+ * others (12 of 16).  The columns past the last whole block go in a block of
+ * 2 vectors if so many are left, then one vector at a time; a run is read up to
+ * DIRECT_COLUMNS - 1 elements past OW, so the caller pads each row by
+ * DIRECT_COLUMNS.
  *
  * The kernel is compiled for baseline x86-64 and, where GCC can dispatch at
  * load time (target_clones), also for x86-64-v3 (AVX2 + FMA) and v4
@@ -108,10 +109,10 @@
     }
 #endif
 
-/* out rows of all OC channels for one output row (see the top of this file): blocks of      \
- * CHANNELS channels x DIRECT_VECTORS vectors of LANES columns, then one of 2 vectors if     \
- * so many columns are left, then DIRECT_CHANNELS channels x 1 vector at a time; act is      \
- * made a constant in each of three copies of the loop, so that no store tests it */         \
+/* out rows of all OC channels for one output row (see the top of this file): blocks of
+ * CHANNELS channels x DIRECT_VECTORS vectors of LANES columns, then one of 2 vectors if
+ * so many columns are left, then DIRECT_CHANNELS channels x 1 vector at a time; act is
+ * made a constant in each of three copies of the loop, so that no store tests it */
 #define CYCONV_DIRECT_ROW(T, W, LANES, CHANNELS)                                             \
     /* columns from ow0 (vectors of LANES) of all OC channels: blocks of channels, then      \
      * one channel at a time */                                                              \
