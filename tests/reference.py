@@ -303,10 +303,14 @@ def log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def _ce_target(labels, C, label_smoothing):
-    labels = np.asarray(labels)
-    q = np.zeros((labels.shape[0], C))
-    q[np.arange(labels.shape[0]), labels] = 1.0
+def _ce_target(target, C, label_smoothing):
+    """The smoothed target of class labels (N,) or class probabilities (N, C)."""
+    target = np.asarray(target)
+    if target.ndim == 2:
+        q = target.astype(np.float64)
+    else:
+        q = np.zeros((target.shape[0], C))
+        q[np.arange(target.shape[0]), target] = 1.0
     return (1.0 - label_smoothing) * q + label_smoothing / C
 
 

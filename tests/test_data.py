@@ -333,7 +333,55 @@ def test_loader_swaps_backgrounds_reproducibly():
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], plain))
 
 
+def test_cut_mix_pastes_one_box_and_counts_the_share_kept():
+    image = np.zeros((30, 41, 3), np.uint8)
+    partner = np.full_like(image, 200)
+    shares = []
+    for seed in range(40):
+        mixed, kept = Augment(cutmix=1.0).cut_mix(image, partner, np.random.default_rng(seed))
+        pasted = np.all(mixed == 200, axis=2)
+        assert np.all(pasted | np.all(mixed == 0, axis=2)) and not image.any()
+        rows, cols = np.flatnonzero(pasted.any(axis=1)), np.flatnonzero(pasted.any(axis=0))
+        if len(rows):   # one rectangle
+            assert pasted.sum() == len(rows) * len(cols)
+            assert np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
+        assert kept == pytest.approx(1 - pasted.mean(), abs=1e-12)
+        shares.append(kept)
+    assert 0.3 < np.mean(shares) < 0.8 and min(shares) < 0.3 and max(shares) > 0.9
+
+
+def test_loader_cut_mix_gives_class_probabilities_reproducibly():
+    data = shapes_dataset(12)
+    mixing = Augment(hflip=0, crop=0, rotate=0, color=0, cutmix=0.6)
+    runs = [list(DataLoader(data, 5, shuffle=True, augment=mixing, seed=3, num_workers=workers))
+            for workers in (0, 2)]
+    plain = list(DataLoader(data, 5, shuffle=True, seed=3, num_workers=0,
+                            augment=Augment(hflip=0, crop=0, rotate=0, color=0)))
+    for (x, y), (x2, y2), (x0, labels) in zip(*runs, plain):
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+        assert y.dtype == np.float32 and y.shape == (len(labels), len(data.classes))
+        np.testing.assert_allclose(y.sum(axis=1), 1, rtol=1e-6)
+        own = y[np.arange(len(labels)), labels]
+        mixed = ~np.all(x == x0, axis=(1, 2, 3))
+        assert np.all(own[~mixed] == 1) and np.all((own > 0) & (own <= 1))
+    labels_seen = np.concatenate([y for _, y in runs[0]])
+    assert 0 < np.mean(labels_seen.max(axis=1) < 1) < 1   # some images mixed, some not
+
+
+def test_evaluate_refuses_a_loader_of_class_probabilities():
+    from cyconv import models
+    from cyconv.train import evaluate
+    data = shapes_dataset(6)
+    loader = DataLoader(data, 3, augment=Augment(cutmix=1.0), num_workers=0)
+    with pytest.raises(ValueError, match="without CutMix"):
+        evaluate(models.small(len(data.classes), 8, widths=(4, 8)), loader)
+
+
 def test_augment_rejects_bad_settings():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Augment(cutmix=1.5)
+    with pytest.raises(ValueError, match="cutmix_alpha"):
+        Augment(cutmix_alpha=0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Augment(erase=1.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

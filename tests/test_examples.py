@@ -94,7 +94,7 @@ def test_eval_flip_validates_and_tests_on_mirror_images_too(shapes_folder, tmp_p
 def test_animals_few_dozen_images(tmp_path):
     out = tmp_path / "animals"
     run("--data", ANIMALS, "--classes", "dog,panda,bird", "--limit", 12, "--epochs", 1,
-        "--image-size", 48, "--batch-size", 8, "--augment", "background=0.5", "--out", out,
+        "--image-size", 48, "--batch-size", 8, "--augment", "background=0.5,cutmix=0.5", "--out", out,
         "--no-progress")
     report = check_predictions(ANIMALS, out, 48)
     assert report["classes"] == ["dog", "panda", "bird"]

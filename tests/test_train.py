@@ -38,7 +38,7 @@ def shapes():
 
 
 def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, average_decay=None,
-                 momentum=0.9, **kwargs):
+                 momentum=0.9, augment=None, **kwargs):
     """A small run with every kind of training state: BN, dropout, momentum, augmentation
     (and a moving average of the weights with ``average_decay``)."""
     data, train, valid = shapes
@@ -49,7 +49,7 @@ def make_trainer(shapes, out_dir, epochs=4, seed=7, trainer_class=Trainer, avera
     opt = optim.SGD(model.parameters(), 0.05, momentum=momentum, weight_decay=5e-4,
                     nesterov=True)
     train_loader = DataLoader(Subset(data, train), 16, shuffle=True, seed=seed,
-                              augment=Augment(), drop_last=True, num_workers=2)
+                              augment=augment or Augment(), drop_last=True, num_workers=2)
     valid_loader = DataLoader(Subset(data, valid), 32, num_workers=0)
     kwargs.setdefault("schedule", LRSchedule(0.05, "cosine", warmup_epochs=1))
     run = None if out_dir is None else RunFolder(out_dir, classes=data.classes)
@@ -230,6 +230,25 @@ def test_exact_resume_mid_epoch_after_sigint(shapes, tmp_path, capsys, average_d
         assert averaged["loss"] == straight.position.history[-1]["valid_loss"] != own["loss"]
         keys = checkpoint.read(tmp_path / "a" / "last.safetensors").tensors
         assert {f"average.{key}" for key in straight.average.averages} <= set(keys)
+
+
+def test_cutmix_trains_and_resumes_exactly(shapes, tmp_path):
+    """A loader with CutMix gives class probabilities; the loss takes them, the train
+    accuracy counts the larger share, and a run stopped mid-epoch resumes bit for bit."""
+    cutmix = Augment(cutmix=0.5)
+    straight = make_trainer(shapes, tmp_path / "a", augment=cutmix)
+    x, y = next(iter(straight.train_loader))
+    assert y.shape == (16, 3) and y.dtype == np.float32
+    straight.fit()
+    history = straight.position.history
+    assert all(np.isfinite(row["train_loss"]) and 0 <= row["train_acc"] <= 1 for row in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    first = make_trainer(shapes, tmp_path / "b", trainer_class=SignalAtStep, augment=cutmix)
+    first.fit()
+    assert first.interrupted == "SIGINT"
+    resumed = make_trainer(shapes, tmp_path / "b", augment=cutmix)
+    resumed.fit(resume=True)
+    assert_same_run(straight, resumed)
 
 
 def test_resume_needs_the_same_averaging(shapes, tmp_path):

@@ -22,6 +22,10 @@ class Augment:
     (``erase``: a rectangle of 2-25% of the area, aspect 1:3 to 3:1, filled
     with uniform noise; Zhong et al. 2017).  ``background`` works on a batch
     before these: see :meth:`swap_backgrounds` (the DataLoader calls it).
+    ``cutmix`` works after them: with that probability the DataLoader pastes a box
+    of another augmented training image into the image and mixes the two labels by
+    area (:meth:`cut_mix`; Yun et al. 2019), the box's share of the area drawn from
+    Beta(``cutmix_alpha``, ``cutmix_alpha``).
 
     Defocus is there because a shortcut is otherwise cheap: the bird photos
     (CUB) are close-ups with blurred backgrounds, the dog and panda photos
@@ -30,6 +34,8 @@ class Augment:
     from both sides (birds in front of other classes' scenery, other animals in
     front of bird scenery), as Xiao et al. (2020) did for ImageNet.  Erasing
     makes a network that overfits look at more than one part of the animal.
+    CutMix does too, and its mixed labels keep it from growing too sure of any
+    one training photo.
 
     ``augment(image, rng)`` -> new image of the same shape and dtype; the
     input is never modified. The result depends only on ``image`` and the
@@ -38,11 +44,12 @@ class Augment:
 
     def __init__(self, hflip=0.5, vflip=0.0, crop=0.5, rotate=0.5, color=0.5, defocus=0.0,
                  erase=0.0, background=0.0, crop_scale=(0.7, 1.0), max_angle=15.0,
-                 brightness=0.2, contrast=0.2, defocus_sigma=(0.01, 0.03)):
+                 brightness=0.2, contrast=0.2, defocus_sigma=(0.01, 0.03), cutmix=0.0,
+                 cutmix_alpha=1.0):
         self.probabilities = np.array([crop, rotate, hflip, vflip, color, defocus, erase],
                                       dtype=float)
-        self.background = float(background)
-        chances = np.append(self.probabilities, self.background)
+        self.background, self.cutmix = float(background), float(cutmix)
+        chances = np.append(self.probabilities, [self.background, self.cutmix])
         if not np.all((chances >= 0) & (chances <= 1)):
             raise ValueError(f"augmentation probabilities must lie in [0, 1], got "
                              f"{chances.tolist()}")
@@ -55,9 +62,11 @@ class Augment:
                                   ("contrast", contrast, 1)):
             if not 0 <= value <= high:
                 raise ValueError(f"{name} must lie in [0, {high}], got {value!r}")
+        if not 0 < cutmix_alpha <= 100:
+            raise ValueError(f"cutmix_alpha must lie in (0, 100], got {cutmix_alpha!r}")
         self.crop_scale, self.max_angle = tuple(crop_scale), float(max_angle)
         self.brightness, self.contrast = float(brightness), float(contrast)
-        self.defocus_sigma = tuple(defocus_sigma)
+        self.defocus_sigma, self.cutmix_alpha = tuple(defocus_sigma), float(cutmix_alpha)
 
     def __call__(self, image, rng):
         crop, rotate, hflip, vflip, color, defocus, erase = rng.random(7) < self.probabilities
@@ -116,6 +125,24 @@ class Augment:
             mask, _ = segment(i)
             _, partner_plate = segment(rng.choice(others))
             images[i] = blend(sources[i], partner_plate, mask[..., None] / np.float32(255))
+
+    def cut_mix(self, image, partner, rng):
+        """Batch step, after the per-image transforms: a copy of ``image`` with a box of
+        ``partner`` (same shape) pasted in, and the share of ``image`` kept (a float).
+
+        The box covers 1 - lam of the area, lam ~ Beta(cutmix_alpha, cutmix_alpha),
+        with the image's aspect ratio; its centre is uniform over the image and the
+        part outside is cut off, so the share kept is counted after the cut.
+        """
+        h, w = image.shape[:2]
+        side = np.sqrt(1 - rng.beta(self.cutmix_alpha, self.cutmix_alpha))
+        bh, bw = round(side * h), round(side * w)
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        y0, y1 = max(cy - bh // 2, 0), min(cy - bh // 2 + bh, h)
+        x0, x1 = max(cx - bw // 2, 0), min(cx - bw // 2 + bw, w)
+        mixed = image.copy()
+        mixed[y0:y1, x0:x1] = partner[y0:y1, x0:x1]
+        return mixed, 1 - max(y1 - y0, 0) * max(x1 - x0, 0) / (h * w)
 
     @staticmethod
     def _erase(image, rng):

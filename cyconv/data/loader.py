@@ -65,12 +65,15 @@ class DataLoader:
     """Batches of a data set, decoded and augmented in background threads.
 
     Iterating yields ``(x, y)``: ``x`` (B, 3, H, W) float32 C-contiguous,
-    normalised as :func:`normalize` with ``mean``/``std``; ``y`` (B,) int64.
-    The last batch is smaller unless ``drop_last``.
+    normalised as :func:`normalize` with ``mean``/``std``; ``y`` (B,) int64
+    labels, or with an ``augment`` whose ``cutmix`` is above 0 (B, C) float32
+    class probabilities (what :class:`cyconv.nn.CrossEntropyLoss` takes), C =
+    ``len(dataset.classes)``.  The last batch is smaller unless ``drop_last``.
 
     Determinism: epoch ``e`` uses the order
     ``default_rng([seed, e]).permutation(n)`` (when ``shuffle``) and augments
-    item ``i`` with ``default_rng([seed, e, i])``, so batches are bitwise
+    item ``i`` with ``default_rng([seed, e, i])`` (its CutMix with
+    ``default_rng([seed, e, i, 1])``), so batches are bitwise
     identical whatever ``num_workers`` and thread timing. Each iteration
     uses ``self.epoch`` and then advances it; ``set_epoch`` and
     ``state_dict``/``load_state_dict`` control it for an exact resume at an
@@ -160,10 +163,33 @@ class DataLoader:
             # segmented from the decoded images: `images` fills with composites as it goes
             self.augment.swap_backgrounds(
                 images, labels, lambda k: self._segmented(int(indices[k]), items[k][0]), rng)
+        labels = np.array(labels, dtype=np.int64)
         if self.augment is not None:
             images = [self.augment(image, np.random.default_rng([self.seed, epoch, int(index)]))
                       for image, index in zip(images, indices)]
-        return normalize(np.stack(images), self.mean, self.std), np.array(labels, dtype=np.int64)
+            if self.augment.cutmix > 0:
+                labels = self._cut_mix(images, labels, indices, epoch)
+        return normalize(np.stack(images), self.mean, self.std), labels
+
+    def _cut_mix(self, images, labels, indices, epoch):
+        """Each augmented image of the batch, with probability ``augment.cutmix``, gets a
+        box of another training image, augmented (:meth:`Augment.cut_mix`; ``images``
+        change in place).  Returns the (B, C) float32 class probabilities, mixed by area.
+
+        The partner is drawn from the whole data set, not the batch, so that an image's
+        mix does not depend on the batch it is in (nor on a rank's part of it).
+        """
+        targets = np.zeros((len(labels), len(self.dataset.classes)), np.float32)
+        targets[np.arange(len(labels)), labels] = 1
+        for k, index in enumerate(indices):
+            rng = np.random.default_rng([self.seed, epoch, int(index), 1])
+            if rng.random() >= self.augment.cutmix:
+                continue
+            partner, partner_label = self._load(int(rng.integers(len(self.dataset))))
+            images[k], kept = self.augment.cut_mix(images[k], self.augment(partner, rng), rng)
+            targets[k] *= np.float32(kept)
+            targets[k, partner_label] += np.float32(1 - kept)
+        return targets
 
     def _segmented(self, index, image):
         """:func:`segment_foreground` of item ``index`` (its decoded ``image``), cached

@@ -38,8 +38,10 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Trains ``model`` with ``optimizer`` and ``loss_fn`` on ``train_loader``.
 
-    ``loss_fn``: ``loss_fn(logits, labels)`` -> float and ``loss_fn.backward()`` -> the
-    gradient of the logits (e.g. ``nn.CrossEntropyLoss(label_smoothing=0.1)``).
+    ``loss_fn``: ``loss_fn(logits, y)`` -> float and ``loss_fn.backward()`` -> the
+    gradient of the logits (e.g. ``nn.CrossEntropyLoss(label_smoothing=0.1)``); ``y`` is
+    what the train loader gives: labels, or class probabilities of mixed images (the
+    train accuracy then counts the class with the larger share as the label).
     ``epochs``: total number of epochs.  ``schedule``: an :class:`LRSchedule` (its
     epochs and steps per epoch are filled in), any callable ``step -> lr``, or None
     (the optimizer's lr throughout).  ``valid_loader``: evaluated after every epoch
@@ -153,7 +155,8 @@ class Trainer:
         self.optimizer.zero_grad()
         logits = self.model(x)
         loss = self.loss_fn(logits, y)
-        step = self._step_sums(loss * len(y), int((np.argmax(logits, axis=1) == y).sum()),
+        labels = y if np.ndim(y) == 1 else np.argmax(y, axis=1)   # mixed images: larger part
+        step = self._step_sums(loss * len(y), int((np.argmax(logits, axis=1) == labels).sum()),
                                len(y))
         if not math.isfinite(step["loss"]):
             self.model.discard_saved()

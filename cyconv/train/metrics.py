@@ -61,6 +61,10 @@ def evaluate(model, loader, num_classes=None, loss_fn=None, flip=False):
     try:
         with no_grad():
             for x, y in loader:
+                if np.ndim(y) != 1:
+                    raise ValueError(f"evaluate: expected class labels (N,) from the loader, "
+                                     f"got an array of shape {np.shape(y)} (class probabilities "
+                                     "of mixed images?): evaluate on a loader without CutMix")
                 logits = flip_averaged(model, x) if flip else model(x)
                 total += loss_fn(logits, y) * len(y)
                 count += len(y)
