@@ -26,7 +26,8 @@ class CrossEntropyLoss:
 
     def forward(self, logits, target):
         logits = self._check_logits(logits)
-        soft = isinstance(target, np.ndarray) and target.ndim == 2
+        soft = (isinstance(target, np.ndarray) and target.ndim == 2
+                and target.dtype.kind == "f")
         target = self._check_probabilities(target, logits) if soft else \
             self._check_labels(target, logits)
         n, _ = logits.shape
@@ -70,7 +71,8 @@ class CrossEntropyLoss:
                             f"{shape_text(labels.shape)}")
         n, c = logits.shape
         if labels.shape != (n,):
-            raise ValueError(f"CrossEntropyLoss: expected labels of shape ({n},), "
+            raise ValueError(f"CrossEntropyLoss: expected labels of shape ({n},) (or class "
+                             f"probabilities ({n}, {c}) of the logits' dtype), "
                              f"got {shape_text(labels.shape)}")
         bad = (labels < 0) | (labels >= c)
         if bad.any():
