@@ -79,9 +79,10 @@ def save(model, path, metadata=None, *, extra_tensors=None, **preprocessing):
     """Write ``model`` to ``path`` as a safetensors checkpoint (atomically).
 
     The argument order is torch.save's (``save(obj, f)``).  ``classes``, ``mean``,
-    ``std``, ``image_size``, ``channel_order``, ``interpolation`` (keywords) default to
-    the model's attributes of those names when it has them (a model from
-    :func:`load`).  ``metadata``: dict of JSON-able values, stored JSON-encoded.
+    ``std``, ``image_size``, ``channel_order``, ``interpolation``, ``center_crop``
+    (keywords, see :mod:`cyconv.preprocessing`) default to the model's attributes of
+    those names when it has them (a model from :func:`load`).  ``metadata``: dict of
+    JSON-able values, stored JSON-encoded.
     ``extra_tensors``: more arrays, each key starting with one of :data:`EXTRA_PREFIXES`.
     """
     from safetensors.numpy import save as st_save
@@ -109,7 +110,7 @@ def save(model, path, metadata=None, *, extra_tensors=None, **preprocessing):
         value = preprocessing.get(name)
         value = getattr(model, name, None) if value is None else value
         fields[name] = list(value) if name == "classes" and value is not None else (
-            _json_list(value) if name in ("mean", "std", "image_size") else value)
+            _json_list(value) if name in ("mean", "std", "image_size", "center_crop") else value)
     for key, value in (metadata or {}).items():
         if key in _RESERVED:
             raise ValueError(f"save: metadata key {key!r} is reserved")

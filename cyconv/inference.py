@@ -1,7 +1,8 @@
 """Preparing images for a model (file names or RGB arrays) and predicting.
 
 A model from :func:`cyconv.load` carries its preprocessing: ``image_size``,
-``mean``/``std``, ``channel_order`` and ``interpolation``.  Photos are given as
+``mean``/``std``, ``channel_order``, ``interpolation`` and ``center_crop`` (see
+:mod:`cyconv.preprocessing`).  Photos are given as
 file names (read with OpenCV, in the right colour order whatever it is) or as
 RGB uint8 arrays; ``cv2.imread`` returns BGR, so pass the file name, or
 ``cv2.cvtColor(image, cv2.COLOR_BGR2RGB)``.
@@ -32,19 +33,38 @@ def _as_photo(image):
     return photo
 
 
+def model_view(model, photo):
+    """The ``(H, W, 3)`` uint8 picture the model is given of a photo: its middle
+    ``model.center_crop`` (when < 1), resized to ``model.image_size`` (when set)."""
+    from cyconv.data import crop_center, resize
+
+    fraction = getattr(model, "center_crop", 1.0)
+    if fraction != 1:
+        photo = crop_center(photo, fraction)
+    size = getattr(model, "image_size", None)
+    if size is None:
+        return photo
+    return resize(photo, size, getattr(model, "interpolation", "area"))
+
+
+def is_normalised(images):
+    """True for a float array, taken as the model's input as it is (no crop or resize)."""
+    return isinstance(images, np.ndarray) and images.dtype.kind == "f"
+
+
 def prepare_input(model, images):
     """``(x, sizes, batched)``: the model's (N, 3, H, W) input in the model's dtype, the
     (h, w) of each original image (what maps are drawn at) and whether a batch was given.
 
     ``images``: a file name (str or Path); an ``(H, W, 3)`` uint8 RGB image; a list of
     such images and file names, or an ``(N, H, W, 3)`` uint8 array; a normalised float
-    ``(3, H, W)`` or ``(N, 3, H, W)`` array (used as is).  Photos are resized to
-    ``model.image_size`` (when set) and normalised with the model's preprocessing.
+    ``(3, H, W)`` or ``(N, 3, H, W)`` array (used as is).  Photos are cropped and resized
+    as :func:`model_view` says and normalised with the model's preprocessing.
     """
-    from cyconv.data import normalize, resize
+    from cyconv.data import normalize
 
     dtype = model_dtype(model)
-    if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+    if is_normalised(images):
         if images.ndim not in (3, 4):
             raise ValueError(f"expected a normalised (3, H, W) or (N, 3, H, W) float array, "
                              f"got shape {images.shape}")
@@ -62,11 +82,8 @@ def prepare_input(model, images):
     if not photos:
         raise ValueError("expected at least one image, got an empty batch")
     sizes = [tuple(photo.shape[:2]) for photo in photos]
-    size = getattr(model, "image_size", None)
-    if size is not None:
-        interpolation = getattr(model, "interpolation", "area")
-        photos = [resize(photo, size, interpolation) for photo in photos]
-    elif len(set(sizes)) > 1:
+    photos = [model_view(model, photo) for photo in photos]
+    if len({photo.shape for photo in photos}) > 1:
         raise ValueError(f"images of different sizes {sorted(set(sizes))} and the model has "
                          "no image_size to resize them to")
     x = normalize(np.stack(photos), getattr(model, "mean", None), getattr(model, "std", None),

@@ -25,9 +25,10 @@ Layers and operators
 
 Metadata (``metadata_props``, every value JSON-encoded, as in a checkpoint)
     ``classes``, ``mean``, ``std``, ``image_size``, ``channel_order``,
-    ``interpolation`` (see :mod:`cyconv.checkpoint`): a consumer resizes a photo
-    to image_size with that interpolation, puts its channels in channel_order,
-    and feeds (pixels / 255 - mean) / std as (N, 3, H, W) float32.
+    ``interpolation``, ``center_crop`` (see :mod:`cyconv.preprocessing`): a
+    consumer keeps the middle center_crop of each side of a photo, resizes it to
+    image_size with that interpolation, puts its channels in channel_order, and
+    feeds (pixels / 255 - mean) / std as (N, 3, H, W) float32.
 
 The model is walked through its public structure: the architecture spec
 (:func:`cyconv.models.describe`) for the layers' arguments and the state_dict
@@ -58,7 +59,7 @@ class ExportError(ValueError):
 
 
 def export(model, path, *, classes=None, mean=None, std=None, image_size=None,
-           channel_order=None, interpolation=None):
+           channel_order=None, interpolation=None, center_crop=None):
     """Write ``model`` to ``path`` as an ONNX file (atomically) and return the ModelProto.
 
     The preprocessing keywords default to the model's attributes of those names
@@ -72,7 +73,8 @@ def export(model, path, *, classes=None, mean=None, std=None, image_size=None,
     _check_exportable(model)
     onnx = _import_onnx()
     given = dict(classes=classes, mean=mean, std=std, image_size=image_size,
-                 channel_order=channel_order, interpolation=interpolation)
+                 channel_order=channel_order, interpolation=interpolation,
+                 center_crop=center_crop)
     meta = _preprocessing(model, given)
     shapes = _io_shapes(model, meta["image_size"])
     graph = _Graph(onnx, model.state_dict(keep_vars=True))

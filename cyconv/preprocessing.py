@@ -1,12 +1,13 @@
-"""The preprocessing a model carries: class names, mean/std, image size, channel order and
-interpolation, each checked for type and range and against the model when a
-checkpoint (or an exporter) hands them over."""
+"""The preprocessing a model carries: class names, mean/std, image size, channel order,
+interpolation and centre crop, each checked for type and range and against the model
+when a checkpoint (or an exporter) hands them over."""
 import math
 
 import numpy as np
 
 MAX_IMAGE_SIDE = 8192
-FIELDS = ("classes", "mean", "std", "image_size", "channel_order", "interpolation")
+FIELDS = ("classes", "mean", "std", "image_size", "channel_order", "interpolation",
+          "center_crop")
 
 
 class PreprocessingError(ValueError):
@@ -14,8 +15,10 @@ class PreprocessingError(ValueError):
 
 
 def checked_preprocessing(path, meta, model):
-    """{classes, mean, std, image_size, channel_order, interpolation} of the metadata, each
-    checked for type and range and against the model (PreprocessingError naming the field)."""
+    """{classes, mean, std, image_size, channel_order, interpolation, center_crop} of the
+    metadata, each checked for type and range and against the model (PreprocessingError
+    naming the field).  ``center_crop``: the share of each side of a photo kept, around
+    its centre, before it is resized to ``image_size`` (default 1: the whole photo)."""
     def bad(field, expected):
         return PreprocessingError(f"{path}: metadata field {field!r} must be {expected}, "
                                f"got {meta.get(field)!r:.80}")
@@ -43,6 +46,10 @@ def checked_preprocessing(path, meta, model):
     if interpolation not in (None, "area", "linear"):
         raise bad("interpolation", '"area" or "linear"')
     out["interpolation"] = interpolation or "area"
+    crop = meta.get("center_crop")
+    if crop is not None and not (_is_number(crop) and 0 < crop <= 1):
+        raise bad("center_crop", "a number in (0, 1]")
+    out["center_crop"] = 1.0 if crop is None else float(crop)
     out["classes"] = _checked_classes(path, meta.get("classes"), model, out["image_size"])
     return out
 

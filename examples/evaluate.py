@@ -77,7 +77,7 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            data = ImageFolder(root, model.classes, model.image_size)
+            data = ImageFolder(root, model.classes, model.image_size, model.center_crop)
         except (FileNotFoundError, ValueError) as error:
             fail(f"--data {root}: {error}")
     for warning in caught:

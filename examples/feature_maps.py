@@ -16,9 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cyconv.data import read_image, resize
+from cyconv.data import read_image
 from cyconv.explain import feature_grid, features, put_label
 from cyconv.explain.feature_maps import output_shapes
+from cyconv.inference import model_view
 from cyconv.nn import BatchNorm2d, Conv2d, LeakyReLU, ReLU, ReLU6
 
 from common import fail, int_range, layer_name, load_model, png_path, run, write_picture
@@ -78,13 +79,13 @@ def main(argv=None):
     channels = act.shape[1]
     shown = min(channels, args.max_channels)
     columns = int(np.ceil(np.sqrt(shown + 1)))
-    # the first tile shows the photo as the model sees it (resized to its input)
+    # the first tile shows the photo as the model sees it (its input before normalising)
     blank = np.zeros((1,) + act.shape[2:])
     grid = feature_grid(np.concatenate([blank, act[0, :shown]]), columns=columns,
                         cell=args.cell, pad=3)
     h, w = act.shape[2:]
     th, tw = max(1, round(h * args.cell / max(h, w))), max(1, round(w * args.cell / max(h, w)))
-    grid[3:3 + th, 3:3 + tw] = cv2.resize(resize(image, model.image_size), (tw, th),
+    grid[3:3 + th, 3:3 + tw] = cv2.resize(model_view(model, image), (tw, th),
                                           interpolation=cv2.INTER_AREA)
     title = np.full((40, grid.shape[1], 3), 255, np.uint8)
     text = (f"layer {name}: {channels} channels of {act.shape[2]}x{act.shape[3]}"

@@ -96,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-flip", action=argparse.BooleanOptionalAction,
                    help="classify valid and test photos by the mean of the class probabilities "
                         "of each photo and its mirror image (recipe's default)")
+    p.add_argument("--center-crop", type=float_range(0, 1, low_open=True), metavar="FRACTION",
+                   help="valid and test photos (and the saved model's input) are cut to the "
+                        "middle FRACTION of each side before resizing (recipe's default)")
     p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
                    help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
                    "(keys: the arguments of cyconv.data.Augment)")
@@ -231,13 +234,15 @@ def loaders(data, config, split, workers, comm=None):
     ``comm``, the train and valid loaders give this rank's share of every batch."""
     train_idx, valid_idx, test_idx = split
     decoded = Decoded(data)
+    crop = config.get("center_crop", 1.0)   # runs from before the setting saw whole photos
+    seen = decoded if crop == 1 else Decoded(data.with_center_crop(crop))
     if "mean" not in config:
         mean, std = compute_mean_std(decoded, train_idx, num_workers=workers)
         config["mean"], config["std"] = mean.tolist(), std.tolist()
     mean, std = np.float32(config["mean"]), np.float32(config["std"])
     augment = Augment(**{k: tuple(v) if isinstance(v, list) else v
                          for k, v in config["augment"].items()})
-    train, valid, test = (Subset(decoded, idx) for idx in (train_idx, valid_idx, test_idx))
+    train, valid, test = Subset(decoded, train_idx), Subset(seen, valid_idx), Subset(seen, test_idx)
     plain = {"mean": mean, "std": std, "cache": False, "num_workers": workers}
     shuffled = dict(plain, shuffle=True, augment=augment, seed=config["seed"])
     test = DataLoader(test, 64, **plain)
@@ -334,13 +339,16 @@ def main(argv=None):
     split = choose_split(data, config, folder, args.resume, writes)
     print(f"{len(data.classes)} classes {data.classes}; train {len(split[0])}, valid "
           f"{len(split[1])}, test {len(split[2])} images of {config['image_size']}x"
-          f"{config['image_size']}; model {config['model']}")
+          f"{config['image_size']}; model {config['model']}"
+          + (f"; valid and test see the middle {config['center_crop']:g} of each photo"
+             if config.get("center_crop", 1.0) != 1 else ""))
     loaders_, (mean, std) = loaders(data, config, split, args.workers, comm)
     if comm is not None:
         check_ranks_agree(comm, config, data, split)
     folder.metadata = {"config": config}
     folder.preprocessing = dict(classes=data.classes, mean=mean, std=std,
-                             image_size=(config["image_size"],) * 2)
+                             image_size=(config["image_size"],) * 2,
+                             center_crop=config.get("center_crop", 1.0))
     trainer = trainer_for(config, data, loaders_, folder, args, argv, comm)
     try:
         trainer.fit(resume=args.resume)

@@ -319,6 +319,21 @@ def _tiny_checkpoint(tmp_path):
     return path
 
 
+def test_center_crop_is_kept_and_predict_classifies_the_middle(tmp_path):
+    """center_crop goes into the checkpoint (1: the whole photo, for files without it) and
+    predict gives a photo's middle to the model, cut before resizing."""
+    whole = cyconv.load(_tiny_checkpoint(tmp_path))
+    assert whole.center_crop == 1.0
+    cyconv.save(whole, tmp_path / "cropped.safetensors", center_crop=0.6)
+    cropped = cyconv.load(tmp_path / "cropped.safetensors")
+    assert cropped.center_crop == 0.6 and cropped.classes == whole.classes
+    photo = np.random.default_rng(0).integers(0, 256, (37, 50, 3), np.uint8)
+    middle = photo[7:29, 10:40]   # 0.6 of 37 and 50 rows and columns, centred
+    np.testing.assert_array_equal(cyconv.predict(cropped, photo),
+                                  cyconv.predict(whole, middle))
+    assert not np.array_equal(cyconv.predict(cropped, photo), cyconv.predict(whole, photo))
+
+
 def test_every_single_bit_flip_of_the_header_is_caught(tmp_path):
     """A flipped bit anywhere in the header (tensor table or metadata) raises a
     CheckpointError; it never loads a changed model or preprocessing, and never raises
@@ -359,6 +374,10 @@ def test_every_single_bit_flip_of_the_header_is_caught(tmp_path):
     ("classes", ["cat", 7], "'classes' must be a list of distinct"),
     ("channel_order", "GRB", "'channel_order' must be"),
     ("interpolation", "cubic", "'interpolation' must be"),
+    ("center_crop", 0, "'center_crop' must be a number in \\(0, 1\\]"),
+    ("center_crop", 1.5, "'center_crop' must be a number in"),
+    ("center_crop", "0.8", "'center_crop' must be a number in"),
+    ("center_crop", True, "'center_crop' must be a number in"),
 ])
 def test_every_metadata_field_is_checked_on_load(tmp_path, field, value, message):
     """Fields of the right checksum but of a wrong type or range (a file written by another

@@ -19,10 +19,12 @@ from cyconv.data import (
     ImageFolder,
     Subset,
     compute_mean_std,
+    crop_center,
     load_split,
     make_shapes,
     normalize,
     read_image,
+    resize,
     save_split,
     segment_foreground,
     split_indices,
@@ -180,6 +182,43 @@ def test_resize_to_int_or_height_width(tmp_path):
     make_folder(tmp_path, {"a": 1}, size=(20, 30))
     assert ImageFolder(tmp_path, image_size=8)[0][0].shape == (8, 8, 3)
     assert ImageFolder(tmp_path, image_size=(40, 12))[0][0].shape == (40, 12, 3)
+
+
+@pytest.mark.parametrize("shape,fraction,box", [
+    ((10, 10), 0.8, (1, 1, 8, 8)),
+    ((11, 7), 0.5, (2, 1, 6, 4)),      # 5.5 -> 6 rows, 3.5 -> 4 columns (round half to even)
+    ((9, 13), 0.875, (0, 1, 8, 11)),   # odd margins: the extra pixel goes below and right
+    ((3, 2), 0.1, (1, 0, 1, 1)),       # never less than one pixel
+    ((6, 5), 1, (0, 0, 6, 5)),
+])
+def test_crop_center_keeps_the_middle_of_each_side(shape, fraction, box):
+    image = np.arange(np.prod(shape) * 3, dtype=np.int64).reshape(shape + (3,))
+    top, left, h, w = box
+    assert np.array_equal(crop_center(image, fraction), image[top:top + h, left:left + w])
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.01, float("nan"), "0.8", True, None])
+def test_crop_center_refuses_fractions_outside_0_1(fraction):
+    with pytest.raises(ValueError, match=r"center_crop must be a number in \(0, 1\]"):
+        crop_center(np.zeros((4, 4, 3), np.uint8), fraction)
+
+
+def test_image_folder_center_crop_cuts_before_resizing(tmp_path):
+    """The crop comes out of the decoded photo, at its full resolution, then is resized;
+    with_center_crop is that view of the same files."""
+    photo = np.random.default_rng(0).integers(0, 256, (41, 30, 3), np.uint8)
+    write(tmp_path / "a" / "x.png", photo)
+    whole = ImageFolder(tmp_path, image_size=(12, 9))
+    expected = resize(crop_center(photo[:, :, ::-1], 0.7), (12, 9))
+    for data in (ImageFolder(tmp_path, image_size=(12, 9), center_crop=0.7),
+                 whole.with_center_crop(0.7)):
+        assert data.center_crop == 0.7
+        assert np.array_equal(data[0][0], expected)
+    assert np.array_equal(read_image(tmp_path / "a" / "x.png", (12, 9), center_crop=0.7),
+                          expected)
+    assert whole.center_crop == 1.0 and whole.with_center_crop(0.7).samples is whole.samples
+    with pytest.raises(ValueError, match="center_crop must be a number"):
+        ImageFolder(tmp_path, center_crop=0)
 
 
 # --- splits ----------------------------------------------------------------

@@ -49,12 +49,13 @@ def shapes_folder(tmp_path_factory):
 
 
 def check_predictions(data_root, out, image_size):
-    """cyconv.load(best) gives the predictions that the script saved for the test split."""
+    """cyconv.load(best) gives, from the photos, the predictions that the script saved for
+    the test split."""
     report = json.loads((out / "test_metrics.json").read_text())
     model = cyconv.load(out / "best.safetensors")
-    assert model.classes == report["classes"]
-    images = [read_image(data_root / p["file"], image_size) for p in report["predictions"]]
-    predicted = cyconv.predict(model, np.stack(images), flip=report["eval_flip"]).argmax(axis=1)
+    assert model.classes == report["classes"] and model.image_size == (image_size,) * 2
+    photos = [read_image(data_root / p["file"]) for p in report["predictions"]]
+    predicted = cyconv.predict(model, photos, flip=report["eval_flip"]).argmax(axis=1)
     assert predicted.tolist() == [p["predicted"] for p in report["predictions"]]
     labels = [p["label"] for p in report["predictions"]]
     assert report["accuracy"] == pytest.approx(np.mean(predicted == labels))
@@ -88,6 +89,21 @@ def test_eval_flip_validates_and_tests_on_mirror_images_too(shapes_folder, tmp_p
     assert checkpoint.read(out / "last.safetensors").metadata["config"]["eval_flip"] is True
     refused = run(*args, "--resume", "--no-eval-flip", check=False)
     assert refused.returncode == 2 and "--eval-flip False (the run has True)" in refused.stderr
+
+
+def test_center_crop_validates_and_tests_on_the_middles_of_the_photos(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", shapes_folder, "--epochs", 2, "--image-size", SIZE, "--batch-size", 16,
+            "--out", out, "--no-progress"]
+    result = run(*args, "--center-crop", 0.75)
+    assert "valid and test see the middle 0.75 of each photo" in result.stdout
+    check_predictions(shapes_folder, out, SIZE)
+    assert cyconv.load(out / "best.safetensors").center_crop == 0.75
+    assert checkpoint.read(out / "last.safetensors").metadata["config"]["center_crop"] == 0.75
+    refused = run(*args, "--resume", "--center-crop", 1, check=False)
+    assert refused.returncode == 2 and "--center-crop 1.0 (the run has 0.75)" in refused.stderr
+    bad = run(*args, "--overwrite", "--center-crop", 0, check=False)
+    assert bad.returncode == 2 and "expected a number in (0, 1]" in bad.stderr
 
 
 @pytest.mark.skipif(not ANIMALS.is_dir(), reason="no ../shared/datasets/animals")

@@ -224,6 +224,26 @@ def test_photo_input_uses_model_metadata(rng):
     assert isinstance(two, list) and two[0].shape == (20, 30) and two[1].shape == (10, 30)
 
 
+def test_center_crop_map_covers_the_middle_the_model_saw(rng):
+    """A model that sees the middle 0.6 of a photo: its map is that of the cropped photo,
+    drawn over the crop's box of the photo, and 0 around it."""
+    net = tiny_net(rng)
+    net.image_size = (8, 8)
+    photo = rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    whole = gradcam(net, cyconv.data.crop_center(photo, 0.6), details=True)
+    net.center_crop = 0.6
+    result = gradcam(net, photo, details=True)
+    np.testing.assert_array_equal(result.logits, whole.logits)
+    top, left, h, w = 4, 6, 13, 18
+    assert result.heatmap.shape == (21, 30) and whole.heatmap.shape == (h, w)
+    np.testing.assert_array_equal(result.heatmap[top:top + h, left:left + w], whole.heatmap)
+    outside = np.ones((21, 30), bool)
+    outside[top:top + h, left:left + w] = False
+    assert not result.heatmap[outside].any() and result.heatmap.max() == 1
+    x = cyconv.data.normalize(cyconv.data.resize(photo, 8)[None]).astype(F64)
+    assert gradcam(net, x[0]).shape == (8, 8)   # a normalised input is used whole
+
+
 def test_overlay():
     image = np.full((30, 50, 3), 100, np.uint8)
     heat = np.zeros((5, 5), np.float32)

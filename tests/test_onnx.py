@@ -209,7 +209,7 @@ def test_metadata_from_a_checkpoint(ort, tmp_path):
     classes = ["dog", "panda", "bird"]
     cyconv.save(reference(3), tmp_path / "ref.safetensors", classes=classes,
                 mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], image_size=[224, 224],
-                channel_order="BGR", interpolation="linear")
+                channel_order="BGR", interpolation="linear", center_crop=0.875)
     model = cyconv.load(tmp_path / "ref.safetensors")
     proto = cyconv.onnx.export(model, tmp_path / "m.onnx")
     import onnx
@@ -217,7 +217,8 @@ def test_metadata_from_a_checkpoint(ort, tmp_path):
     assert stored == metadata(proto)
     assert stored == {"classes": classes, "mean": pytest.approx([0.5, 0.4, 0.3]),
                       "std": pytest.approx([0.2, 0.25, 0.3]), "image_size": [224, 224],
-                      "channel_order": "BGR", "interpolation": "linear"}
+                      "channel_order": "BGR", "interpolation": "linear",
+                      "center_crop": 0.875}
     dims = proto.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3]
 
@@ -226,7 +227,7 @@ def test_metadata_keywords_and_defaults(ort, tmp_path):
     model = reference(2)
     stored = metadata(cyconv.onnx.export(model, tmp_path / "a.onnx"))
     assert stored == {"classes": None, "mean": None, "std": None, "image_size": None,
-                      "channel_order": "RGB", "interpolation": "area"}
+                      "channel_order": "RGB", "interpolation": "area", "center_crop": 1.0}
     stored = metadata(cyconv.onnx.export(model, tmp_path / "b.onnx", classes=("a", "b"),
                                          image_size=224,
                                          mean=np.array([0.1, 0.2, 0.3], np.float32)))
@@ -238,6 +239,7 @@ def test_metadata_keywords_and_defaults(ort, tmp_path):
     (dict(classes=["a", "b", "c"], image_size=224), ["3 class names", "outputs of shape [2]"]),
     (dict(image_size=20), ["does not take", "20"]),
     (dict(channel_order="RBG"), ["channel_order"]),
+    (dict(center_crop=1.25), ["center_crop", "(0, 1]"]),
     (dict(std=[1, 0, 1]), ["std"]),
     (dict(mean=["a", "b", "c"]), ["mean must be 3 numbers"]),
     (dict(classes="abc"), ["classes"]),

@@ -158,6 +158,22 @@ def test_evaluate(setup, capsys):
     assert code == 2 and "does not exist" in err
 
 
+def test_evaluate_gives_the_model_the_middle_of_each_photo(setup, capsys):
+    """A checkpoint with center_crop is evaluated on the middles of the photos, as
+    cyconv.predict sees them."""
+    ckpt = setup["tmp"] / "cropped" / "best.safetensors"
+    ckpt.parent.mkdir()
+    checkpoint.save(setup["model"], ckpt, center_crop=0.5)
+    model = cyconv.load(ckpt)
+    folder = ImageFolder(setup["data"], CLASSES)
+    photos = [read_image(path) for path, _ in folder.samples]
+    labels = [label for _, label in folder.samples]
+    accuracy = np.mean(cyconv.predict(model, photos).argmax(1) == labels)
+    code, stdout, _ = call(capsys, "evaluate.py", ckpt, "--data", setup["data"], "--all",
+                           "--out", setup["tmp"] / "cropped" / "cm.png", "--workers", "0")
+    assert code == 0 and f"accuracy: {accuracy:.4f}" in stdout
+
+
 def test_evaluate_blurred(setup, capsys):
     out = setup["tmp"] / "cm_blur.png"
     code, stdout, _ = call(capsys, "evaluate.py", setup["ckpt"], "--data", setup["data"],

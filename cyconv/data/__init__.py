@@ -17,6 +17,7 @@ from cyconv.data.io import (
                             IMAGE_EXTENSIONS,
                             CorruptImageError,
                             ImageTooLargeError,
+                            crop_center,
                             max_image_pixels,
                             normalize,
                             read_image,
@@ -29,7 +30,7 @@ from cyconv.data.split import load_split, save_split, split_indices
 from cyconv.data.synthetic import SHAPE_CLASSES, make_shapes
 
 __all__ = ["Augment", "LAYOUT", "ArrayDataset", "ImageFolder", "Subset", "IMAGE_EXTENSIONS",
-           "CorruptImageError", "ImageTooLargeError", "max_image_pixels", "normalize",
-           "read_image", "resize", "set_max_image_pixels", "DataLoader", "compute_mean_std",
-           "segment_foreground", "load_split", "save_split", "split_indices", "SHAPE_CLASSES",
-           "make_shapes"]
+           "CorruptImageError", "ImageTooLargeError", "crop_center", "max_image_pixels",
+           "normalize", "read_image", "resize", "set_max_image_pixels", "DataLoader",
+           "compute_mean_std", "segment_foreground", "load_split", "save_split",
+           "split_indices", "SHAPE_CLASSES", "make_shapes"]

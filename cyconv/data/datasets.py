@@ -1,5 +1,6 @@
 """Data sets: each has ``.classes``, ``.image_size``, ``len()`` and ``[i] -> (image, label)``
 with the image an ``(H, W, 3)`` uint8 RGB array."""
+import copy
 import threading
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 from cyconv.data.io import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
+    as_crop_fraction,
     as_size,
     check_image_file,
     read_image,
@@ -23,7 +25,9 @@ class ImageFolder:
     ``classes``: the class names in label order; default: every sub-folder
     of ``root``, sorted alphabetically (a sub-folder that cannot be read is
     skipped with a warning). ``image_size``: int or ``(H, W)``; every image is
-    resized to it.
+    resized to it.  ``center_crop`` < 1: each image is first cut to the middle
+    ``center_crop`` of each side (the evaluation view of a model that carries
+    that preprocessing; :meth:`with_center_crop` gives that view of the same files).
 
     Attributes: ``classes`` (list of str), ``samples`` (list of
     ``(Path, label)``), ``skipped`` (list of Path: files that were not
@@ -34,9 +38,10 @@ class ImageFolder:
     :class:`DataLoader` substitutes another one).
     """
 
-    def __init__(self, root, classes=None, image_size=(224, 224)):
+    def __init__(self, root, classes=None, image_size=(224, 224), center_crop=1.0):
         self.root = Path(root)
         self.image_size = as_size(image_size)
+        self.center_crop = as_crop_fraction(center_crop)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder; "
                                     f"expected layout {LAYOUT}")
@@ -98,6 +103,13 @@ class ImageFolder:
         self.skipped.append(path)
         warnings.warn(f"skipping {path}: {reason}", stacklevel=3)
 
+    def with_center_crop(self, fraction):
+        """The same files (and record of unreadable ones) seen through a centre crop of
+        ``fraction`` of each side, e.g. the valid and test view of a training folder."""
+        view = copy.copy(self)
+        view.center_crop = as_crop_fraction(fraction)
+        return view
+
     def __len__(self):
         return len(self.samples)
 
@@ -106,7 +118,7 @@ class ImageFolder:
         if index in self._bad:
             raise CorruptImageError(f"cannot decode image {path}")
         try:
-            return read_image(path, self.image_size), label
+            return read_image(path, self.image_size, center_crop=self.center_crop), label
         except CorruptImageError:
             with self._bad_lock:  # loader threads may meet the same bad file at once
                 first_time = index not in self._bad

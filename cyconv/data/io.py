@@ -69,6 +69,31 @@ def resize(image, image_size, interpolation="area"):
     return cv2.resize(image, (w, h), interpolation=flag)
 
 
+def as_crop_fraction(fraction):
+    """``fraction`` as a float in (0, 1] (the share of each side a centre crop keeps)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer,
+                                                               np.floating)) \
+            or not 0 < fraction <= 1:
+        raise ValueError(f"center_crop must be a number in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def center_box(height, width, fraction):
+    """``(top, left, h, w)`` of the middle ``fraction`` of each side of a ``height`` x
+    ``width`` image (at least one pixel; an odd margin puts the extra pixel below and
+    right)."""
+    fraction = as_crop_fraction(fraction)
+    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_center(image, fraction):
+    """The middle ``fraction`` x ``fraction`` of an ``(H, W, 3)`` image (a view), as
+    torchvision's resize-then-CenterCrop evaluation sees it, before the resize."""
+    top, left, h, w = center_box(*image.shape[:2], fraction)
+    return image[top:top + h, left:left + w]
+
+
 def _read_regular_file(path):
     """The bytes of ``path``; CorruptImageError unless it is a regular file (a FIFO would
     block forever) of a size an image of the allowed pixel count can have."""
@@ -143,18 +168,21 @@ def decode_image(data, where="image"):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path, image_size=None, interpolation="area"):
+def read_image(path, image_size=None, interpolation="area", center_crop=1.0):
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array.
 
     Works with non-ASCII paths (the bytes are read by Python, decoded by
     OpenCV).  EXIF orientation is applied, grayscale is expanded to 3 channels,
     an alpha channel is dropped (not composited: transparent pixels keep their
     stored colour) and 16-bit or float images are scaled to 8 bits.  With
-    ``image_size`` (int or ``(H, W)``) the result is resized, see :func:`resize`.
+    ``image_size`` (int or ``(H, W)``) the result is resized, see :func:`resize`;
+    ``center_crop`` < 1 keeps only the middle of the photo first (:func:`crop_center`).
     Raises :class:`CorruptImageError` when the path is not a regular file or
     cannot be read or decoded, :class:`ImageTooLargeError` over the pixel cap.
     """
     image = decode_image(_read_regular_file(path), f"image {path}")
+    if center_crop != 1:
+        image = crop_center(image, center_crop)
     return image if image_size is None else resize(image, image_size, interpolation)
 
 

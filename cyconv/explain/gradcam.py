@@ -12,7 +12,9 @@ Visual Explanations from Deep Networks via Gradient-based Localization"
 
 then ``cam`` is upsampled to the image's size with bilinear interpolation
 (``cv2.resize``, ``INTER_LINEAR``) and divided by its maximum, so that it lies
-in [0, 1] (an all-zero map stays zero).  The score is the class logit before
+in [0, 1] (an all-zero map stays zero).  A model that sees only the middle of a
+photo (``model.center_crop`` < 1) gets its map drawn over that middle, and 0
+around it.  The score is the class logit before
 the softmax, as in the paper.
 
 Default layer: the *rectified* output of the last ``Conv2d`` the forward pass
@@ -34,9 +36,10 @@ import numpy as np
 
 from cyconv._grad_mode import enable_grad
 from cyconv._opencv import cv2
+from cyconv.data.io import center_box
 from cyconv.explain.drawing import softmax
 from cyconv.explain.layers import describe, execution_order, resolve
-from cyconv.inference import prepare_input
+from cyconv.inference import is_normalised, prepare_input
 from cyconv.nn import BatchNorm2d, Conv2d, LeakyReLU, ReLU, ReLU6
 
 ACTIVATIONS = (ReLU, ReLU6, LeakyReLU)
@@ -124,6 +127,17 @@ def upsample(raw, size):
     return (big / top if top > 0 else big).astype(np.float32)
 
 
+def photo_map(raw, size, fraction):
+    """The map (H, W) = ``size`` of a photo whose middle ``fraction`` of each side the
+    model saw: ``raw`` upsampled onto that box, 0 outside it."""
+    if fraction == 1:
+        return upsample(raw, size)
+    top, left, h, w = center_box(*size, fraction)
+    out = np.zeros(size, np.float32)
+    out[top:top + h, left:left + w] = upsample(raw, (h, w))
+    return out
+
+
 def _record(model, name, module, x, class_index):
     """(logits, chosen classes, activations, gradients) of ``module`` for input ``x``:
     one forward and one backward of the whole model with hooks on ``module``."""
@@ -191,7 +205,8 @@ def gradcam(model, image, layer=None, class_index=None, *, size=None, details=Fa
     weights = gradients.mean(axis=(2, 3))
     raw = np.maximum(np.einsum("nk,nkhw->nhw", weights, activations), 0.0)
     sizes = sizes if size is None else [tuple(size)] * len(sizes)
-    maps = [upsample(r, s) for r, s in zip(raw, sizes)]
+    fraction = 1.0 if is_normalised(image) else getattr(model, "center_crop", 1.0)
+    maps = [photo_map(r, s, fraction) for r, s in zip(raw, sizes)]
     if not batched:
         heatmap = maps[0]
     elif len(set(sizes)) == 1:
