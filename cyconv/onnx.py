@@ -123,6 +123,8 @@ def _preprocessing(model, given):
                 value = [float(str(v)) for v in np.asarray(value, np.float32).reshape(-1)]
             except (TypeError, ValueError):
                 raise ExportError(f"export: {name} must be 3 numbers, got {value!r:.80}") from None
+        elif isinstance(value, np.generic):   # a numpy number (center_crop)
+            value = value.item()
         meta[name] = value
     try:
         checked = checked_preprocessing("export", meta, model)

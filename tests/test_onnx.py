@@ -233,6 +233,9 @@ def test_metadata_keywords_and_defaults(ort, tmp_path):
                                          mean=np.array([0.1, 0.2, 0.3], np.float32)))
     assert stored["classes"] == ["a", "b"] and stored["image_size"] == [224, 224]
     assert stored["mean"] == [0.1, 0.2, 0.3]   # float32 values, written as short as they read
+    stored = metadata(cyconv.onnx.export(model, tmp_path / "c.onnx",
+                                         center_crop=np.float64(0.875)))
+    assert stored["center_crop"] == 0.875
 
 
 @pytest.mark.parametrize("kwargs, words", [
