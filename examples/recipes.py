@@ -28,7 +28,7 @@ RECIPES = {
     # max-pool after the stem, so its stages work at the small network's 64-8 px); valid
     # and test on each photo and its mirror image, both cut to their middle 0.8 (training
     # crops keep 0.6-1.0 of the side, so the animals it learnt are larger than in a whole
-    # photo); 75 epochs: four classes in 14.4 minutes on 2 Xeon cores, 17.1 on 2 AMD EPYC
+    # photo); 75 epochs: what four classes fit in about 15 minutes on 2 cores
     "resnet": dict(_COMMON, epochs=75, lr=0.1, image_size=128, eval_flip=True, center_crop=0.8,
                    augment=dict(hflip=0.5, crop=0.7, crop_scale=[0.6, 1.0], rotate=0.3,
                                 max_angle=15.0, color=0.5)),
