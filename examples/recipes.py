@@ -12,11 +12,11 @@ from cyconv.data import Augment
 # What identifies a run (saved in its checkpoints; --resume refuses other values).
 RUN_SETTINGS = ("classes", "model", "augment", "epochs", "batch_size", "lr", "image_size",
                 "weight_decay", "momentum", "warmup", "schedule", "step_size", "label_smoothing",
-                "ema", "eval_flip", "center_crop", "seed", "limit")
+                "ema", "eval_flip", "center_crop", "progressive", "seed", "limit")
 
 _COMMON = dict(batch_size=32, weight_decay=5e-4, momentum=0.9, warmup=1.0, schedule="cosine",
                step_size=10, label_smoothing=0.1, ema=0.998, eval_flip=False, center_crop=1.0,
-               seed=0)
+               progressive=None, seed=0)
 
 RECIPES = {
     # the default: four Conv + BN + ReLU + MaxPool stages on 128 px photos; the moving
@@ -76,3 +76,21 @@ def ema_decay(text):
     if decay is None or not 0 <= decay < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return decay
+
+
+def progressive_setting(text):
+    """'96:0.5:0.8' -> [96, 0.5, 0.8] for --progressive (training images of 96 px until
+    half of the epochs, growing to --image-size by 0.8 of them); 'off' -> False (given,
+    unlike a setting left out: it overrides a recipe's)."""
+    if text == "off":
+        return False
+    try:
+        start, begin, end = text.split(":")
+        setting = [int(start), float(begin), float(end)]
+    except ValueError:
+        setting = None
+    if setting is None or not (setting[0] >= 16 and 0 <= setting[1] <= setting[2] <= 1):
+        raise argparse.ArgumentTypeError(
+            f"expected START:BEGIN:END (a side of at least 16 px, then two fractions of the "
+            f"epochs with 0 <= BEGIN <= END <= 1) or off, got {text!r}")
+    return setting

@@ -48,6 +48,7 @@ from cyconv.data import (
     Augment,
     DataLoader,
     ImageFolder,
+    ProgressiveSize,
     Subset,
     compute_mean_std,
     load_split,
@@ -66,7 +67,7 @@ from cyconv.train import (
 )
 
 from common import fail, float_range, int_range, run, threads
-from recipes import RECIPES, RUN_SETTINGS, augment_settings, ema_decay
+from recipes import RECIPES, RUN_SETTINGS, augment_settings, ema_decay, progressive_setting
 
 OUTPUTS = ("split.json", "test_metrics.json", "test_confusion_matrix.png")
 
@@ -99,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--center-crop", type=float_range(0, 1, low_open=True), metavar="FRACTION",
                    help="valid and test photos (and the saved model's input) are cut to the "
                         "middle FRACTION of each side before resizing (recipe's default)")
+    p.add_argument("--progressive", type=progressive_setting, metavar="START:BEGIN:END",
+                   help="progressive resizing: training images of START px until the fraction "
+                        "BEGIN of the epochs, growing by 16 px steps to --image-size at END; "
+                        "off: --image-size throughout (recipe's default)")
     p.add_argument("--augment", type=augment_settings, metavar="KEY=VALUE,...",
                    help="change augmentation settings of the recipe, e.g. defocus=0.3,erase=0.5 "
                    "(keys: the arguments of cyconv.data.Augment)")
@@ -244,7 +249,8 @@ def loaders(data, config, split, workers, comm=None):
                          for k, v in config["augment"].items()})
     train, valid, test = Subset(decoded, train_idx), Subset(seen, valid_idx), Subset(seen, test_idx)
     plain = {"mean": mean, "std": std, "cache": False, "num_workers": workers}
-    shuffled = dict(plain, shuffle=True, augment=augment, seed=config["seed"])
+    shuffled = dict(plain, shuffle=True, augment=augment, seed=config["seed"],
+                    image_size=training_sizes(config))
     test = DataLoader(test, 64, **plain)
     if comm is not None:   # every image once per epoch (docs/distributed.rst)
         share = {"rank": comm.rank, "ranks": comm.size}
@@ -257,14 +263,26 @@ def loaders(data, config, split, workers, comm=None):
     return (train, DataLoader(valid, 64, **plain), test), (mean, std)
 
 
+def training_sizes(config):
+    """The training images' side per epoch (ProgressiveSize), or None: --image-size."""
+    if not config.get("progressive"):   # runs from before the setting had none
+        return None
+    start, begin, end = config["progressive"]
+    epochs = config["epochs"]
+    return ProgressiveSize(min(start, config["image_size"]), config["image_size"],
+                           (round(begin * epochs), round(end * epochs)))
+
+
 def trainer_for(config, data, loaders_, folder, args, argv, comm=None):
     cyconv.manual_seed(config["seed"])
     try:
         model = models.create(config["model"], len(data.classes), config["image_size"])
-        model.output_shape((1, 3, config["image_size"], config["image_size"]))
+        for size in (config["image_size"], (config.get("progressive") or [None])[0]):
+            if size is not None:
+                model.output_shape((1, 3, size, size))
     except ValueError as error:
-        fail(f"--image-size {config['image_size']} does not suit --model {config['model']}: "
-             f"{error}")
+        fail(f"--image-size {config['image_size']} (--progressive {config.get('progressive')}) "
+             f"does not suit --model {config['model']}: {error}")
     if comm is not None:
         model = distributed.convert_sync_batchnorm(model, comm)
     opt = optim.SGD(model.parameters(), config["lr"], momentum=config["momentum"],
@@ -341,7 +359,9 @@ def main(argv=None):
           f"{len(split[1])}, test {len(split[2])} images of {config['image_size']}x"
           f"{config['image_size']}; model {config['model']}"
           + (f"; valid and test see the middle {config['center_crop']:g} of each photo"
-             if config.get("center_crop", 1.0) != 1 else ""))
+             if config.get("center_crop", 1.0) != 1 else "")
+          + (f"; training images grow from {training_sizes(config)(0)} px"
+             if config.get("progressive") else ""))
     loaders_, (mean, std) = loaders(data, config, split, args.workers, comm)
     if comm is not None:
         check_ranks_agree(comm, config, data, split)

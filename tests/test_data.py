@@ -17,6 +17,7 @@ from cyconv.data import (
     Augment,
     DataLoader,
     ImageFolder,
+    ProgressiveSize,
     Subset,
     compute_mean_std,
     crop_center,
@@ -268,6 +269,29 @@ def test_augment_is_seeded():
     assert np.array_equal(image, original)  # input untouched
 
 
+def test_augment_to_another_size_crops_or_resizes_straight_to_it():
+    image = make_shapes(1, image_size=(24, 32), seed=3)[0][0]
+    every = Augment(hflip=0.5, crop=1.0, rotate=1.0, color=1.0, defocus=1.0, erase=1.0)
+    for size, shape in ((16, (16, 16)), ((12, 20), (12, 20)), ((24, 32), (24, 32))):
+        out = every(image, np.random.default_rng(5), size)
+        assert out.shape == shape + (3,) and out.dtype == np.uint8
+        assert np.array_equal(out, every(image, np.random.default_rng(5), size))
+    # the image's own size is the default, bit for bit
+    assert np.array_equal(every(image, np.random.default_rng(5), (24, 32)),
+                          every(image, np.random.default_rng(5)))
+    # the crop is resized once, straight to the size; an uncropped image is resized first
+    rng = np.random.default_rng(9)
+    rng.random(7), rng.uniform(0.5, 0.5)     # Augment's draws: which transforms, crop scale
+    y0, x0 = rng.integers(0, 13), rng.integers(0, 17)
+    box = image[y0:y0 + 12, x0:x0 + 16]
+    crop_only = Augment(hflip=0, crop=1.0, rotate=0, color=0, crop_scale=(0.5, 0.5))
+    assert np.array_equal(crop_only(image, np.random.default_rng(9), (6, 8)), resize(box, (6, 8)))
+    nothing = Augment(hflip=0, crop=0, rotate=0, color=0)
+    assert np.array_equal(nothing(image, np.random.default_rng(0), 8), resize(image, 8))
+    with pytest.raises(ValueError, match="image_size"):
+        every(image, np.random.default_rng(0), 0)
+
+
 def test_flips_with_probability_one_are_exact():
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     rng = np.random.default_rng(0)
@@ -500,6 +524,44 @@ def test_epochs_differ_and_state_round_trips():
     resumed.load_state_dict({"epoch": 1, "seed": 1})
     for (x0, y0), (x1, y1) in zip(second, resumed):
         assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
+
+
+def test_progressive_size_rises_by_steps_from_start_to_final():
+    sizes = ProgressiveSize(96, 128, ramp=(10, 20))
+    assert [sizes(e) for e in (0, 9, 10, 14, 15, 19, 20, 50)] == [96, 96, 96, 96, 112, 112, 128,
+                                                                   128]
+    assert [ProgressiveSize(40, 64, (0, 3), step=8)(e) for e in range(4)] == [40, 48, 56, 64]
+    assert [ProgressiveSize(96, 128, (5, 5))(e) for e in (4, 5)] == [96, 128]
+    assert [ProgressiveSize(30, 64, (0, 10))(e) for e in (0, 1)] == [30, 32]  # never under 30
+    for args, match in (((128, 96, (0, 1)), "larger than"), ((96, 128, (5, 2)), "ramp"),
+                        ((96, 128, (-1, 2)), "ramp"), ((0, 128, (0, 1)), "image_size"),
+                        ((96, 128, (0, 1), 0), "step")):
+        with pytest.raises(ValueError, match=match):
+            ProgressiveSize(*args)
+
+
+def test_loader_resizes_each_epoch_to_its_size_whatever_the_threads():
+    data = shapes_dataset(10, size=16)
+    sizes = ProgressiveSize(8, 16, ramp=(0, 2), step=4)
+    shapes = {}
+    for workers in (0, 2):
+        loader = DataLoader(data, 4, shuffle=True, augment=Augment(cutmix=0.5), seed=2,
+                            num_workers=workers, image_size=sizes)
+        runs = [list(loader) for _ in range(3)]
+        shapes[workers] = [{x.shape[2:] for x, _ in run} for run in runs]
+        if workers == 0:
+            first = runs
+        else:
+            for run, run0 in zip(runs, first):
+                for (x, y), (x0, y0) in zip(run, run0):
+                    assert np.array_equal(x, x0) and np.array_equal(y, y0)
+    assert shapes[0] == shapes[2] == [{(8, 8)}, {(12, 12)}, {(16, 16)}]
+    # a fixed size; without augmentation, the images are resized as they are
+    plain = list(DataLoader(data, 5, image_size=(6, 10)))
+    assert np.array_equal(plain[0][0], normalize(np.stack([resize(im, (6, 10))
+                                                           for im in data.images[:5]])))
+    with pytest.raises(ValueError, match="image_size"):
+        DataLoader(data, 4, image_size=-3)
 
 
 def test_subset_and_shuffle_cover_each_item_once():

@@ -106,6 +106,26 @@ def test_center_crop_validates_and_tests_on_the_middles_of_the_photos(shapes_fol
     assert bad.returncode == 2 and "expected a number in (0, 1]" in bad.stderr
 
 
+def test_progressive_resizing_trains_on_smaller_images_first(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", shapes_folder, "--epochs", 3, "--image-size", SIZE, "--batch-size", 16,
+            "--out", out, "--no-progress"]
+    run(*args, "--progressive", "16:0:0.7")
+    check_predictions(shapes_folder, out, SIZE)   # valid, test and the saved model: full size
+    assert checkpoint.read(out / "last.safetensors").metadata["config"]["progressive"] == [
+        16, 0.0, 0.7]
+    refused = run(*args, "--resume", "--progressive", "off", check=False)
+    assert refused.returncode == 2 and "--progressive False (the run has [16, 0.0, 0.7])" \
+        in refused.stderr
+    for bad in ("8:0:1", "16:0.5:0.2", "16:0:1.5", "16:0.5", "big"):
+        result = run(*args, "--overwrite", "--progressive", bad, check=False)
+        assert result.returncode == 2 and "expected START:BEGIN:END" in result.stderr, bad
+    # a start size the network cannot take is refused before training
+    small_net = run(*args, "--overwrite", "--model", "reference", "--image-size", 64,
+                    "--progressive", "32:0:0.5", check=False)
+    assert small_net.returncode == 2 and "does not suit --model reference" in small_net.stderr
+
+
 @pytest.mark.skipif(not ANIMALS.is_dir(), reason="no ../shared/datasets/animals")
 def test_animals_few_dozen_images(tmp_path):
     out = tmp_path / "animals"

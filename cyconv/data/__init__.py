@@ -25,6 +25,7 @@ from cyconv.data.io import (
                             set_max_image_pixels,
 )
 from cyconv.data.loader import DataLoader, compute_mean_std
+from cyconv.data.progressive import ProgressiveSize
 from cyconv.data.segment import segment_foreground
 from cyconv.data.split import load_split, save_split, split_indices
 from cyconv.data.synthetic import SHAPE_CLASSES, make_shapes
@@ -32,5 +33,6 @@ from cyconv.data.synthetic import SHAPE_CLASSES, make_shapes
 __all__ = ["Augment", "LAYOUT", "ArrayDataset", "ImageFolder", "Subset", "IMAGE_EXTENSIONS",
            "CorruptImageError", "ImageTooLargeError", "crop_center", "max_image_pixels",
            "normalize", "read_image", "resize", "set_max_image_pixels", "DataLoader",
+           "ProgressiveSize",
            "compute_mean_std", "segment_foreground", "load_split", "save_split",
            "split_indices", "SHAPE_CLASSES", "make_shapes"]

@@ -2,7 +2,7 @@
 import numpy as np
 
 from cyconv._opencv import cv2
-from cyconv.data.io import resize
+from cyconv.data.io import as_size, resize
 from cyconv.data.segment import blend, middle_ellipse
 
 
@@ -39,7 +39,10 @@ class Augment:
 
     ``augment(image, rng)`` -> new image of the same shape and dtype; the
     input is never modified. The result depends only on ``image`` and the
-    state of ``rng`` (a ``np.random.Generator``).
+    state of ``rng`` (a ``np.random.Generator``).  ``augment(image, rng, size)``
+    gives an image of ``size`` (int or ``(H, W)``) instead, for progressive
+    resizing (:class:`ProgressiveSize`): the crop is resized straight to it, an
+    uncropped image first, and the other transforms work at that size.
     """
 
     def __init__(self, hflip=0.5, vflip=0.0, crop=0.5, rotate=0.5, color=0.5, defocus=0.0,
@@ -68,14 +71,18 @@ class Augment:
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.defocus_sigma, self.cutmix_alpha = tuple(defocus_sigma), float(cutmix_alpha)
 
-    def __call__(self, image, rng):
+    def __call__(self, image, rng, size=None):
         crop, rotate, hflip, vflip, color, defocus, erase = rng.random(7) < self.probabilities
         h, w = image.shape[:2]
+        size = (h, w) if size is None else as_size(size)
         if crop:
             scale = rng.uniform(*self.crop_scale)
             ch, cw = max(1, round(scale * h)), max(1, round(scale * w))
             y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            image = resize(image[y0:y0 + ch, x0:x0 + cw], (h, w))
+            image = resize(image[y0:y0 + ch, x0:x0 + cw], size)
+        else:
+            image = resize(image, size)
+        h, w = size
         if rotate:
             angle = rng.uniform(-self.max_angle, self.max_angle)
             matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cyconv.data.datasets import Subset
-from cyconv.data.io import CorruptImageError, normalize
+from cyconv.data.io import CorruptImageError, as_size, normalize, resize
 from cyconv.data.segment import segment_foreground
 
 
@@ -79,6 +79,10 @@ class DataLoader:
     ``state_dict``/``load_state_dict`` control it for an exact resume at an
     epoch boundary.
 
+    ``image_size``: ``None`` (the data set's), an int or ``(H, W)``, or a function of
+    the epoch giving one (e.g. :class:`ProgressiveSize`): the size of that epoch's
+    images, each resized (with an ``augment``, by it: see :class:`Augment`).
+
     ``num_workers`` threads build whole batches, ``num_workers + 2`` batches
     ahead of the consumer; 0 builds them in the calling thread. With
     ``cache`` the decoded, resized uint8 images are kept in memory after
@@ -90,7 +94,7 @@ class DataLoader:
     """
 
     def __init__(self, dataset, batch_size, shuffle=False, augment=None, seed=0, drop_last=False,
-                 mean=None, std=None, num_workers=2, cache=True):
+                 mean=None, std=None, num_workers=2, cache=True, image_size=None):
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"DataLoader: {name} must be an int >= {low}, got {value!r}")
@@ -98,6 +102,9 @@ class DataLoader:
         self.augment, self.seed, self.drop_last = augment, int(seed), drop_last
         self.mean, self.std, self.num_workers = mean, std, num_workers
         self.epoch = 0
+        if image_size is not None and not callable(image_size):
+            as_size(image_size)   # refused here rather than in a worker thread
+        self.image_size = image_size
         h, w = dataset.image_size
         swaps = augment is not None and augment.background > 0
         # bytes per image: the decoded image (3 per pixel), its mask and plate (4 per pixel)
@@ -164,14 +171,23 @@ class DataLoader:
             self.augment.swap_backgrounds(
                 images, labels, lambda k: self._segmented(int(indices[k]), items[k][0]), rng)
         labels = np.array(labels, dtype=np.int64)
+        size = self._image_size(epoch)
         if self.augment is not None:
-            images = [self.augment(image, np.random.default_rng([self.seed, epoch, int(index)]))
+            images = [self.augment(image, np.random.default_rng([self.seed, epoch, int(index)]),
+                                   size)
                       for image, index in zip(images, indices)]
             if self.augment.cutmix > 0:
-                labels = self._cut_mix(images, labels, indices, epoch)
+                labels = self._cut_mix(images, labels, indices, epoch, size)
+        elif size is not None:
+            images = [resize(image, size) for image in images]
         return normalize(np.stack(images), self.mean, self.std), labels
 
-    def _cut_mix(self, images, labels, indices, epoch):
+    def _image_size(self, epoch):
+        """(H, W) of epoch ``epoch``'s images, or None for the data set's own."""
+        size = self.image_size(epoch) if callable(self.image_size) else self.image_size
+        return None if size is None else as_size(size)
+
+    def _cut_mix(self, images, labels, indices, epoch, size):
         """Each augmented image of the batch, with probability ``augment.cutmix``, gets a
         box of another training image, augmented (:meth:`Augment.cut_mix`; ``images``
         change in place).  Returns the (B, C) float32 class probabilities, mixed by area.
@@ -186,7 +202,8 @@ class DataLoader:
             if rng.random() >= self.augment.cutmix:
                 continue
             partner, partner_label = self._load(int(rng.integers(len(self.dataset))))
-            images[k], kept = self.augment.cut_mix(images[k], self.augment(partner, rng), rng)
+            images[k], kept = self.augment.cut_mix(images[k], self.augment(partner, rng, size),
+                                                   rng)
             targets[k] *= np.float32(kept)
             targets[k, partner_label] += np.float32(1 - kept)
         return targets
