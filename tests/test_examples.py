@@ -152,9 +152,11 @@ def strip_seconds(path):
             for line in path.read_text().splitlines()]
 
 
-def test_sigint_saves_and_resume_matches_uninterrupted_run(shapes_folder, tmp_path):
+@pytest.mark.parametrize("setting", [[], ["--progressive", "16:0.1:0.5"]],
+                         ids=["plain", "progressive"])
+def test_sigint_saves_and_resume_matches_uninterrupted_run(shapes_folder, tmp_path, setting):
     args = ["--data", shapes_folder, "--epochs", 10, "--image-size", SIZE, "--batch-size", 8,
-            "--no-progress"]
+            "--no-progress", *setting]
     run(*args, "--out", tmp_path / "straight")
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)],
