@@ -9,12 +9,27 @@ run, and all output channels of the row are accumulated in vector registers.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from cyconv._conv cimport Geometry, gather_strided, valid_range
 from cyconv._direct_conv cimport (DIRECT_COLUMNS, DIRECT_MAX_TAPS, DIRECT_VECTORIZED,
                                   conv_row_direct)
+from cyconv._elementwise cimport relu_mask_run
+from cyconv._reduce cimport sum_run
 from cyconv._vectors cimport set_vector_width
+
+
+cdef extern from "_direct_weight_grad.h" nogil:
+    enum: WEIGHT_GRAD_VECTOR_BYTES
+    # float and double versions, one name (see _typed.h): (const T* dy, Py_ssize_t ldy,
+    # int count, const T* rows, Py_ssize_t rows_stride, const Py_ssize_t* tap_offset,
+    # int OC, int K, int OW, T* lanes)
+    void conv_rows_weight_grad(...)
+
+
+# conv2d_weight_grad_direct takes bands of this many output rows: the kernel keeps its
+# sums in registers over a band
+WEIGHT_GRAD_BAND = 4
 
 
 # the largest K = C*kh*kw that conv2d_forward_direct accepts, and whether this
@@ -82,6 +97,19 @@ cdef int phases_read(Geometry g) noexcept nogil:
     return phases
 
 
+cdef void tap_offsets(Geometry g, Py_ssize_t row_len, Py_ssize_t* tap_offset) noexcept nogil:
+    """tap_offset[k] <- where the run of tap k = (c, ki, kj) (the weight's order) starts
+    in the rows that prepare_rows lays out."""
+    cdef int c, ki, kj, shift
+    for c in range(g.channels):
+        for ki in range(g.kernel_h):
+            for kj in range(g.kernel_w):
+                shift = kj * g.dilation_w
+                tap_offset[(c * g.kernel_h + ki) * g.kernel_w + kj] = (
+                    ((c * g.kernel_h + ki) * g.stride_w + shift % g.stride_w) * row_len
+                    + shift // g.stride_w)
+
+
 def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                           const floating[:, ::1] weight,   # IN  (OC, K), K <= MAX_DIRECT_TAPS
                           const floating[::1] bias,        # IN  (OC,), or empty for no bias
@@ -105,16 +133,10 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef Py_ssize_t P = <Py_ssize_t> OH * OW
     cdef Py_ssize_t row_len = direct_row_length(g)
     cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
-    cdef int c, ki, kj, shift, n, oh, rows_per_chunk = (OH + 3) // 4, phases = phases_read(g)
+    cdef int n, oh, rows_per_chunk = (OH + 3) // 4, phases = phases_read(g)
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* scratch
-    for c in range(g.channels):  # tap k = (c, ki, kj) in the weight's order
-        for ki in range(g.kernel_h):
-            for kj in range(g.kernel_w):
-                shift = kj * g.dilation_w
-                tap_offset[(c * g.kernel_h + ki) * g.kernel_w + kj] = (
-                    ((c * g.kernel_h + ki) * g.stride_w + shift % g.stride_w) * row_len
-                    + shift // g.stride_w)
+    tap_offsets(g, row_len, tap_offset)
     with nogil:
         for task in prange(N * OH, schedule='dynamic', chunksize=rows_per_chunk,
                            num_threads=num_threads):
@@ -124,3 +146,82 @@ def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
             prepare_rows(&x[n, 0, 0, 0], scratch, g, oh, row_len, phases)
             conv_row_direct(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
                             activation, &out[n, 0, oh, 0], P)
+
+
+def weight_grad_lanes(dtype_size):
+    """Partial sums kept per (output channel, tap) by conv2d_weight_grad_direct, for
+    elements of dtype_size bytes (its lanes workspace holds OC*K times this many)."""
+    return WEIGHT_GRAD_VECTOR_BYTES // dtype_size
+
+
+def conv2d_weight_grad_direct(const floating[:, :, :, ::1] grad_out,  # IN    (N, OC, OH, OW)
+                              const floating[:, :, :, ::1] x,         # IN    (N, C, H, W)
+                              const floating[:, :, :, ::1] out,       # IN    (N, OC, OH, OW) forward output, with fuse_relu
+                              floating[:, ::1] grad_weight,          # INOUT (OC, K), accumulated
+                              floating[::1] grad_bias,               # INOUT (OC,), accumulated; empty for no bias
+                              floating[:, ::1] rows,                 # WORK  (threads, BAND*C*kh*stride_w*row_length)
+                              floating[:, ::1] dy_rows,              # WORK  (threads, OC*BAND*ldy), ldy = ceil(OW/L)*L
+                              floating[:, ::1] lanes,                # WORK  (threads, OC*K*L)
+                              double[:, ::1] sums,                   # WORK  (chunks, OC*(K + 1))
+                              Geometry g, bint fuse_relu, int num_threads):
+    """dW += sum_n dY_n * x_n (the weight gradient of conv2d_forward_direct), db += sum dY,
+    without im2col: for layers with few taps whose input gradient is not wanted (a
+    network's first layer).  L = weight_grad_lanes(itemsize).
+
+    The batch is cut into chunks (as many as sums has rows: fixed by the shapes, never
+    by the thread count), one work item each.  Per image, for each band of
+    BAND = WEIGHT_GRAD_BAND output rows, the input rows of each are prepared as for
+    the forward and its output gradient (masked by the forward output's sign with
+    fuse_relu) copied into dy_rows, zero past OW; the C kernel
+    (_direct_weight_grad.h) adds their products into L lanes per (oc, k), which are
+    added in order into the chunk's double sums at the end of the image.
+    The chunks' sums are then added in order, and rounded once into grad_weight.
+    """
+    cdef Py_ssize_t N = x.shape[0], chunks = sums.shape[0], item, i, j
+    cdef int OC = grad_weight.shape[0], K = grad_weight.shape[1], OH = g.out_height
+    cdef int OW = g.out_width, L = WEIGHT_GRAD_VECTOR_BYTES // sizeof(floating)
+    cdef int BAND = WEIGHT_GRAD_BAND
+    cdef Py_ssize_t ldy = (OW + L - 1) // L * L, row_len = direct_row_length(g), n
+    cdef Py_ssize_t prepared = <Py_ssize_t> g.channels * g.kernel_h * g.stride_w * row_len
+    cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
+    cdef int band, oh, r, count, oc, l, phases = phases_read(g), slot
+    cdef bint has_bias = grad_bias.shape[0] > 0
+    cdef double total
+    cdef floating* dy
+    tap_offsets(g, row_len, tap_offset)
+    with nogil:
+        for item in prange(chunks, schedule='dynamic', num_threads=num_threads):
+            slot = threadid()
+            memset(&sums[item, 0], 0, OC * (K + 1) * sizeof(double))
+            memset(&dy_rows[slot, 0], 0, OC * BAND * ldy * sizeof(floating))   # zero tails
+            for n in range(item * N // chunks, (item + 1) * N // chunks):
+                memset(&lanes[slot, 0], 0, <Py_ssize_t> OC * K * L * sizeof(floating))
+                for band in range((OH + BAND - 1) // BAND):
+                    oh = band * BAND
+                    count = min(BAND, OH - oh)
+                    for r in range(count):
+                        prepare_rows(&x[n, 0, 0, 0], &rows[slot, r * prepared], g, oh + r,
+                                     row_len, phases)
+                        for oc in range(OC):
+                            dy = &dy_rows[slot, (oc * count + r) * ldy]
+                            if fuse_relu:
+                                relu_mask_run(&grad_out[n, oc, oh + r, 0],
+                                              &out[n, oc, oh + r, 0], dy, OW)
+                            else:
+                                memcpy(dy, &grad_out[n, oc, oh + r, 0], OW * sizeof(floating))
+                            sums[item, OC * K + oc] += sum_run(dy, OW)
+                    conv_rows_weight_grad(&dy_rows[slot, 0], ldy, count, &rows[slot, 0],
+                                          prepared, tap_offset, OC, K, OW, &lanes[slot, 0])
+                for i in range(OC * K):
+                    total = 0
+                    for l in range(L):
+                        total = total + lanes[slot, i * L + l]
+                    sums[item, i] += total
+        for i in prange(OC * (K + 1), schedule='static', num_threads=num_threads):
+            total = 0
+            for j in range(chunks):
+                total = total + sums[j, i]
+            if i < OC * K:
+                grad_weight[i // K, i % K] += <floating> total
+            elif has_bias:
+                grad_bias[i - OC * K] += <floating> total

@@ -361,6 +361,106 @@ def test_direct_kernel_same_bits_for_both_vector_widths(dtype, shape, rng):
         np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+def _takes_direct_weight_grad(c):
+    """The layers whose weight gradient, without an input gradient, the direct kernel
+    computes (Conv2d._uses_direct_weight_grad): few taps, not pointwise, stride_w <= 4."""
+    taps = c["C"] * c["k"][0] * c["k"][1]
+    pointwise = c["k"] == (1, 1) and (c["s"] == (1, 1) or c["p"] == (0, 0))
+    return taps <= conv_module.DIRECT_MAX_TAPS and not pointwise and c["s"][1] <= 4
+
+
+FIRST_LAYER_CASES = [c for c in CASES if _takes_direct_weight_grad(c)] + [
+    _case(3, 3, 16, 23, 37, k=3, s=2),                # RGB 3x3 stride 2: 4 x 2 blocks, tails
+    _case(2, 3, 5, 9, 21, k=3, s=2, p=1, bias=False),
+    _case(2, 1, 6, 11, 40, k=5, s=3, p=2),
+    _case(1, 2, 9, 7, 19, k=(3, 4), s=(3, 2), p=(1, 2), d=(2, 1)),
+    _case(17, 3, 4, 8, 9, k=3),                       # more images than work items
+]
+
+
+def first_layer_grads(layer, x, dy):
+    """The parameters' gradients of a backward without the input gradient."""
+    layer.zero_grad()
+    layer(x)
+    assert layer.backward(dy, input_grad=False) is None
+    return [p.grad.copy() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", FIRST_LAYER_CASES, ids=_id)
+def test_first_layer_weight_gradient_matches_reference_for_any_thread_count(c, dtype, fuse_relu,
+                                                                            rng, threads):
+    """A layer of few taps without input gradient (a network's first) takes its weight
+    gradient from the direct kernel: the reference's, the same bits for 1, 2 and 3
+    threads, and close to im2col + GEMM's."""
+    layer = nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"], dilation=c["d"],
+                      bias=c["bias"], dtype=dtype, seed=0, fuse_relu=fuse_relu)
+    x = _input(c, rng, dtype)
+    assert layer._uses_direct_weight_grad(layer._geometry(x.shape))
+    with cyconv.no_grad():
+        y = layer(x).copy()
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    grads = []
+    for n in (1, 2, 3):
+        threads(n)
+        grads.append(first_layer_grads(layer, x, dy))
+    _, rdw, rdb = R.conv2d_backward(x, layer.weight.data, dy * (y > 0) if fuse_relu else dy,
+                                    c["s"], c["p"], c["d"], bias=c["bias"])
+    assert_close(grads[0][0], rdw, dtype, err_msg="dW")
+    if c["bias"]:
+        assert_close(grads[0][1], rdb, dtype, err_msg="db")
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            np.testing.assert_array_equal(a, b)
+    layer.zero_grad()
+    layer(x)
+    layer.backward(dy)   # with the input gradient: im2col + GEMM
+    for a, b in zip(grads[0], [p.grad for p in layer.parameters()]):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("c", FIRST_LAYER_CASES[-5:-1], ids=_id)
+def test_first_layer_weight_gradient_matches_finite_differences(c, rng):
+    layer = nn.Conv2d(c["C"], c["O"], c["k"], stride=c["s"], padding=c["p"], dilation=c["d"],
+                      bias=c["bias"], dtype=np.float64, seed=0)
+    x = _input(c, rng, np.float64)[:1, :, :9, :11]
+    Rm = rng.standard_normal(layer.output_shape(x.shape))
+    grads = first_layer_grads(layer, x, Rm)
+    f = random_projection_loss(layer, x, Rm)
+    for p, g in zip(layer.parameters(), grads):
+        np.testing.assert_allclose(g, finite_difference(f, p.data), **FD_TOL)
+
+
+def test_first_layer_weight_gradient_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    layer = nn.Conv2d(3, 16, 3, stride=2, padding=1, dtype=np.float64, seed=0, fuse_relu=True)
+    x = rng.standard_normal((4, 3, 33, 30))
+    tconv = torch.nn.Conv2d(3, 16, 3, 2, 1).double()
+    with torch.no_grad():
+        tconv.weight.copy_(torch.from_numpy(layer.weight.data))
+        tconv.bias.copy_(torch.from_numpy(layer.bias.data))
+    ty = torch.relu(tconv(torch.from_numpy(x)))
+    dy = rng.standard_normal(tuple(ty.shape))
+    ty.backward(torch.from_numpy(dy))
+    dw, db = first_layer_grads(layer, x, dy)
+    np.testing.assert_allclose(dw, tconv.weight.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, tconv.bias.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_first_layer_weight_gradient_ignores_pixels_no_output_reads(rng):
+    """The kernel's runs go on past the last output column into pixels that no output
+    reads (here column 13 of 14: 3x3, stride 2): an inf there must not reach the sums."""
+    layer = nn.Conv2d(3, 5, 3, stride=2, seed=0)
+    x = rng.standard_normal((2, 3, 9, 14)).astype(np.float32)
+    dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
+    clean = first_layer_grads(layer, x, dy)
+    x[:, :, :, 13] = np.inf
+    for a, b in zip(first_layer_grads(layer, x, dy), clean):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [_case(3, 8, 11, 9, 70, k=5, s=2, p=2),    # 200 taps, 35 columns
                                _case(2, 11, 6, 7, 29, k=3, p=2, d=2)],  # 99 taps, 29 columns
@@ -434,8 +534,12 @@ def test_no_grad_forward_equals_grad_forward(dtype, n_threads, threads, rng, for
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_input_grad_false_still_accumulates_param_grads(dtype, rng):
-    c = _case(2, 3, 2, 7, 6, k=3, s=(2, 1), p=1)
+@pytest.mark.parametrize("c", [_case(2, 3, 2, 7, 6, k=3, s=(2, 1), p=1),    # 27 taps
+                               _case(2, 5, 2, 7, 6, k=3, s=(2, 1), p=1)],   # 45 taps
+                         ids=["few taps", "more taps"])
+def test_input_grad_false_still_accumulates_param_grads(c, dtype, rng):
+    """The same parameter gradients without the input gradient: the same bits, or for a
+    layer of few taps (the direct kernel's weight gradient) the same to rounding."""
     a, b = make_layer(c, dtype), make_layer(c, dtype)
     x = _input(c, rng, dtype)
     dy = rng.standard_normal((2, 2) + _out_hw(c)).astype(dtype)
@@ -443,8 +547,13 @@ def test_input_grad_false_still_accumulates_param_grads(dtype, rng):
     a.backward(dy)
     b(x)
     assert b.backward(dy, input_grad=False) is None
+    direct = b._uses_direct_weight_grad(b._geometry(x.shape))
+    assert direct == (c["C"] == 3)
     for pa, pb in zip(a.parameters(), b.parameters()):
-        np.testing.assert_array_equal(pa.grad, pb.grad)
+        if direct:
+            assert_close(pa.grad, pb.grad, dtype)
+        else:
+            np.testing.assert_array_equal(pa.grad, pb.grad)
 
 
 @pytest.mark.parametrize("c", [EDGE_CASES[4], EDGE_CASES[10], CASES[0]], ids=_id)

@@ -268,6 +268,9 @@ class Conv2d(Module):
             winograd.backward(self, grad_output, x, out, grad_input)
             return grad_input
         grad_bias = self.bias.grad if self.bias is not None else empty(1, self.dtype)
+        if not input_grad and self._uses_direct_weight_grad(g):   # a first layer
+            self._direct_weight_grad(grad_output, x, out, grad_bias, g, fuse_relu)
+            return grad_input
         backward = (self._depthwise_backward if self._uses_depthwise_kernel()
                     else self._im2col_backward)
         backward(grad_output, x, out, grad_bias,
@@ -277,6 +280,28 @@ class Conv2d(Module):
             _conv.subsample_backward(grad_pixels, grad_input, *self.stride,
                                      threads_for(grad_input.size))
         return grad_input
+
+    def _uses_direct_weight_grad(self, g):
+        """Few taps (an RGB input layer): the weight gradient without im2col, when the
+        input gradient is not wanted (_conv_direct.conv2d_weight_grad_direct)."""
+        return (self._uses_direct_kernel(g) and self.weight.data[0].size <= DIRECT_MAX_TAPS)
+
+    def _direct_weight_grad(self, grad_output, x, out, grad_bias, g, fuse_relu):
+        chunks = min(x.shape[0], WEIGHT_GRAD_ITEMS)
+        threads = max(1, min(get_num_threads(), chunks))
+        oc, k = self.out_channels, self.weight.data[0].size
+        lanes = _conv_direct.weight_grad_lanes(self.dtype.itemsize)
+        band = _conv_direct.WEIGHT_GRAD_BAND
+        row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
+                        * _conv_direct.direct_row_length(g))
+        _conv_direct.conv2d_weight_grad_direct(
+            grad_output, x, out, self.weight.grad.reshape(oc, k), grad_bias,
+            self._workspace("weight_grad_rows", (threads, band * row_elements), self.dtype),
+            self._workspace("weight_grad_dy", (threads, oc * band * -(-g["out_width"] // lanes)
+                                               * lanes), self.dtype),
+            self._workspace("weight_grad_lanes", (threads, oc * k * lanes), self.dtype),
+            self._workspace("weight_grad_sums", (chunks, oc * (k + 1)), np.float64),
+            g, fuse_relu, threads)
 
     def _im2col_backward(self, grad_output, x, out, grad_bias, grad_input, g, fuse_relu,
                          input_grad):
