@@ -8,8 +8,10 @@ their layers beside PyTorch, and the depthwise layers of MobileNetV2 beside PyTo
 
 --backward times cyconv's Conv2d.backward (input and parameter gradients; the
 first layer's input gradient is skipped, as in training) after an untimed
-forward, and prints the layer's own scratch memory.  Before/after comparisons
-of two builds: run this script from each tree in turn, several times.
+forward, and prints the layer's own scratch memory.  A first layer whose weight
+gradient the direct kernel computes is also timed on im2col + GEMM, alternating
+step by step.  Before/after comparisons of two builds: run this script from each
+tree in turn, several times.
 
 --forward times each layer's forward (the kernel cyconv picks for it: winograd,
 direct, pointwise or im2col), the same layer forced onto im2col + GEMM, and
@@ -90,16 +92,25 @@ def run_backward(args):
         layer = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=relu, seed=0, fuse_relu=relu)
         x = rng.standard_normal((batch, cin, size, size)).astype(np.float32)
         dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
-        times = []
+        paths = {"": True}
+        if i == 0 and layer._uses_direct_weight_grad(layer._geometry(x.shape)):
+            paths = {"(direct)": True, "(im2col)": False}
+        times = {path: [] for path in paths}
         for step in range(args.warmup + args.rounds):
-            layer(x)
-            start = clock()
-            layer.backward(dy, input_grad=i > 0)
-            if step >= args.warmup:
-                times.append(clock() - start)
-        total.append(statistics.median(times))
-        print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px | {median_range(times, width=8)} | "
-              f"scratch {scratch_bytes(layer) / 2**20:7.2f} MB", flush=True)
+            for path, direct in paths.items():
+                if not direct:   # this layer only, for this call
+                    layer._uses_direct_weight_grad = lambda g: False
+                layer(x)
+                start = clock()
+                layer.backward(dy, input_grad=i > 0)
+                if step >= args.warmup:
+                    times[path].append(clock() - start)
+                layer.__dict__.pop("_uses_direct_weight_grad", None)
+        total.append(statistics.median(times[next(iter(paths))]))
+        for path, path_times in times.items():
+            print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px {path:8s} | "
+                  f"{median_range(path_times, width=8)} | "
+                  f"scratch {scratch_bytes(layer) / 2**20:7.2f} MB", flush=True)
     print(f"  sum of medians {sum(total) * 1e3:.1f} ms")
 
 
