@@ -92,12 +92,17 @@ def test_sequential_forward_backward_is_composition(rng):
     np.testing.assert_array_equal(dx, g)
     for a, p in zip(g_model, model.parameters()):
         np.testing.assert_array_equal(a, p.grad)
-    # input_grad=False: no input gradient, same parameter gradients
+    # input_grad=False: no input gradient, the same parameter gradients (the first
+    # layer's, of 18 taps, then come from the direct kernel: the same to rounding)
     model.zero_grad()
     model(x)
     assert model.backward(dy, input_grad=False) is None
+    first = {id(p) for p in model[0].parameters()}
     for a, p in zip(g_model, model.parameters()):
-        np.testing.assert_array_equal(a, p.grad)
+        if id(p) in first:
+            np.testing.assert_allclose(p.grad, a, rtol=1e-12, atol=1e-14)
+        else:
+            np.testing.assert_array_equal(a, p.grad)
 
 
 def test_train_eval_propagate():
