@@ -1,6 +1,8 @@
 """The direct forward kernel of 2-D convolution, for layers with few taps (K = C*kh*kw,
 e.g. an RGB input layer) or moderately many over wide output rows (nn/conv.py chooses),
-where im2col + GEMM copies more than it gains; K <= MAX_DIRECT_TAPS.
+where im2col + GEMM copies more than it gains; K <= MAX_DIRECT_TAPS.  Also the weight
+gradient of such a layer when its input gradient is not wanted
+(conv2d_weight_grad_direct).
 
 Layouts as in _conv.pyx.  conv2d_forward_direct (its C kernel: _direct_conv.h) takes
 one (image, output row) per task: the input rows it reads are copied into the

@@ -275,14 +275,15 @@ def training_sizes(config):
 
 def trainer_for(config, data, loaders_, folder, args, argv, comm=None):
     cyconv.manual_seed(config["seed"])
+    sizes = training_sizes(config)
     try:
         model = models.create(config["model"], len(data.classes), config["image_size"])
-        for size in (config["image_size"], (config.get("progressive") or [None])[0]):
-            if size is not None:
-                model.output_shape((1, 3, size, size))
+        for size in {config["image_size"], sizes(0) if sizes else config["image_size"]}:
+            model.output_shape((1, 3, size, size))
     except ValueError as error:
-        fail(f"--image-size {config['image_size']} (--progressive {config.get('progressive')}) "
-             f"does not suit --model {config['model']}: {error}")
+        given = f" (--progressive from {sizes(0)} px)" if sizes else ""
+        fail(f"--image-size {config['image_size']}{given} does not suit --model "
+             f"{config['model']}: {error}")
     if comm is not None:
         model = distributed.convert_sync_batchnorm(model, comm)
     opt = optim.SGD(model.parameters(), config["lr"], momentum=config["momentum"],

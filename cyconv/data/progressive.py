@@ -13,9 +13,10 @@ class ProgressiveSize:
     16 keeps every size divisible by a network's total stride of 16, and gives few
     distinct sizes (each new size costs the layers new workspaces once).
 
-    A step of a convolution costs in proportion to the pixels: images of 96 px
-    instead of 128 take about 0.56 of the time.  The last epochs at ``final_size``
-    adapt the network, and its BatchNorm statistics, to the size it will see.
+    A training step costs less on fewer pixels, though not in proportion to them
+    (fixed costs per layer and step remain; ``benchmarks/bench_sizes.py`` measures
+    it).  The last epochs at ``final_size`` adapt the network, and its BatchNorm
+    statistics, to the size it will see.
     ``size(epoch)`` -> int.
     """
 

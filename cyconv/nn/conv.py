@@ -94,6 +94,12 @@ def weight_grad_split(batch, groups, k, weight_bytes):
     return -(-k // -(-k // blocks)), chunks   # no empty block
 
 
+# A layer of few taps whose input gradient is not wanted (a network's RGB first layer)
+# takes its weight gradient from _conv_direct's kernel instead of im2col + GEMM.  Tests
+# and benchmarks switch it off to compare.
+DIRECT_WEIGHT_GRAD = True
+
+
 # Depthwise layers (groups == in_channels > 1) run the kernels of _depthwise.pyx,
 # which read each input plane directly, instead of im2col + a GEMM per channel
 # (a 1 x kh*kw by kh*kw x P product: all copying, no reuse).  Tests and
@@ -284,7 +290,8 @@ class Conv2d(Module):
     def _uses_direct_weight_grad(self, g):
         """Few taps (an RGB input layer): the weight gradient without im2col, when the
         input gradient is not wanted (_conv_direct.conv2d_weight_grad_direct)."""
-        return (self._uses_direct_kernel(g) and self.weight.data[0].size <= DIRECT_MAX_TAPS)
+        return (DIRECT_WEIGHT_GRAD and self._uses_direct_kernel(g)
+                and self.weight.data[0].size <= DIRECT_MAX_TAPS)
 
     def _direct_weight_grad(self, grad_output, x, out, grad_bias, g, fuse_relu):
         chunks = min(x.shape[0], WEIGHT_GRAD_ITEMS)
