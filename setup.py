@@ -12,9 +12,11 @@ unless a debug build is asked for.  Builds, chosen by environment variables:
     CYCONV_NO_OPENMP=1         serial kernels (prange becomes range), as a compiler
                                without OpenMP would build them
 
-The kernels are compiled once per change of their sources or of these settings:
-a later install (``pip install -e ".[test]"`` after ``pip install -e .``)
-reuses the extensions already built in place, as a make rule would.
+The kernels are compiled once per change of their sources (.pyx, .pxd, .h, this
+script), of these settings or of the Cython and numpy they are built with: a later
+install (``pip install -e ".[test]"`` after ``pip install -e .``) reuses the
+extensions already built in place, as a make rule would, though pip's isolated build
+environment installs numpy afresh and Cython then writes the C files again.
 """
 import json
 import os
@@ -22,6 +24,7 @@ import shutil
 import sys
 import tempfile
 
+import Cython
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -108,11 +111,12 @@ class BuildExt(build_ext):
             ext.extra_compile_args = compile_flags + omp_compile
             ext.extra_link_args = link_flags + omp_link
         self.settings = {"debug": DEBUG, "sanitize": SANITIZE, "openmp": with_openmp,
-                         "flags": compile_flags + omp_compile}
+                         "flags": compile_flags + omp_compile, "cython": Cython.__version__,
+                         "numpy": np.__version__}
         self.previous = _read_build_info()
         if os.path.exists(BUILD_INFO):   # an interrupted build must not look finished
             os.remove(BUILD_INFO)
-        print("cyconv: compiling the kernels (about a minute on 2 cores)", file=sys.stderr)
+        print("cyconv: compiling the kernels (minutes: several on 2 cores)", file=sys.stderr)
         super().build_extensions()
         with open(BUILD_INFO, "w") as f:
             json.dump(self.settings, f)
@@ -151,14 +155,14 @@ def _read_build_info():
 
 
 def _kernel_sources(ext):
-    """The extension's .pyx, its generated C file, every .pxd / .h of the package and
-    this script."""
+    """The extension's .pyx, every .pxd / .h of the package and this script: not the
+    generated C file, which Cython rewrites whenever numpy's .pxd files are newer (a fresh
+    build environment), the same C for the same Cython and numpy (both in the settings)."""
     folder = os.path.join(HERE, "cyconv")
     shared = [os.path.join(folder, name) for name in os.listdir(folder)
               if name.endswith((".pxd", ".h"))]
     pyx = os.path.join(folder, ext.name.split(".")[-1] + ".pyx")
-    return [pyx, os.path.abspath(__file__)] + [os.path.join(HERE, s) for s in ext.sources] \
-        + shared
+    return [pyx, os.path.abspath(__file__)] + shared
 
 
 extensions = [
