@@ -116,7 +116,7 @@ class BuildExt(build_ext):
         self.previous = _read_build_info()
         if os.path.exists(BUILD_INFO):   # an interrupted build must not look finished
             os.remove(BUILD_INFO)
-        print("cyconv: compiling the kernels (minutes: several on 2 cores)", file=sys.stderr)
+        print("cyconv: compiling the kernels (several minutes on 2 cores)", file=sys.stderr)
         super().build_extensions()
         with open(BUILD_INFO, "w") as f:
             json.dump(self.settings, f)
