@@ -1,7 +1,8 @@
 """Speed and memory of cyconv beside PyTorch, measured in one run; writes docs/benchmarks.rst.
 
 Networks (benchmarks/systems.py): the default recipe's (models.small, 128 px), the
-reference network, ResNet-18 and MobileNetV2 (224 px).  Each is timed training
+reference network, the --model resnet recipe's (models.resnet_small, 128 px),
+ResNet-18 and MobileNetV2 (224 px).  Each is timed training
 (forward + loss + backward + SGD with momentum) and in inference, on 1 and 2
 threads, by cyconv and by PyTorch in both memory layouts, all with the same
 weights.  A run = warm-up steps, then N timed steps with the three systems
@@ -31,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # systems.NETWORKS' keys (systems imports cyconv, so it is imported later)
-NETWORK_NAMES = ["default", "reference", "resnet18", "mobilenet_v2"]
+NETWORK_NAMES = ["default", "reference", "resnet", "resnet18", "mobilenet_v2"]
 
 
 def parse_args(network_names):

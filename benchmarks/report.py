@@ -28,7 +28,8 @@ How it measures
 ---------------
 
 - Networks: the default recipe's ``models.small(3, 128)`` (128 px), the reference
-  network ``models.reference(3)``, ``models.resnet18(1000)`` and
+  network ``models.reference(3)`` (224 px), the ``--model resnet`` recipe's
+  ``models.resnet_small(4)`` (128 px), ``models.resnet18(1000)`` and
   ``models.mobilenet_v2(1000)`` (224 px).  PyTorch runs ``models.to_torch(model)``
   (torchvision's structure) with the same weights, in both memory layouts.
 - Training step: forward, cross-entropy loss, backward, SGD (momentum 0.9, weight

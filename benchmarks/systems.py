@@ -36,6 +36,8 @@ class Network:
 NETWORKS = {n.name: n for n in [
     Network("default", lambda: models.small(3, 128), 128, 3, (32,), 64, steps=20, warmup=3),
     Network("reference", lambda: models.reference(3), 224, 3, (16,), 64, steps=20, warmup=3),
+    # the --model resnet recipe's network, as it trains on the four classes
+    Network("resnet", lambda: models.resnet_small(4), 128, 4, (32,), 64, steps=20, warmup=3),
     Network("resnet18", lambda: models.resnet18(1000), 224, 1000, (16, 32), 32, steps=5,
             warmup=1),
     Network("mobilenet_v2", lambda: models.mobilenet_v2(1000), 224, 1000, (32,), 32, steps=5,
