@@ -15,8 +15,8 @@ unless a debug build is asked for.  Builds, chosen by environment variables:
 The kernels are compiled once per change of their sources (.pyx, .pxd, .h, this
 script), of these settings or of the Cython and numpy they are built with: a later
 install (``pip install -e ".[test]"`` after ``pip install -e .``) reuses the
-extensions already built in place, as a make rule would, though pip's isolated build
-environment installs numpy afresh and Cython then writes the C files again.
+extensions already built in place, as a make rule would, even when pip's isolated
+build environment (numpy installed afresh) has made Cython write the C files again.
 """
 import json
 import os
