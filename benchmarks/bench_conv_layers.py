@@ -9,9 +9,11 @@ their layers beside PyTorch, and the depthwise layers of MobileNetV2 beside PyTo
 --backward times cyconv's Conv2d.backward (input and parameter gradients; the
 first layer's input gradient is skipped, as in training) after an untimed
 forward, and prints the layer's own scratch memory.  A first layer whose weight
-gradient the direct kernel computes is also timed on im2col + GEMM, alternating
-step by step.  Before/after comparisons of two builds: run this script from each
-tree in turn, several times.
+gradient the direct kernel computes is also timed on im2col + GEMM, and a layer
+whose im2col weight-gradient product runs transposed (few out channels, K
+larger) also in the plain form, alternating step by step.  Before/after
+comparisons of two builds: run this script from each tree in turn, several
+times.
 
 --forward times each layer's forward (the kernel cyconv picks for it: winograd,
 direct, pointwise or im2col), the same layer forced onto im2col + GEMM, and
@@ -82,6 +84,21 @@ def scratch_bytes(layer):
     return sum(array.nbytes for array in layer._workspaces.values())
 
 
+def backward_paths(layer, x, first):
+    """{label: nn.conv settings} of the weight-gradient paths to time for layer: the one
+    cyconv picks, and the one it replaces where there is a choice (a first layer's
+    direct kernel against im2col + GEMM; the transposed im2col product against the
+    plain one)."""
+    g = layer._geometry(x.shape)
+    if first and layer._uses_direct_weight_grad(g):
+        return {"(direct)": {}, "(im2col)": {"DIRECT_WEIGHT_GRAD": False}}
+    if (not winograd.applies(layer) and not layer._uses_depthwise_kernel()
+            and layer.weight.data[0].size > layer.out_channels
+            <= conv_module.TRANSPOSED_MAX_CHANNELS):
+        return {"(transp)": {}, "(plain)": {"TRANSPOSED_WEIGHT_GRAD": False}}
+    return {"": {}}
+
+
 def run_backward(args):
     batch = args.batch or DEFAULT_BATCH[args.backward]
     rng = np.random.default_rng(0)
@@ -92,20 +109,18 @@ def run_backward(args):
         layer = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=relu, seed=0, fuse_relu=relu)
         x = rng.standard_normal((batch, cin, size, size)).astype(np.float32)
         dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
-        paths = {"": True}
-        if i == 0 and layer._uses_direct_weight_grad(layer._geometry(x.shape)):
-            paths = {"(direct)": True, "(im2col)": False}
-        times = {path: [] for path in paths}
+        times = {path: [] for path in backward_paths(layer, x, first=i == 0)}
         for step in range(args.warmup + args.rounds):
-            for path, direct in paths.items():
-                conv_module.DIRECT_WEIGHT_GRAD = direct
+            for path, settings in backward_paths(layer, x, first=i == 0).items():
+                for name, value in settings.items():
+                    setattr(conv_module, name, value)
                 layer(x)
                 start = clock()
                 layer.backward(dy, input_grad=i > 0)
                 if step >= args.warmup:
                     times[path].append(clock() - start)
-            conv_module.DIRECT_WEIGHT_GRAD = True
-        total.append(statistics.median(times[next(iter(paths))]))
+                conv_module.DIRECT_WEIGHT_GRAD = conv_module.TRANSPOSED_WEIGHT_GRAD = True
+        total.append(statistics.median(times[next(iter(times))]))
         for path, path_times in times.items():
             print(f"  {cin:4d}->{cout:<4d} k{k} s{s} {size:3d}px {path:8s} | "
                   f"{median_range(path_times, width=8)} | "

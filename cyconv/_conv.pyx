@@ -219,15 +219,21 @@ def conv2d_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
 
 
 cdef void weight_grad_tile(const floating* dy, const floating* image, floating* tile,
-                           floating* target, int ldt, Geometry g, int group_oc, int k0, int k1,
-                           int oh0, int oh1, bint overwrite) noexcept nogil:
+                           floating* target, int ldt, bint transposed, Geometry g, int group_oc,
+                           int k0, int k1, int oh0, int oh1, bint overwrite) noexcept nogil:
     """target (group_oc, k1 - k0), row stride ldt, += (= when overwrite) dy @ cols^T for
-    output rows [oh0, oh1): cols are rows [k0, k1) of their im2col, dy (group_oc, P)."""
+    output rows [oh0, oh1): cols are rows [k0, k1) of their im2col, dy (group_oc, P).
+    transposed: target is (k1 - k0, group_oc) and gets cols @ dy^T instead (see
+    conv2d_backward)."""
     cdef int P = g.out_height * g.out_width, T = (oh1 - oh0) * g.out_width
     cdef const floating* cols = columns(image, tile, g, oh0, oh1, k0, k1)
-    gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, cols,
-         columns_stride(g, oh0, oh1),
-         0 if overwrite else 1, target, ldt)
+    cdef int ldc = columns_stride(g, oh0, oh1)
+    if transposed:
+        gemm(False, True, k1 - k0, group_oc, T, 1, cols, ldc, dy + oh0 * g.out_width, P,
+             0 if overwrite else 1, target, ldt)
+    else:
+        gemm(False, True, group_oc, k1 - k0, T, 1, dy + oh0 * g.out_width, P, cols, ldc,
+             0 if overwrite else 1, target, ldt)
 
 
 cdef void input_grad_tile(const floating* dy, const floating* weight, floating* tile,
@@ -246,12 +252,13 @@ cdef void input_grad_tile(const floating* dy, const floating* weight, floating* 
 
 
 cdef void image_backward(const floating* dy, const floating* image, const floating* weight,
-                         floating* cols, floating* grad_cols, floating* target,
-                         floating* image_grad, Geometry g, int group_oc, int K, int k0, int k1,
-                         int weight_rows, int input_rows, bint overwrite) noexcept nogil:
-    """One image's part of a backward item: target (row stride K) += (= when overwrite) its
-    weight gradient of rows [k0, k1), and image_grad (NULL: not wanted) = its input
-    gradient, tile by tile.  When both take the same tiles (one block of K), each tile
+                         floating* cols, floating* grad_cols, floating* target, int ldt,
+                         bint transposed, floating* image_grad, Geometry g, int group_oc, int K,
+                         int k0, int k1, int weight_rows, int input_rows,
+                         bint overwrite) noexcept nogil:
+    """One image's part of a backward item: target (row stride ldt; transposed as in
+    weight_grad_tile) += (= when overwrite) its weight gradient of rows [k0, k1), and
+    image_grad (NULL: not wanted) = its input gradient, tile by tile.  When both take the same tiles (one block of K), each tile
     of dy is used by both while it is in the cache."""
     cdef int t, oh0
     cdef bint together = image_grad != NULL and weight_rows == input_rows
@@ -259,7 +266,7 @@ cdef void image_backward(const floating* dy, const floating* image, const floati
         memset(image_grad, 0, <Py_ssize_t> g.channels * g.height * g.width * sizeof(floating))
     for t in range((g.out_height + weight_rows - 1) // weight_rows):
         oh0 = t * weight_rows
-        weight_grad_tile(dy, image, cols, target, K, g, group_oc, k0, k1, oh0,
+        weight_grad_tile(dy, image, cols, target, ldt, transposed, g, group_oc, k0, k1, oh0,
                          min(oh0 + weight_rows, g.out_height), overwrite and t == 0)
         if together:
             input_grad_tile(dy, weight, grad_cols, image_grad, g, group_oc, K, oh0,
@@ -287,14 +294,15 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                     const floating[:, ::1] weight,          # IN    (OC, K)
                     floating[:, ::1] grad_weight,           # INOUT (OC, K), accumulated
                     floating[::1] grad_bias,                # INOUT (OC,), accumulated; empty for no bias
-                    floating[:, :, ::1] parts,              # WORK  (chunks, OC, K); unused for 1 chunk
+                    floating[:, :, ::1] parts,              # WORK  (chunks, OC, K); (chunks, K, OC) when transposed; unused for 1 chunk otherwise
                     double[:, ::1] bias_parts,              # WORK  (chunks, OC); empty for no bias
                     floating[:, ::1] cols,                  # WORK  (threads, ceil(K/blocks) * weight_rows * OW)
                     floating[:, ::1] grad_cols,             # WORK  (threads, K * input_rows * OW)
                     floating[:, ::1] masked_grad,           # WORK  (threads, OC/groups * P) when fuse_relu
                     floating[:, :, :, ::1] grad_input,      # OUT   (N, C, H, W); unused without input grad
                     Geometry g, int groups, int weight_rows, int input_rows, int blocks,
-                    int chunks, bint fuse_relu, bint need_input_grad, int num_threads):
+                    int chunks, bint transposed, bint fuse_relu, bint need_input_grad,
+                    int num_threads):
     """dW += sum_n dY_n @ im2col(x_n)^T, db += sum dY, dx_n = col2im(W^T @ dY_n).
 
     With fuse_relu, dY is first masked by the forward output's sign (the
@@ -305,10 +313,14 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
     order, straight into its block of grad_weight for one chunk, else into its
     block of parts[j]; the b == 0 items sum the bias gradient into
     bias_parts[j].  The parts are then added in chunk order (prange over
-    output channels).  The split follows from the shapes alone, so every sum
-    is the same for any thread count.  The input gradient of image n is
-    computed by the item of its chunk with b == n % blocks.  Groups as in
-    conv2d_forward, one item per group and (j, b).
+    output channels).  transposed: every item computes its block transposed,
+    im2col(x_n) @ dY_n^T, into parts[j] (K, OC), even for one chunk; the parts
+    are summed in chunk order into parts[0], which is added to grad_weight
+    transposed back (BLAS multiplies faster with the longer of OC and K as the
+    product's rows: nn/conv.py chooses).  The split follows from the shapes
+    alone, so every sum is the same for any thread count.  The input gradient
+    of image n is computed by the item of its chunk with b == n % blocks.
+    Groups as in conv2d_forward, one item per group and (j, b).
     """
     cdef Py_ssize_t N = grad_out.shape[0], n, item, oc, k
     cdef int OC = weight.shape[0], K = weight.shape[1], group_oc = OC // groups
@@ -325,7 +337,12 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
             b = item % blocks
             k0 = b * block
             k1 = min(k0 + block, K)
-            target = &parts[j, grp * group_oc, k0] if chunks > 1 else &grad_weight[grp * group_oc, k0]
+            if transposed:
+                target = &parts[j, k0, grp * group_oc]
+            elif chunks > 1:
+                target = &parts[j, grp * group_oc, k0]
+            else:
+                target = &grad_weight[grp * group_oc, k0]
             first = j * N // chunks
             if has_bias and b == 0:
                 for i in range(group_oc):
@@ -341,12 +358,20 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
                         bias_parts[j, grp * group_oc + i] += sum_run(dy + <Py_ssize_t> i * P, P)
                 image_backward(dy, &x[n, grp * g.channels, 0, 0], &weight[grp * group_oc, 0],
                                &cols[slot, 0], &grad_cols[slot, 0] if need_input_grad else NULL,
-                               target, &grad_input[n, grp * g.channels, 0, 0]
+                               target, OC if transposed else K, transposed,
+                               &grad_input[n, grp * g.channels, 0, 0]
                                if need_input_grad and n % blocks == b else NULL,
                                g, group_oc, K, k0, k1, weight_rows, input_rows,
-                               chunks > 1 and n == first)
+                               (transposed or chunks > 1) and n == first)
+        if transposed:   # the parts summed along their rows, then added as grad_weight's columns
+            for k in prange(K, schedule='static', num_threads=num_threads):
+                for j in range(1, chunks):
+                    for oc in range(OC):
+                        parts[0, k, oc] += parts[j, k, oc]
+                for oc in range(OC):
+                    grad_weight[oc, k] += parts[0, k, oc]
         for oc in prange(OC, schedule='static', num_threads=num_threads):
-            for j in range(chunks if chunks > 1 else 0):
+            for j in range(chunks if chunks > 1 and not transposed else 0):
                 for k in range(K):
                     grad_weight[oc, k] += parts[j, oc, k]
             if has_bias:

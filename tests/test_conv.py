@@ -605,16 +605,21 @@ def _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, thread
     assert_close(db, rdb, dtype)
 
 
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", list(SPLITS))
-def test_weight_grad_splits_match_reference_and_any_thread_count(split, dtype, groups, rng,
-                                                                 threads, monkeypatch):
+def test_weight_grad_splits_match_reference_and_any_thread_count(split, dtype, groups,
+                                                                 transposed, rng, threads,
+                                                                 monkeypatch):
+    """Every split of the weight gradient, its product taken transposed (K = 72 or 36 >
+    out channels per group: the default) or plain."""
     c = _case(7, 8, 6, 11, 10, k=3, s=(2, 1), p=1)
     layer = nn.Conv2d(8, 6, 3, stride=(2, 1), padding=1, groups=groups, dtype=dtype, seed=0,
                       fuse_relu=True)
     for name, value in SPLITS[split](layer.weight.data.nbytes).items():
         monkeypatch.setattr(conv_module, name, value)
+    monkeypatch.setattr(conv_module, "TRANSPOSED_WEIGHT_GRAD", transposed)
     blocks, chunks = conv_module.weight_grad_split(7, groups, 8 // groups * 9,
                                                    layer.weight.data.nbytes)
     assert {"default": chunks == 7, "one chunk, blocks of K": chunks == 1 and blocks > 1,
@@ -624,17 +629,20 @@ def test_weight_grad_splits_match_reference_and_any_thread_count(split, dtype, g
     _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads)
 
 
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", list(SPLITS))
-def test_pointwise_layers_read_the_image_in_place(split, dtype, groups, rng, threads,
-                                                  monkeypatch):
+def test_pointwise_layers_read_the_image_in_place(split, dtype, groups, transposed, rng,
+                                                  threads, monkeypatch):
     """1x1, stride 1, no padding: no im2col columns (a placeholder workspace), the same
-    results as the reference for any split of the weight gradient and thread count."""
+    results as the reference for any split of the weight gradient (its product transposed
+    or plain) and thread count."""
     c = _case(7, 40, 6, 5, 9, k=1)   # K = 40: beyond the direct kernel's taps
     layer = nn.Conv2d(40, 6, 1, groups=groups, dtype=dtype, seed=0, fuse_relu=True)
     for name, value in SPLITS[split](layer.weight.data.nbytes).items():
         monkeypatch.setattr(conv_module, name, value)
+    monkeypatch.setattr(conv_module, "TRANSPOSED_WEIGHT_GRAD", transposed)
     x = _input(c, rng, dtype)
     dy = rng.standard_normal((7, 6, 5, 9)).astype(dtype)
     _same_for_any_thread_count_and_like_reference(layer, c, x, dy, dtype, threads)

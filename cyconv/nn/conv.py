@@ -94,6 +94,15 @@ def weight_grad_split(batch, groups, k, weight_bytes):
     return -(-k // -(-k // blocks)), chunks   # no empty block
 
 
+# That product, dY (OC, T) @ cols^T (T, K) per tile, runs faster in scipy's OpenBLAS
+# computed transposed, cols @ dY^T (K, OC), when there are few output channels (OC per
+# group, at most TRANSPOSED_MAX_CHANNELS) and K > OC: the longer of the two then spans
+# the product's rows.  With more channels both forms run alike (docs/design.rst has
+# the measurements).  Tests and benchmarks switch it off to compare.
+TRANSPOSED_WEIGHT_GRAD = True
+TRANSPOSED_MAX_CHANNELS = 64
+
+
 # A layer of few taps whose input gradient is not wanted (a network's RGB first layer)
 # takes its weight gradient from _conv_direct's kernel instead of im2col + GEMM.  Tests
 # and benchmarks switch it off to compare.
@@ -314,6 +323,8 @@ class Conv2d(Module):
                          input_grad):
         n, oc, k = x.shape[0], self.out_channels, self.weight.data[0].size
         blocks, chunks = weight_grad_split(n, self.groups, k, self.weight.data.nbytes)
+        group_oc = oc // self.groups
+        transposed = TRANSPOSED_WEIGHT_GRAD and k > group_oc <= TRANSPOSED_MAX_CHANNELS
         threads = min(get_num_threads(), self.groups * chunks * blocks)
         weight_rows, cols = self._tile_workspace("weight_grad_cols", g, threads, -(-k // blocks))
         input_rows, grad_cols = (self._tile_workspace("grad_cols", g, threads, k) if input_grad
@@ -326,9 +337,10 @@ class Conv2d(Module):
         with blas_single_threaded():
             _conv.conv2d_backward(grad_output, x, out, self._flat_weight(),
                                   self.weight.grad.reshape(oc, k), grad_bias,
-                                  self._weight_grad_parts(chunks), bias_parts, cols, grad_cols,
-                                  masked, grad_input, g, self.groups, weight_rows, input_rows,
-                                  blocks, chunks, fuse_relu, input_grad, threads)
+                                  self._weight_grad_parts(chunks, transposed), bias_parts, cols,
+                                  grad_cols, masked, grad_input, g, self.groups, weight_rows,
+                                  input_rows, blocks, chunks, transposed, fuse_relu, input_grad,
+                                  threads)
 
     def _depthwise_backward(self, grad_output, x, out, grad_bias, grad_input, g, fuse_relu,
                             input_grad):
@@ -354,9 +366,12 @@ class Conv2d(Module):
                                       lanes, sums, grad_input, g, channels, fuse_relu,
                                       input_grad, threads)
 
-    def _weight_grad_parts(self, chunks):
+    def _weight_grad_parts(self, chunks, transposed):
         """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk),
-        at most PARTS_BYTES (see weight_grad_split)."""
+        at most PARTS_BYTES (see weight_grad_split); transposed, (chunks, K, out_channels),
+        also for one chunk."""
+        if transposed:
+            return self._scratch((chunks,) + self._flat_weight().shape[::-1], self.dtype)
         if chunks == 1:
             return empty(3, self.dtype)
         return self._scratch((chunks,) + self._flat_weight().shape, self.dtype)
