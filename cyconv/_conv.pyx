@@ -329,6 +329,8 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out,   # IN    (N, OC, OH,
     cdef int grp, j, b, k0, k1, slot, first, i
     cdef floating* target
     cdef const floating* dy
+    if N == 0:   # no image: nothing to add (and the parts would never be written)
+        return
     with nogil:
         for item in prange(groups * chunks * blocks, schedule='dynamic', num_threads=num_threads):
             slot = threadid()

@@ -266,6 +266,26 @@ def test_different_batch_sizes_reuse_layer(rng):
                                    rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch_adds_nothing_to_the_gradients(dtype, transposed, rng, monkeypatch):
+    """A batch of 0 images adds 0 to the parameters' gradients, whatever the scratch
+    arrays hold from an earlier step (the transposed weight gradient's parts are scratch
+    that only images write)."""
+    monkeypatch.setattr(conv_module, "TRANSPOSED_WEIGHT_GRAD", transposed)
+    layer = nn.Conv2d(5, 2, 3, stride=2, padding=1, dtype=dtype, seed=0)
+    x = rng.standard_normal((3, 5, 9, 8)).astype(dtype)
+    layer(x)
+    layer.backward(rng.standard_normal(layer.output_shape(x.shape)).astype(dtype))
+    layer.zero_grad()
+    empty_x = np.zeros((0, 5, 9, 8), dtype)
+    layer(empty_x)
+    dx = layer.backward(np.zeros(layer.output_shape(empty_x.shape), dtype))
+    assert dx.shape == empty_x.shape
+    for p in layer.parameters():
+        np.testing.assert_array_equal(p.grad, 0)
+
+
 def test_weight_changes_are_seen_by_forward(rng):
     layer = nn.Conv2d(2, 3, 3, dtype=np.float64, seed=1)
     x = rng.standard_normal((1, 2, 5, 5))
