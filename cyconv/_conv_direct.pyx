@@ -5,9 +5,10 @@ gradient of such a layer when its input gradient is not wanted
 (conv2d_weight_grad_direct).
 
 Layouts as in _conv.pyx.  conv2d_forward_direct (its C kernel: _direct_conv.h) takes
-one (image, output row) per task: the input rows it reads are copied into the
-thread's workspace, split by stride phase so that every tap is a contiguous
-run, and all output channels of the row are accumulated in vector registers.
+one (image, band of output rows) per task: the input rows the band reads are
+copied into the thread's workspace once (each is read by up to kh output rows),
+split by stride phase so that every tap is a contiguous run, and all output
+channels of each row are accumulated in vector registers.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
@@ -46,9 +47,26 @@ def force_vector_width(width):
     set_vector_width(width, "_conv_direct")
 
 
-def direct_row_length(Geometry g):
-    """Elements per prepared input row of conv2d_forward_direct (output width + taps' reach + slack)."""
+cdef Py_ssize_t row_length(Geometry g) noexcept nogil:
+    """Elements per prepared input row (output width + taps' reach + slack)."""
     return g.out_width + ((g.kernel_w - 1) * g.dilation_w) // g.stride_w + DIRECT_COLUMNS
+
+
+cdef int band_input_rows(Geometry g, int band) noexcept nogil:
+    """Input rows that a band of `band` consecutive output rows reads."""
+    return (band - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1
+
+
+def forward_band(Geometry g):
+    """Output rows per task of conv2d_forward_direct: a quarter of an image's (neighbouring
+    rows share cache lines at their ends: split finer, two threads would write them)."""
+    return (g.out_height + 3) // 4
+
+
+def band_elements(Geometry g, int band):
+    """Elements of the prepared input rows of a band of `band` output rows (a thread's
+    workspace for the direct kernels)."""
+    return <Py_ssize_t> g.channels * band_input_rows(g, band) * g.stride_w * row_length(g)
 
 
 cdef void padded_row(const floating* image_row, floating* dst, int phase, Geometry g,
@@ -69,25 +87,33 @@ cdef void padded_row(const floating* image_row, floating* dst, int phase, Geomet
     memset(dst + hi, 0, (row_len - hi) * sizeof(floating))
 
 
-cdef void prepare_rows(const floating* image, floating* rows, Geometry g, int oh,
-                       Py_ssize_t row_len, int phases) noexcept nogil:
-    """rows <- the input rows that output row oh of one image (C, H, W) reads, for the direct kernel.
+cdef void prepare_band(const floating* image, floating* rows, Geometry g, int oh0, int count,
+                       int band_rows, int phases) noexcept nogil:
+    """rows <- the input rows that output rows [oh0, oh0 + count) of one image (C, H, W) read,
+    for the direct kernels, each copied once.
 
-    Row ((c*kh + ki)*stride_w + phase) holds padded_row(input row
-    (c, oh*sh - ph + ki*dh), phase), for phase < phases (phases_read).  Tap
-    (c, ki, kj) then reads a contiguous run from row phase = kj*dw % stride_w at
-    j = ow + kj*dw // stride_w.
+    Row ((c*band_rows + r)*stride_w + phase) holds padded_row(input row
+    (c, oh0*sh - ph + r), phase), for r < band_input_rows(count) <= band_rows and
+    phase < phases (phases_read).  Output row oh0 + j then finds tap (c, ki, kj)
+    as a contiguous run at rows + j*sh*stride_w*row_length + tap_offset[k]
+    (tap_offsets), from j = ow on.
     """
-    cdef int c, ki, phase, ih
+    cdef int c, r, phase, ih
+    cdef Py_ssize_t row_len = row_length(g)
     cdef const floating* src
     for c in range(g.channels):
-        for ki in range(g.kernel_h):
-            ih = oh * g.stride_h - g.pad_h + ki * g.dilation_h
+        for r in range(band_input_rows(g, count)):
+            ih = oh0 * g.stride_h - g.pad_h + r
             src = (image + (<Py_ssize_t> c * g.height + ih) * g.width
                    if 0 <= ih < g.height else NULL)
             for phase in range(phases):
-                padded_row(src, rows + ((c * g.kernel_h + ki) * g.stride_w + phase) * row_len,
+                padded_row(src, rows + ((c * band_rows + r) * g.stride_w + phase) * row_len,
                            phase, g, row_len)
+
+
+cdef inline Py_ssize_t band_row_step(Geometry g) noexcept nogil:
+    """Elements from one output row's prepared rows to the next's, within a band."""
+    return g.stride_h * g.stride_w * row_length(g)
 
 
 cdef int phases_read(Geometry g) noexcept nogil:
@@ -99,55 +125,59 @@ cdef int phases_read(Geometry g) noexcept nogil:
     return phases
 
 
-cdef void tap_offsets(Geometry g, Py_ssize_t row_len, Py_ssize_t* tap_offset) noexcept nogil:
+cdef void tap_offsets(Geometry g, int band_rows, Py_ssize_t* tap_offset) noexcept nogil:
     """tap_offset[k] <- where the run of tap k = (c, ki, kj) (the weight's order) starts
-    in the rows that prepare_rows lays out."""
+    for a band's first output row in the rows that prepare_band lays out."""
     cdef int c, ki, kj, shift
+    cdef Py_ssize_t row_len = row_length(g)
     for c in range(g.channels):
         for ki in range(g.kernel_h):
             for kj in range(g.kernel_w):
                 shift = kj * g.dilation_w
                 tap_offset[(c * g.kernel_h + ki) * g.kernel_w + kj] = (
-                    ((c * g.kernel_h + ki) * g.stride_w + shift % g.stride_w) * row_len
-                    + shift // g.stride_w)
+                    ((c * band_rows + ki * g.dilation_h) * g.stride_w + shift % g.stride_w)
+                    * row_len + shift // g.stride_w)
 
 
 def conv2d_forward_direct(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                           const floating[:, ::1] weight,   # IN  (OC, K), K <= MAX_DIRECT_TAPS
                           const floating[::1] bias,        # IN  (OC,), or empty for no bias
-                          floating[:, ::1] rows,           # WORK (threads, C*kh*stride_w*row_length)
+                          floating[:, ::1] rows,           # WORK (threads, band_elements(g, forward_band(g)))
                           floating[:, :, :, ::1] out,      # OUT (N, OC, OH, OW)
                           Geometry g, int activation, int num_threads):
     """out = weight * x + bias, then the activation of that code (see _elementwise.pxd;
     0: none), without im2col.
 
-    For layers with few taps (see _direct_conv.h).  Each (image, output row)
-    is one task: its input rows are prepared in the thread's slice of rows,
-    then the C kernel computes all output channels of that row.  Threads take
-    a quarter of an image's rows at a time: neighbouring rows share cache lines
-    at their ends (numpy's arrays are 16-byte aligned), and dealt out one by one
-    they went to the two threads in turn, which then wrote the same lines (the
-    kernel ran 1.1x faster on 2 threads than on 1, now 1.7-1.9x).
+    For layers with few taps (see _direct_conv.h).  Each (image, band of
+    forward_band output rows) is one task: the input rows the band reads are
+    prepared in the thread's slice of rows, then the C kernel computes all
+    output channels of each row.  A band is a quarter of an image's rows:
+    neighbouring rows share cache lines at their ends (numpy's arrays are
+    16-byte aligned), and dealt out one by one they went to the two threads in
+    turn, which then wrote the same lines (the kernel ran 1.1x faster on 2
+    threads than on 1, then 1.7-1.9x).
     """
     cdef Py_ssize_t N = x.shape[0], task
     cdef int OC = weight.shape[0], K = weight.shape[1]
     cdef int OH = g.out_height, OW = g.out_width
     cdef Py_ssize_t P = <Py_ssize_t> OH * OW
-    cdef Py_ssize_t row_len = direct_row_length(g)
     cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
-    cdef int n, oh, rows_per_chunk = (OH + 3) // 4, phases = phases_read(g)
+    cdef int band = forward_band(g), bands = (OH + band - 1) // band
+    cdef int n, oh0, j, count, phases = phases_read(g), band_rows = band_input_rows(g, band)
+    cdef Py_ssize_t step = band_row_step(g)
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     cdef floating* scratch
-    tap_offsets(g, row_len, tap_offset)
+    tap_offsets(g, band_rows, tap_offset)
     with nogil:
-        for task in prange(N * OH, schedule='dynamic', chunksize=rows_per_chunk,
-                           num_threads=num_threads):
-            n = task // OH
-            oh = task % OH
+        for task in prange(N * bands, schedule='dynamic', num_threads=num_threads):
+            n = task // bands
+            oh0 = task % bands * band
+            count = min(band, OH - oh0)
             scratch = &rows[threadid(), 0]
-            prepare_rows(&x[n, 0, 0, 0], scratch, g, oh, row_len, phases)
-            conv_row_direct(&weight[0, 0], bias_ptr, scratch, tap_offset, OC, K, OW,
-                            activation, &out[n, 0, oh, 0], P)
+            prepare_band(&x[n, 0, 0, 0], scratch, g, oh0, count, band_rows, phases)
+            for j in range(count):
+                conv_row_direct(&weight[0, 0], bias_ptr, scratch + j * step, tap_offset, OC, K,
+                                OW, activation, &out[n, 0, oh0 + j, 0], P)
 
 
 def weight_grad_lanes(dtype_size):
@@ -161,7 +191,7 @@ def conv2d_weight_grad_direct(const floating[:, :, :, ::1] grad_out,  # IN    (N
                               const floating[:, :, :, ::1] out,       # IN    (N, OC, OH, OW) forward output, with fuse_relu
                               floating[:, ::1] grad_weight,          # INOUT (OC, K), accumulated
                               floating[::1] grad_bias,               # INOUT (OC,), accumulated; empty for no bias
-                              floating[:, ::1] rows,                 # WORK  (threads, BAND*C*kh*stride_w*row_length)
+                              floating[:, ::1] rows,                 # WORK  (threads, band_elements(g, BAND))
                               floating[:, ::1] dy_rows,              # WORK  (threads, OC*BAND*ldy), ldy = ceil(OW/L)*L
                               floating[:, ::1] lanes,                # WORK  (threads, OC*K*L)
                               double[:, ::1] sums,                   # WORK  (chunks, OC*(K + 1))
@@ -172,8 +202,8 @@ def conv2d_weight_grad_direct(const floating[:, :, :, ::1] grad_out,  # IN    (N
 
     The batch is cut into chunks (as many as sums has rows: fixed by the shapes, never
     by the thread count), one work item each.  Per image, for each band of
-    BAND = WEIGHT_GRAD_BAND output rows, the input rows of each are prepared as for
-    the forward and its output gradient (masked by the forward output's sign with
+    BAND = WEIGHT_GRAD_BAND output rows, the input rows they read are prepared as for
+    the forward and their output gradient (masked by the forward output's sign with
     fuse_relu) copied into dy_rows, zero past OW; the C kernel
     (_direct_weight_grad.h) adds their products into L lanes per (oc, k), which are
     added in order into the chunk's double sums at the end of the image.
@@ -183,14 +213,14 @@ def conv2d_weight_grad_direct(const floating[:, :, :, ::1] grad_out,  # IN    (N
     cdef int OC = grad_weight.shape[0], K = grad_weight.shape[1], OH = g.out_height
     cdef int OW = g.out_width, L = WEIGHT_GRAD_VECTOR_BYTES // sizeof(floating)
     cdef int BAND = WEIGHT_GRAD_BAND
-    cdef Py_ssize_t ldy = (OW + L - 1) // L * L, row_len = direct_row_length(g), n
-    cdef Py_ssize_t prepared = <Py_ssize_t> g.channels * g.kernel_h * g.stride_w * row_len
+    cdef Py_ssize_t ldy = (OW + L - 1) // L * L, step = band_row_step(g), n
     cdef Py_ssize_t tap_offset[DIRECT_MAX_TAPS]
     cdef int band, oh, r, count, oc, l, phases = phases_read(g), slot
+    cdef int band_rows = band_input_rows(g, BAND)
     cdef bint has_bias = grad_bias.shape[0] > 0
     cdef double total
     cdef floating* dy
-    tap_offsets(g, row_len, tap_offset)
+    tap_offsets(g, band_rows, tap_offset)
     with nogil:
         for item in prange(chunks, schedule='dynamic', num_threads=num_threads):
             slot = threadid()
@@ -201,9 +231,9 @@ def conv2d_weight_grad_direct(const floating[:, :, :, ::1] grad_out,  # IN    (N
                 for band in range((OH + BAND - 1) // BAND):
                     oh = band * BAND
                     count = min(BAND, OH - oh)
+                    prepare_band(&x[n, 0, 0, 0], &rows[slot, 0], g, oh, count, band_rows,
+                                 phases)
                     for r in range(count):
-                        prepare_rows(&x[n, 0, 0, 0], &rows[slot, r * prepared], g, oh + r,
-                                     row_len, phases)
                         for oc in range(OC):
                             dy = &dy_rows[slot, (oc * count + r) * ldy]
                             if fuse_relu:
@@ -213,7 +243,7 @@ def conv2d_weight_grad_direct(const floating[:, :, :, ::1] grad_out,  # IN    (N
                                 memcpy(dy, &grad_out[n, oc, oh + r, 0], OW * sizeof(floating))
                             sums[item, OC * K + oc] += sum_run(dy, OW)
                     conv_rows_weight_grad(&dy_rows[slot, 0], ldy, count, &rows[slot, 0],
-                                          prepared, tap_offset, OC, K, OW, &lanes[slot, 0])
+                                          step, tap_offset, OC, K, OW, &lanes[slot, 0])
                 for i in range(OC * K):
                     total = 0
                     for l in range(L):

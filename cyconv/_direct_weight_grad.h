@@ -5,7 +5,7 @@
  * of few entries (OC x K) summed over many pixels: as im2col + GEMM it is a
  * product of a tiny output with a long inner dimension, which BLAS runs slowly,
  * after copying K columns per pixel.  Here, from the rows that
- * _conv_direct.prepare_rows lays out for the forward (tap k = (c, ki, kj) is
+ * _conv_direct.prepare_band lays out for the forward (tap k = (c, ki, kj) is
  * the run rows + tap_offset[k], one input value per output column),
  *
  *     lanes[(oc*K + k)*L + l] += sum_{r, v} dy[(oc*count + r)*ldy + v*L + l]

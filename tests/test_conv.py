@@ -737,7 +737,8 @@ def test_workspaces_are_sized_by_the_threads_the_kernels_get(groups, kernel, str
     x = rng.standard_normal((1, 4, 5, 6)).astype(np.float32)
     y = layer(x)
     layer.backward(np.ones_like(y))
-    tasks = {"direct_rows": y.shape[2], "cols": 1,  # forward: output rows, images
+    bands = -(-y.shape[2] // -(-y.shape[2] // 4))   # of a quarter of the output rows
+    tasks = {"direct_rows": bands, "cols": 1,  # forward: bands of output rows, images
              "weight_grad_cols": groups, "grad_cols": groups,  # backward items
              "planes": 1, "runs": 1,  # depthwise forward: 4 small planes in one task
              "backward_planes": 4, "grad_planes": 4, "grad_runs": 4}  # by channel

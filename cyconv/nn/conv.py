@@ -248,10 +248,11 @@ class Conv2d(Module):
         return pixels, geometry(self, pixels.shape, (1, 1), (1, 1), (0, 0), (1, 1))
 
     def _direct_forward(self, x, weight, bias, out, g, activation):
-        threads = min(get_num_threads(), x.shape[0] * g["out_height"])
-        row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
-                        * _conv_direct.direct_row_length(g))
-        prepared_rows = self._workspace("direct_rows", (threads, row_elements), self.dtype)
+        band = _conv_direct.forward_band(g)
+        threads = min(get_num_threads(), x.shape[0] * -(-g["out_height"] // band))
+        prepared_rows = self._workspace("direct_rows",
+                                        (threads, _conv_direct.band_elements(g, band)),
+                                        self.dtype)
         _conv_direct.conv2d_forward_direct(x, weight, bias, prepared_rows, out, g, activation,
                                            threads)
 
@@ -308,11 +309,10 @@ class Conv2d(Module):
         oc, k = self.out_channels, self.weight.data[0].size
         lanes = _conv_direct.weight_grad_lanes(self.dtype.itemsize)
         band = _conv_direct.WEIGHT_GRAD_BAND
-        row_elements = (self.in_channels * self.kernel_size[0] * self.stride[1]
-                        * _conv_direct.direct_row_length(g))
         _conv_direct.conv2d_weight_grad_direct(
             grad_output, x, out, self.weight.grad.reshape(oc, k), grad_bias,
-            self._workspace("weight_grad_rows", (threads, band * row_elements), self.dtype),
+            self._workspace("weight_grad_rows", (threads, _conv_direct.band_elements(g, band)),
+                            self.dtype),
             self._workspace("weight_grad_dy", (threads, oc * band * -(-g["out_width"] // lanes)
                                                * lanes), self.dtype),
             self._workspace("weight_grad_lanes", (threads, oc * k * lanes), self.dtype),
