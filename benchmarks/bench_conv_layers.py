@@ -93,8 +93,7 @@ def backward_paths(layer, x, first):
     if first and layer._uses_direct_weight_grad(g):
         return {"(direct)": {}, "(im2col)": {"DIRECT_WEIGHT_GRAD": False}}
     if (not winograd.applies(layer) and not layer._uses_depthwise_kernel()
-            and layer.weight.data[0].size > layer.out_channels
-            <= conv_module.TRANSPOSED_MAX_CHANNELS):
+            and layer._transposes_weight_grad()):
         return {"(transp)": {}, "(plain)": {"TRANSPOSED_WEIGHT_GRAD": False}}
     return {"": {}}
 

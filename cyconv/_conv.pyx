@@ -258,8 +258,9 @@ cdef void image_backward(const floating* dy, const floating* image, const floati
                          bint overwrite) noexcept nogil:
     """One image's part of a backward item: target (row stride ldt; transposed as in
     weight_grad_tile) += (= when overwrite) its weight gradient of rows [k0, k1), and
-    image_grad (NULL: not wanted) = its input gradient, tile by tile.  When both take the same tiles (one block of K), each tile
-    of dy is used by both while it is in the cache."""
+    image_grad (NULL: not wanted) = its input gradient, tile by tile.  When both take
+    the same tiles (one block of K), each tile of dy is used by both while it is in
+    the cache."""
     cdef int t, oh0
     cdef bint together = image_grad != NULL and weight_rows == input_rows
     if image_grad != NULL and not is_pointwise(g):   # (pointwise tiles write it all)

@@ -323,8 +323,7 @@ class Conv2d(Module):
                          input_grad):
         n, oc, k = x.shape[0], self.out_channels, self.weight.data[0].size
         blocks, chunks = weight_grad_split(n, self.groups, k, self.weight.data.nbytes)
-        group_oc = oc // self.groups
-        transposed = TRANSPOSED_WEIGHT_GRAD and k > group_oc <= TRANSPOSED_MAX_CHANNELS
+        transposed = self._transposes_weight_grad()
         threads = min(get_num_threads(), self.groups * chunks * blocks)
         weight_rows, cols = self._tile_workspace("weight_grad_cols", g, threads, -(-k // blocks))
         input_rows, grad_cols = (self._tile_workspace("grad_cols", g, threads, k) if input_grad
@@ -365,6 +364,12 @@ class Conv2d(Module):
                                       grad_planes, self._runs_workspace("grad_runs", g, threads),
                                       lanes, sums, grad_input, g, channels, fuse_relu,
                                       input_grad, threads)
+
+    def _transposes_weight_grad(self):
+        """Whether the im2col weight-gradient product runs transposed (see
+        TRANSPOSED_WEIGHT_GRAD)."""
+        return (TRANSPOSED_WEIGHT_GRAD and self.weight.data[0].size
+                > self.out_channels // self.groups <= TRANSPOSED_MAX_CHANNELS)
 
     def _weight_grad_parts(self, chunks, transposed):
         """The (chunks, out_channels, K) parts of the weight gradient (unused for one chunk),
