@@ -102,7 +102,7 @@
     CYCONV_DEPTHWISE_GRAD_WIDTH(T, , DIRECT_COLUMNS, DEPTHWISE_TAP_BLOCK)                    \
     CYCONV_DEPTHWISE_GRAD_WIDTH(T, _v32, (32 / (int)sizeof(T)),                              \
                                 (8 * 32 / (int)sizeof(T) / DIRECT_COLUMNS))                  \
-    CYCONV_MULTIVERSION                                                                      \
+    CYCONV_MULTIVERSION_UNROLLED                                                             \
     static void depthwise_weight_grad_##T(const T *dy, const T *rows,                        \
                                           const ptrdiff_t *tap_offset, int taps,             \
                                           ptrdiff_t length, T *lanes, double *sums,          \
@@ -291,7 +291,7 @@
 #define CYCONV_DEPTHWISE_RUN(T)                                                              \
     CYCONV_DEPTHWISE_RUN_WIDTH(T, , DIRECT_COLUMNS)                                          \
     CYCONV_DEPTHWISE_RUN_WIDTH(T, _v32, (32 / (int)sizeof(T)))                              \
-    CYCONV_MULTIVERSION                                                                      \
+    CYCONV_MULTIVERSION_UNROLLED                                                             \
     static void depthwise_run_##T(const T *weight, const T *bias, const T *rows,             \
                                   const ptrdiff_t *tap_offset, int taps, ptrdiff_t n,        \
                                   int act, T *out)                                           \

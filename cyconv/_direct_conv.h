@@ -160,7 +160,7 @@
 
 /* the row in the CPU's vector width (_multiversion.h) */
 #define CYCONV_DIRECT_KERNEL(T)                                                              \
-    CYCONV_MULTIVERSION                                                                      \
+    CYCONV_MULTIVERSION_UNROLLED                                                             \
     static void conv_row_direct_##T(const T *weight, const T *bias, const T *rows,           \
                                     const ptrdiff_t *tap_offset, int OC, int K, int OW,      \
                                     int act, T *out, ptrdiff_t P)                            \

@@ -85,7 +85,7 @@
                          lanes, oc, k, channels, 1);                                          \
     }                                                                                         \
     /* the products of count output rows (see the top of this file); OW > 0 columns */        \
-    CYCONV_MULTIVERSION static void conv_rows_weight_grad_##T(                                \
+    CYCONV_MULTIVERSION_UNROLLED static void conv_rows_weight_grad_##T(                       \
         const T *dy, ptrdiff_t ldy, int count, const T *rows, ptrdiff_t rows_stride,          \
         const ptrdiff_t *tap_offset, int OC, int K, int OW, T *lanes)                         \
     {                                                                                         \

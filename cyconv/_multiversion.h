@@ -17,6 +17,13 @@
  * telling GCC that the rows do not overlap, and a loop stayed scalar); a helper
  * that it calls is compiled for baseline x86-64 only, unless it is inlined into
  * it: CYCONV_ALWAYS_INLINE.
+ *
+ * CYCONV_MULTIVERSION_UNROLLED is for the kernels whose blocks of accumulators GCC
+ * unrolls completely, into functions of 100-300 kB of code: it also turns off GCC's
+ * RTL global common-subexpression passes (-fgcse, -fgcse-after-reload), whose time
+ * grows faster than the function's size (minutes per module at -O3) and which do
+ * not make these kernels faster: the GIMPLE passes have already shared what there
+ * is to share.
  */
 #ifndef CYCONV_MULTIVERSION_H
 #define CYCONV_MULTIVERSION_H
@@ -26,15 +33,21 @@
 #define CYCONV_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
                                                          "arch=x86-64-v4")))
 #define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
+#define CYCONV_MULTIVERSION_UNROLLED \
+    CYCONV_MULTIVERSION __attribute__((optimize("no-gcse", "no-gcse-after-reload")))
 #elif defined(__GNUC__) && !defined(__clang__)   /* one version, a function of its own */
 #define CYCONV_MULTIVERSION __attribute__((noinline))
 #define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
+#define CYCONV_MULTIVERSION_UNROLLED \
+    CYCONV_MULTIVERSION __attribute__((optimize("no-gcse", "no-gcse-after-reload")))
 #elif defined(__GNUC__)
 #define CYCONV_MULTIVERSION __attribute__((noinline))
 #define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION
+#define CYCONV_MULTIVERSION_UNROLLED CYCONV_MULTIVERSION
 #else
 #define CYCONV_MULTIVERSION
 #define CYCONV_MULTIVERSION_EXACT
+#define CYCONV_MULTIVERSION_UNROLLED
 #endif
 
 #if defined(__GNUC__)
