@@ -32,22 +32,19 @@
     defined(__linux__)
 #define CYCONV_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", \
                                                          "arch=x86-64-v4")))
-#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
-#define CYCONV_MULTIVERSION_UNROLLED \
-    CYCONV_MULTIVERSION __attribute__((optimize("no-gcse", "no-gcse-after-reload")))
-#elif defined(__GNUC__) && !defined(__clang__)   /* one version, a function of its own */
+#elif defined(__GNUC__)   /* one version, a function of its own */
 #define CYCONV_MULTIVERSION __attribute__((noinline))
-#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
-#define CYCONV_MULTIVERSION_UNROLLED \
-    CYCONV_MULTIVERSION __attribute__((optimize("no-gcse", "no-gcse-after-reload")))
-#elif defined(__GNUC__)
-#define CYCONV_MULTIVERSION __attribute__((noinline))
-#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION
-#define CYCONV_MULTIVERSION_UNROLLED CYCONV_MULTIVERSION
 #else
 #define CYCONV_MULTIVERSION
-#define CYCONV_MULTIVERSION_EXACT
-#define CYCONV_MULTIVERSION_UNROLLED
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)   /* GCC's per-function options */
+#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION __attribute__((optimize("fp-contract=off")))
+#define CYCONV_MULTIVERSION_UNROLLED \
+    CYCONV_MULTIVERSION __attribute__((optimize("no-gcse", "no-gcse-after-reload")))
+#else
+#define CYCONV_MULTIVERSION_EXACT CYCONV_MULTIVERSION
+#define CYCONV_MULTIVERSION_UNROLLED CYCONV_MULTIVERSION
 #endif
 
 #if defined(__GNUC__)
