@@ -75,30 +75,43 @@
     }
 
 #if defined(__GNUC__)
-/* The gradient sums' loop on GCC vectors of 8 lanes (GCC's own vectorizer left it
- * scalar): lane j of vector block b holds element 8 b + j, as in sum_run.  ACT is a
- * constant in each copy: 0 none, 1 ReLU, 2 ReLU6. */
+/* The gradient sums' loop on GCC vectors (GCC's own vectorizer left it scalar): lane j
+ * of the 8 holds elements 8 b + j, as in sum_run, kept as two vectors of 4 doubles
+ * (lanes 0-3 and 4-7: one AVX2 register each; a vector of 8 doubles spilled to the
+ * stack at every step on AVX2, 6 times slower).  ACT is a constant in each copy: 0
+ * none, 1 ReLU, 2 ReLU6. */
 #define CYCONV_GRADIENT_SUMS(T, MASK_T, ACT)                                                 \
     {                                                                                        \
-        typedef T vec __attribute__((vector_size(8 * sizeof(T))));                           \
-        typedef MASK_T ints __attribute__((vector_size(8 * sizeof(T))));                     \
-        typedef double doubles __attribute__((vector_size(8 * sizeof(double))));             \
-        doubles lanes_m = {0}, lanes_mx = {0};                                               \
+        typedef T vec __attribute__((vector_size(4 * sizeof(T))));                           \
+        typedef MASK_T ints __attribute__((vector_size(4 * sizeof(T))));                     \
+        typedef double doubles __attribute__((vector_size(4 * sizeof(double))));             \
+        doubles m_low = {0}, m_high = {0}, mx_low = {0}, mx_high = {0};                      \
+        double lanes_m[8], lanes_mx[8];                                                      \
         ptrdiff_t i = 0;                                                                     \
         for (; i + 8 <= n; i += 8) {                                                         \
-            vec g, o, xs;                                                                    \
-            memcpy(&g, grad + i, sizeof g);                                                  \
-            memcpy(&xs, x + i, sizeof xs);                                                   \
+            vec g[2], xs[2], o[2];                                                           \
+            memcpy(g, grad + i, sizeof g);                                                   \
+            memcpy(xs, x + i, sizeof xs);                                                    \
             if (ACT) {                                                                       \
-                memcpy(&o, out + i, sizeof o);                                               \
-                ints keep = ACT == 1 ? (ints)(o > 0) : (ints)(o > 0) & (ints)(o < 6);        \
-                g = (vec)((ints)g & keep);                                                   \
-                memcpy(masked + i, &g, sizeof g);                                            \
+                memcpy(o, out + i, sizeof o);                                                \
+                for (int h = 0; h < 2; h++) {                                                \
+                    ints keep = ACT == 1 ? (ints)(o[h] > 0)                                  \
+                                         : (ints)(o[h] > 0) & (ints)(o[h] < 6);              \
+                    g[h] = (vec)((ints)g[h] & keep);                                         \
+                }                                                                            \
+                memcpy(masked + i, g, sizeof g);                                             \
             }                                                                                \
-            doubles m = __builtin_convertvector(g, doubles);                                 \
-            lanes_m += m;                                                                    \
-            lanes_mx += m * (__builtin_convertvector(xs, doubles) - center);                 \
+            doubles low = __builtin_convertvector(g[0], doubles);                            \
+            doubles high = __builtin_convertvector(g[1], doubles);                           \
+            m_low += low;                                                                    \
+            m_high += high;                                                                  \
+            mx_low += low * (__builtin_convertvector(xs[0], doubles) - center);              \
+            mx_high += high * (__builtin_convertvector(xs[1], doubles) - center);            \
         }                                                                                    \
+        memcpy(lanes_m, &m_low, sizeof m_low);                                               \
+        memcpy(lanes_m + 4, &m_high, sizeof m_high);                                         \
+        memcpy(lanes_mx, &mx_low, sizeof mx_low);                                            \
+        memcpy(lanes_mx + 4, &mx_high, sizeof mx_high);                                      \
         for (; i < n; i++)                                                                   \
             CYCONV_GRADIENT_TERM(T, ACT, i, 0)                                               \
         *sum_m = CYCONV_LANE_TREE(lanes_m);                                                  \
