@@ -144,17 +144,25 @@ def _sum_in_eight_lanes(terms):
                                                                 + (lanes[6] + lanes[7]))
 
 
-def test_bn_sums_are_rounded_in_their_fixed_order(rng):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_bn_sums_are_rounded_in_their_fixed_order(dtype, fused_relu, rng):
     """The batch statistics and the parameter gradients are sums in double precision in an
     order fixed by the shapes (per plane, 8 lanes), with every product rounded on its own
-    (no fused multiply-add in any CPU's version of the kernels): float64 results equal
-    that order's sums bit for bit."""
+    (no fused multiply-add in any CPU's version of the kernels): they equal that order's
+    sums bit for bit, for float32 and float64 inputs, and with a ReLU fused after the
+    batch norm (whose mask then applies to the gradient first)."""
     n, c, h, w = 3, 2, 5, 7          # planes of 35: four whole rows of lanes and a tail
-    x = rng.standard_normal((n, c, h, w)) * 3 + 10
-    dy = rng.standard_normal((n, c, h, w))
-    layer = nn.BatchNorm2d(c, momentum=1.0, dtype=np.float64)
-    layer(x)
-    layer.backward(dy)
+    x = (rng.standard_normal((n, c, h, w)) * 3 + 10).astype(dtype)
+    dy = rng.standard_normal((n, c, h, w)).astype(dtype)
+    layer = nn.BatchNorm2d(c, momentum=1.0, dtype=dtype)
+    layer.bias.data[:] = [0.0, 0.3]  # ReLU's mask keeps about half of each channel
+    model = nn.Sequential(layer, nn.ReLU()) if fused_relu else layer
+    out = model(x)
+    model.backward(dy)
+    if fused_relu:
+        dy = np.where(out > 0, dy, 0).astype(dtype)
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
     count = n * h * w
     for ch in range(c):
         planes, grads = x[:, ch].reshape(n, -1), dy[:, ch].reshape(n, -1)
@@ -165,14 +173,14 @@ def test_bn_sums_are_rounded_in_their_fixed_order(rng):
         squares = products = sum_dy = 0.0
         for plane, grad in zip(planes, grads):
             squares = squares + _sum_in_eight_lanes((plane - mean) * (plane - mean))
-            products = products + _sum_in_eight_lanes(grad * (plane - mean))
+            products = products + _sum_in_eight_lanes(grad * (plane - np.float64(dtype(mean))))
             sum_dy = sum_dy + _sum_in_eight_lanes(grad)
         var = squares / count
         invstd = 1.0 / np.sqrt(var + layer.eps)
-        assert layer.running_mean[ch] == mean
-        assert layer.running_var[ch] == var * count / (count - 1)
-        assert layer.weight.grad[ch] == products * invstd
-        assert layer.bias.grad[ch] == sum_dy
+        assert layer.running_mean[ch] == dtype(mean)
+        assert layer.running_var[ch] == dtype(var * count / (count - 1))
+        assert layer.weight.grad[ch] == dtype(products * np.float64(dtype(invstd)))
+        assert layer.bias.grad[ch] == dtype(sum_dy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
