@@ -77,8 +77,8 @@
 #if defined(__GNUC__)
 /* The gradient sums' loop on GCC vectors (GCC's own vectorizer left it scalar): lane j
  * of the 8 holds elements 8 b + j, as in sum_run, kept as two vectors of 4 doubles
- * (lanes 0-3 and 4-7: one AVX2 register each; a vector of 8 doubles spilled to the
- * stack at every step on AVX2, 6 times slower).  ACT is a constant in each copy: 0
+ * (lanes 0-3 and 4-7: one AVX2 register each; GCC kept a vector of 8 doubles on the
+ * stack on AVX2, stored and reloaded at every step).  ACT is a constant in each copy: 0
  * none, 1 ReLU, 2 ReLU6. */
 #define CYCONV_GRADIENT_SUMS(T, MASK_T, ACT)                                                 \
     {                                                                                        \
