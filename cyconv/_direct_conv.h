@@ -14,8 +14,10 @@
  * and each broadcast weight several vectors: vectors of DIRECT_COLUMNS columns
  * and blocks of DIRECT_CHANNELS channels with CPUs that have AVX-512 (24 of its
  * 32 registers), 32-byte vectors and DIRECT_CHANNELS_V32 channels with the
- * others (12 of 16).  The columns past the last whole block go in a block of
- * 2 vectors if so many are left, then one vector at a time; a run is read up to
+ * others (12 of 16).  When 2 vectors or more are left past the last whole block,
+ * the row's last 3 vectors go as a whole block (columns done twice get the same
+ * sums, so the same values), or as a block of 2 vectors in a row narrower than
+ * 3; then one vector at a time; a run is read up to
  * DIRECT_COLUMNS - 1 elements past OW, so the caller pads each row by
  * DIRECT_COLUMNS.
  *
@@ -137,7 +139,13 @@
         for (; ow0 + DIRECT_VECTORS * LANES <= OW; ow0 += DIRECT_VECTORS * LANES)            \
             direct_columns_##T##W(weight, bias, rows, tap_offset, OC, K, OW, act, out, P,    \
                                   ow0, CHANNELS, DIRECT_VECTORS);                            \
-        if (ow0 + 2 * LANES <= OW) {                                                         \
+        if (ow0 + 2 * LANES <= OW && OW >= DIRECT_VECTORS * LANES) {                         \
+            /* the last columns as a whole block, some of them again (the same sums:         \
+             * the same values); GCC spilled the accumulators of a 2-vector block */         \
+            direct_columns_##T##W(weight, bias, rows, tap_offset, OC, K, OW, act, out, P,    \
+                                  OW - DIRECT_VECTORS * LANES, CHANNELS, DIRECT_VECTORS);    \
+            ow0 = OW;                                                                        \
+        } else if (ow0 + 2 * LANES <= OW) {                                                  \
             direct_columns_##T##W(weight, bias, rows, tap_offset, OC, K, OW, act, out, P,    \
                                   ow0, CHANNELS, 2);                                         \
             ow0 += 2 * LANES;                                                                \

@@ -365,8 +365,9 @@ def test_direct_and_im2col_forward_agree_on_a_first_layer(dtype, rng, monkeypatc
 def test_direct_kernel_same_bits_for_both_vector_widths(dtype, shape, rng):
     """The direct kernel's 64-byte (AVX-512) and 32-byte (AVX2) register blocks give the
     same bits: 16 channels and more than a vector of columns, odd channels and widths,
-    stride 3, with and without the fused ReLU; 144 taps over 70 columns (blocks of 3, 2
-    and 1 vectors, and of 4 or 8 channels and single ones)."""
+    stride 3, with and without the fused ReLU; 144 taps over 70 columns (whole blocks of 3
+    vectors, the last one again over columns already done, single vectors, and blocks of
+    4 or 8 channels and single ones)."""
     c, oc, h, w, s, p = shape
     x = rng.standard_normal((2, c, h, w)).astype(dtype)
     for fuse_relu in (False, True):
@@ -379,6 +380,26 @@ def test_direct_kernel_same_bits_for_both_vector_widths(dtype, shape, rng):
         finally:
             _conv_direct.force_vector_width(None)
         np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vector_bytes", [32, 64])
+def test_direct_kernel_every_row_width_matches_reference(dtype, vector_bytes, rng):
+    """Output rows of 1 to 100 columns, in 32- and 64-byte vectors: every split of a row
+    into whole blocks of 3 vectors, the row's last 3 vectors again (some columns twice),
+    blocks of 2 vectors and single (partial) vectors; the reference's outputs."""
+    layer = nn.Conv2d(3, 9, 3, padding=1, dtype=dtype, seed=0)
+    weight, bias = layer.weight.data, layer.bias.data
+    try:
+        _conv_direct.force_vector_width(vector_bytes)
+        for width in range(1, 101):
+            x = rng.standard_normal((1, 3, 2, width)).astype(dtype)
+            assert layer._uses_direct_kernel(layer._geometry(x.shape))
+            with cyconv.no_grad():
+                y = layer(x)
+            assert_close(y, R.conv2d_forward(x, weight, bias, 1, 1), dtype)
+    finally:
+        _conv_direct.force_vector_width(None)
 
 
 def _takes_direct_weight_grad(c):
