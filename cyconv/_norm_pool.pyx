@@ -31,6 +31,9 @@ cdef extern from "_row_loops.h" nogil:
     # (const T* grad, const T* kept, const int* where, const T* x_top, const T* x_bottom,
     #  T* top, T* bottom, n, int first, int W, T k, T b, T c0)
     void batch_norm_max_pool_2x2_backward_row(...)
+    # (const T* grad, const T* kept, const int* where, const T* plane, n, double center,
+    #  double* sum_dy, double* sum_dy_x), adding to the sums: see _row_loops.h
+    void pooled_gradient_sums(...)
 
 
 def batch_norm2d_relu_max_pool_forward(
@@ -76,31 +79,6 @@ def batch_norm2d_relu_max_pool_forward(
                         <int> W, <floating> scale, <floating> shift)
 
 
-cdef inline (double, double) pooled_gradient_sums(const floating* grad, const floating* kept,
-                                                  const int* where, const floating* plane,
-                                                  Py_ssize_t n, double center) noexcept nogil:
-    """(sum dy, sum dy * (x - center)) over one plane, where dy = grad[o] at where[o] when
-    kept[o] > 0, else 0; four accumulators (o % 4), so a fixed order."""
-    cdef double acc_dy[4]
-    cdef double acc_dy_x[4]
-    cdef Py_ssize_t o, j
-    cdef floating g
-    for j in range(4):
-        acc_dy[j] = 0
-        acc_dy_x[j] = 0
-    for o in range(0, n - 3, 4):
-        for j in range(4):
-            g = grad[o + j] if kept[o + j] > 0 else 0
-            acc_dy[j] += g
-            acc_dy_x[j] += g * (plane[where[o + j]] - center)
-    for o in range(n - n % 4, n):
-        g = grad[o] if kept[o] > 0 else 0
-        acc_dy[0] += g
-        acc_dy_x[0] += g * (plane[where[o]] - center)
-    return ((acc_dy[0] + acc_dy[1]) + (acc_dy[2] + acc_dy[3]),
-            (acc_dy_x[0] + acc_dy_x[1]) + (acc_dy_x[2] + acc_dy_x[3]))
-
-
 cdef inline void input_gradient_plane(const floating* grad, const floating* kept,
                                       const int* where, const floating* x, floating* dx,
                                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
@@ -135,17 +113,15 @@ def batch_norm2d_relu_max_pool_backward(
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t chunk = chunk_size(C, OH * OW)
     cdef Py_ssize_t c, n
-    cdef double sum_dy, sum_dy_xhat, part_dy, part_dy_x, k, b, c0
+    cdef double sum_dy, sum_dy_xhat, k, b, c0
     with nogil:
         for c in prange(C, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
             sum_dy = 0
             sum_dy_xhat = 0
             for n in range(N):
-                part_dy, part_dy_x = pooled_gradient_sums(
-                    &grad_out[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], &x[n, c, 0, 0],
-                    OH * OW, mean[c])
-                sum_dy = sum_dy + part_dy
-                sum_dy_xhat = sum_dy_xhat + part_dy_x
+                pooled_gradient_sums(&grad_out[n, c, 0, 0], &out[n, c, 0, 0],
+                                     &argmax[n, c, 0, 0], &x[n, c, 0, 0], OH * OW,
+                                     <double> mean[c], &sum_dy, &sum_dy_xhat)
             sum_dy_xhat = sum_dy_xhat * invstd[c]
             grad_weight[c] += <floating> sum_dy_xhat
             grad_bias[c] += <floating> sum_dy

@@ -10,6 +10,7 @@
 #ifndef CYCONV_ROW_LOOPS_H
 #define CYCONV_ROW_LOOPS_H
 #include <stddef.h>
+#include <string.h>
 
 /* The kernels of the pooling and batch-norm + max-pool rows are multiversioned
  * (_multiversion.h): functions of their own, so their __restrict pointers keep
@@ -190,8 +191,64 @@
         }                                                                                \
     }
 
+/* The lanes of pooled_gradient_sums over its outputs o + 4 <= n: one GCC vector of 4
+ * doubles (GCC's own vectorizer left the loop scalar, for its gather through where) */
+#if defined(__GNUC__)
+#define CYCONV_POOLED_LANES(T, MASK_T)                                                   \
+    {                                                                                    \
+        typedef double doubles __attribute__((vector_size(4 * sizeof(double))));        \
+        typedef T values __attribute__((vector_size(4 * sizeof(T)), aligned(sizeof(T))));\
+        typedef MASK_T masks __attribute__((vector_size(4 * sizeof(T))));                \
+        doubles sum = {0}, sum_x = {0};                                                  \
+        for (; o + 4 <= n; o += 4) {                                                     \
+            values g = *(const values *)(grad + o), k = *(const values *)(kept + o);     \
+            values kept_g = (values)((masks)g & (masks)(k > 0));                         \
+            doubles m = __builtin_convertvector(kept_g, doubles);                        \
+            doubles v = {plane[where[o]], plane[where[o + 1]], plane[where[o + 2]],      \
+                         plane[where[o + 3]]};                                           \
+            sum += m;                                                                    \
+            sum_x += m * (v - center);                                                   \
+        }                                                                                \
+        memcpy(dy, &sum, sizeof sum);                                                    \
+        memcpy(dy_x, &sum_x, sizeof sum_x);                                              \
+    }
+#else
+#define CYCONV_POOLED_LANES(T, MASK_T)                                                   \
+    for (; o + 4 <= n; o += 4)                                                           \
+        for (int j = 0; j < 4; j++) {                                                    \
+            double m = kept[o + j] > 0 ? grad[o + j] : 0;                                \
+            dy[j] += m;                                                                  \
+            dy_x[j] += m * ((double)plane[where[o + j]] - center);                       \
+        }
+#endif
+
+/* *sum_dy += sum dy and *sum_dy_x += sum dy * (x - center) over the n outputs of a
+ * pooled plane, where dy is grad[o] at the input plane[where[o]] when kept[o] > 0, else
+ * 0: batch norm's sums behind a ReLU and a max-pool.  Lane o % 4 of each sum holds its
+ * share (the last n % 4 outputs go to lane 0), added as (0 + 1) + (2 + 3): a fixed
+ * order. */
+#define CYCONV_POOLED_GRADIENT_SUMS(T, MASK_T)                                           \
+    static CYCONV_MULTIVERSION_EXACT void pooled_gradient_sums_##T(                      \
+        const T *__restrict grad, const T *__restrict kept, const int *__restrict where, \
+        const T *__restrict plane, ptrdiff_t n, double center, double *sum_dy,           \
+        double *sum_dy_x)                                                                \
+    {                                                                                    \
+        double dy[4] = {0, 0, 0, 0}, dy_x[4] = {0, 0, 0, 0};                             \
+        ptrdiff_t o = 0;                                                                 \
+        CYCONV_POOLED_LANES(T, MASK_T)                                                   \
+        for (; o < n; o++) {                                                             \
+            double m = kept[o] > 0 ? grad[o] : 0;                                        \
+            dy[0] += m;                                                                  \
+            dy_x[0] += m * ((double)plane[where[o]] - center);                           \
+        }                                                                                \
+        *sum_dy += (dy[0] + dy[1]) + (dy[2] + dy[3]);                                    \
+        *sum_dy_x += (dy_x[0] + dy_x[1]) + (dy_x[2] + dy_x[3]);                          \
+    }
+
 CYCONV_ROW_LOOPS(float)
 CYCONV_ROW_LOOPS(double)
+CYCONV_POOLED_GRADIENT_SUMS(float, int)
+CYCONV_POOLED_GRADIENT_SUMS(double, long long)
 
 #include "_typed.h"
 #define gather_stride2(dst, ...) CYCONV_TYPED(gather_stride2, dst, __VA_ARGS__)
@@ -204,5 +261,6 @@ CYCONV_ROW_LOOPS(double)
     CYCONV_TYPED(affine_relu_max_pool_2x2_row, top, __VA_ARGS__)
 #define batch_norm_max_pool_2x2_backward_row(grad, ...) \
     CYCONV_TYPED(batch_norm_max_pool_2x2_backward_row, grad, __VA_ARGS__)
+#define pooled_gradient_sums(grad, ...) CYCONV_TYPED(pooled_gradient_sums, grad, __VA_ARGS__)
 
 #endif
