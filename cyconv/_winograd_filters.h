@@ -78,48 +78,51 @@ static void WSUF(winograd_filter_grads)(const WT *src, ptrdiff_t xi_stride, int 
 }
 
 #if defined(__GNUC__)
-/* Rows (output channels) and tiles of a register block of the forward product:
- * 2 vectors of tiles by 8 rows (16 accumulators) with 64-byte vectors, by 4
- * rows (8) with 32-byte ones; either way a part of a row block of the packed
- * weight. */
+/* Rows (output channels) and vectors of tiles of a register block of the forward
+ * product: 8 rows by 2 vectors (16 accumulators) with 64-byte vectors, 4 rows by 3
+ * vectors (12 of the 16 registers) with 32-byte ones (by 2, 8 accumulators, the
+ * multiply-adds waited on each other); either way a part of a row block of the packed
+ * weight.  Ranges of tiles that leave less than a whole block take blocks of 2 vectors
+ * or 1 at their end. */
 enum {
     WSUF(BLOCK_ROWS) = WINOGRAD_VECTOR_BYTES == 64 ? WINOGRAD_CHANNEL_BLOCK
                                                    : WINOGRAD_CHANNEL_BLOCK / 2,
-    WSUF(BLOCK_TILES) = 2 * WLANES
+    WSUF(BLOCK_VECTORS) = WINOGRAD_VECTOR_BYTES == 64 ? 2 : 3
 };
 
 /* c[i * ldc + j] = sum_k a[k * CHANNEL_BLOCK + i] * b[k * ldb + j] for
- * i < BLOCK_ROWS, j < BLOCK_TILES: one register block of the forward product
- * (outer products, two vectors of tiles per row). */
+ * i < BLOCK_ROWS, j < vectors * WLANES: one register block of the forward product
+ * (outer products, vectors (a constant once inlined) of tiles per row). */
 CYCONV_ALWAYS_INLINE void WSUF(winograd_block)(
-    const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c, ptrdiff_t ldc)
+    const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c, ptrdiff_t ldc, const int vectors)
 {
-    enum { MR = WSUF(BLOCK_ROWS) };
-    WSUF(wvec) acc[MR][2];
+    enum { MR = WSUF(BLOCK_ROWS), NV = WSUF(BLOCK_VECTORS) };
+    WSUF(wvec) acc[MR][NV];
     for (int i = 0; i < MR; i++)
-        acc[i][0] = acc[i][1] = (WSUF(wvec)){0};
+        for (int v = 0; v < vectors; v++)
+            acc[i][v] = (WSUF(wvec)){0};
     for (int k = 0; k < K; k++) {
-        WSUF(wvec) x0 = WSUF(wload)(b + k * ldb), x1 = WSUF(wload)(b + k * ldb + WLANES);
-        for (int i = 0; i < MR; i++) {
-            acc[i][0] += a[k * WINOGRAD_CHANNEL_BLOCK + i] * x0;
-            acc[i][1] += a[k * WINOGRAD_CHANNEL_BLOCK + i] * x1;
-        }
+        WSUF(wvec) x[NV];
+        for (int v = 0; v < vectors; v++)
+            x[v] = WSUF(wload)(b + k * ldb + v * WLANES);
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < vectors; v++)
+                acc[i][v] += a[k * WINOGRAD_CHANNEL_BLOCK + i] * x[v];
     }
-    for (int i = 0; i < MR; i++) {
-        *(WSUF(wvec) *)(c + i * ldc) = acc[i][0];
-        *(WSUF(wvec) *)(c + i * ldc + WLANES) = acc[i][1];
-    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < vectors; v++)
+            *(WSUF(wvec) *)(c + i * ldc + v * WLANES) = acc[i][v];
 }
 
 #else
-/* Other compilers: the same blocks as plain loops. */
-enum { WSUF(BLOCK_ROWS) = WINOGRAD_CHANNEL_BLOCK, WSUF(BLOCK_TILES) = WINOGRAD_TILE_BLOCK };
+/* Other compilers: the same blocks as plain loops, over vectors * WLANES tiles. */
+enum { WSUF(BLOCK_ROWS) = WINOGRAD_CHANNEL_BLOCK, WSUF(BLOCK_VECTORS) = 1 };
 
 static void WSUF(winograd_block)(const WT *a, const WT *b, ptrdiff_t ldb, int K, WT *c,
-                                 ptrdiff_t ldc)
+                                 ptrdiff_t ldc, int vectors)
 {
     for (int i = 0; i < WINOGRAD_CHANNEL_BLOCK; i++)
-        for (int j = 0; j < WINOGRAD_TILE_BLOCK; j++) {
+        for (int j = 0; j < vectors * WLANES; j++) {
             WT s = 0;
             for (int k = 0; k < K; k++)
                 s += a[k * WINOGRAD_CHANNEL_BLOCK + i] * b[k * ldb + j];
@@ -241,10 +244,21 @@ CYCONV_MULTIVERSION
 static void WSUF(winograd_product)(const WT *u, const WT *v, ptrdiff_t ldv, int M, int K,
                                    ptrdiff_t T, WT *y, ptrdiff_t ldy)
 {
-    for (ptrdiff_t j = 0; j < T; j += WSUF(BLOCK_TILES))
+    enum { NV = WSUF(BLOCK_VECTORS) };
+    for (ptrdiff_t j = 0; j < T;) {
+        /* vectors of tiles in this block (constants in each call, so that each inlines) */
+        int vectors = T - j >= NV * WLANES ? NV : T - j >= 2 * WLANES ? 2 : 1;
         for (int i = 0; i < M; i += WSUF(BLOCK_ROWS)) {
             const WT *weight_rows = u + (ptrdiff_t)(i / WINOGRAD_CHANNEL_BLOCK) * K *
                                             WINOGRAD_CHANNEL_BLOCK + i % WINOGRAD_CHANNEL_BLOCK;
-            WSUF(winograd_block)(weight_rows, v + j, ldv, K, y + i * ldy + j, ldy);
+            WT *out = y + i * ldy + j;
+            if (vectors == NV)
+                WSUF(winograd_block)(weight_rows, v + j, ldv, K, out, ldy, NV);
+            else if (vectors == 2)
+                WSUF(winograd_block)(weight_rows, v + j, ldv, K, out, ldy, 2);
+            else
+                WSUF(winograd_block)(weight_rows, v + j, ldv, K, out, ldy, 1);
         }
+        j += vectors * WLANES;
+    }
 }
