@@ -75,6 +75,10 @@
     }
 
 #if defined(__GNUC__)
+/* The lanes of a vector of activation outputs o whose gradient passes: o > 0 (ACT 1,
+ * ReLU), 0 < o < 6 (ACT 2, ReLU6) */
+#define CYCONV_KEEP_MASK(ints, o, ACT) \
+    ((ACT) == 1 ? (ints)((o) > 0) : (ints)((o) > 0) & (ints)((o) < 6))
 /* The gradient sums' loop on GCC vectors (GCC's own vectorizer left it scalar): lane j
  * of the 8 holds elements 8 b + j, as in sum_run, kept as two vectors of 4 doubles
  * (lanes 0-3 and 4-7: one AVX2 register each; GCC kept a vector of 8 doubles on the
@@ -89,24 +93,27 @@
         double lanes_m[8], lanes_mx[8];                                                      \
         ptrdiff_t i = 0;                                                                     \
         for (; i + 8 <= n; i += 8) {                                                         \
-            vec g[2], xs[2], o[2];                                                           \
-            memcpy(g, grad + i, sizeof g);                                                   \
-            memcpy(xs, x + i, sizeof xs);                                                    \
+            /* (each half a vector of its own: as arrays, GCC kept them on the stack) */     \
+            vec g0, g1, x0, x1;                                                              \
+            memcpy(&g0, grad + i, sizeof g0);                                                \
+            memcpy(&g1, grad + i + 4, sizeof g1);                                            \
+            memcpy(&x0, x + i, sizeof x0);                                                   \
+            memcpy(&x1, x + i + 4, sizeof x1);                                               \
             if (ACT) {                                                                       \
-                memcpy(o, out + i, sizeof o);                                                \
-                for (int h = 0; h < 2; h++) {                                                \
-                    ints keep = ACT == 1 ? (ints)(o[h] > 0)                                  \
-                                         : (ints)(o[h] > 0) & (ints)(o[h] < 6);              \
-                    g[h] = (vec)((ints)g[h] & keep);                                         \
-                }                                                                            \
-                memcpy(masked + i, g, sizeof g);                                             \
+                vec o0, o1;                                                                  \
+                memcpy(&o0, out + i, sizeof o0);                                             \
+                memcpy(&o1, out + i + 4, sizeof o1);                                         \
+                g0 = (vec)((ints)g0 & CYCONV_KEEP_MASK(ints, o0, ACT));                      \
+                g1 = (vec)((ints)g1 & CYCONV_KEEP_MASK(ints, o1, ACT));                      \
+                memcpy(masked + i, &g0, sizeof g0);                                          \
+                memcpy(masked + i + 4, &g1, sizeof g1);                                      \
             }                                                                                \
-            doubles low = __builtin_convertvector(g[0], doubles);                            \
-            doubles high = __builtin_convertvector(g[1], doubles);                           \
+            doubles low = __builtin_convertvector(g0, doubles);                              \
+            doubles high = __builtin_convertvector(g1, doubles);                             \
             m_low += low;                                                                    \
             m_high += high;                                                                  \
-            mx_low += low * (__builtin_convertvector(xs[0], doubles) - center);              \
-            mx_high += high * (__builtin_convertvector(xs[1], doubles) - center);            \
+            mx_low += low * (__builtin_convertvector(x0, doubles) - center);                 \
+            mx_high += high * (__builtin_convertvector(x1, doubles) - center);               \
         }                                                                                    \
         memcpy(lanes_m, &m_low, sizeof m_low);                                               \
         memcpy(lanes_m + 4, &m_high, sizeof m_high);                                         \
