@@ -1,13 +1,14 @@
 """Layers that a container runs as one kernel pass: BatchNorm2d + ReLU + MaxPool2d(2)
-(cyconv/_norm_pool.pyx) and BatchNorm2d + ReLU6; and in inference a BatchNorm2d (and a
-ReLU) folded into the Conv2d before it.  The same results as the layers one by one (a
+(cyconv/_norm_pool.pyx) and BatchNorm2d + ReLU6; Conv2d + ReLU + MaxPool2d, whose
+backward masks the pooled gradient; and in inference a BatchNorm2d (and a ReLU) folded
+into the Conv2d before it.  The same results as the layers one by one (a
 hook on any of them turns the fusion off), as the numpy reference and as finite
 differences."""
 import numpy as np
 import pytest
 
 import cyconv
-from cyconv import _norm, _norm_pool, models, nn
+from cyconv import _activation, _norm, _norm_pool, models, nn
 
 import reference as R
 from conftest import FD_TOL, assert_close, finite_difference, num_threads
@@ -385,3 +386,68 @@ def test_folded_weight_is_each_product_in_double_rounded_once(weight_shape, dtyp
         np.testing.assert_array_equal(folded, expected)
         np.testing.assert_array_equal(shift, (bn.bias.data + (bias - bn.running_mean) * scale)
                                       .astype(dtype))
+
+
+POOLS = {"2x2": lambda: nn.MaxPool2d(2), "k3s2p1": lambda: nn.MaxPool2d(3, 2, padding=1),
+         "k2s1": lambda: nn.MaxPool2d(2, stride=1)}
+
+
+def conv_relu_pool(path, pool, dtype, hooked=False):
+    """(in_channels, Sequential(Conv2d, ReLU, MaxPool2d)); hooked: the pool has a forward
+    hook, so that the conv absorbs the ReLU only and masks the gradient by its own output."""
+    channels, make = FOLDED_CONVS[path]
+    model = nn.Sequential(make(True, dtype), nn.ReLU(), POOLS[pool]())
+    if hooked:
+        model[2].register_forward_hook(lambda *args: None)
+    return channels, model
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "weights_only"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("path", list(FOLDED_CONVS))
+def test_conv_relu_maxpool_gives_the_bits_of_the_conv_masking_its_own_output(
+        path, pool, dtype, input_grad, monkeypatch, rng):
+    """The pooled gradient masked where the pooled output is <= 0 and spread to the
+    windows' maxima is the full-size gradient masked by the conv's output, element for
+    element, so every result is the same to the bit; a NaN stays a NaN."""
+    mask_calls = counted_calls(monkeypatch, _activation, "relu_backward")
+    channels, fused = conv_relu_pool(path, pool, dtype)
+    _, plain = conv_relu_pool(path, pool, dtype, hooked=True)
+    x = rng.standard_normal((3, channels, 11, 13)).astype(dtype)
+    x[1, 0, 4, 4] = np.nan   # (a pixel that the stride-2 layers read too)
+    dy = rng.standard_normal(fused.output_shape(x.shape)).astype(dtype)
+    result = step(fused, x, dy, input_grad)
+    assert mask_calls == [(dy.size,)], "the pooled gradient is masked, once"
+    expected = step(plain, x, dy, input_grad)
+    assert len(mask_calls) == 1, "the conv masks the gradient in its own kernels"
+    y, dx, grads, _ = result
+    assert np.isnan(y).any() and (y == 0).any() and (y > 0).any()
+    for got, want in zip([y, dx] + grads, expected[:2] + tuple(expected[2])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_conv_relu_maxpool_matches_the_reference_and_finite_differences(rng):
+    _, model = conv_relu_pool("im2col", "k3s2p1", np.float64)
+    conv = model[0]
+    x = rng.standard_normal((2, 6, 9, 8))
+    weights = rng.standard_normal(model.output_shape(x.shape))
+    y, dx, _, _ = step(model, x, weights)
+    z = R.conv2d_forward(x, conv.weight.data, conv.bias.data, 2, 1)
+    np.testing.assert_allclose(y, R.max_pool2d_forward(np.maximum(z, 0), 3, 2, 1)[0],
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, finite_difference(lambda v: (model(v) * weights).sum(), x),
+                               **FD_TOL)
+
+
+def test_conv_relu_maxpool_is_bitwise_thread_invariant(rng):
+    _, model = conv_relu_pool("direct", "2x2", np.float32)
+    x = rng.standard_normal((5, 3, 17, 15)).astype(np.float32)
+    dy = rng.standard_normal(model.output_shape(x.shape)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            results.append(step(model, x, dy))
+    for other in results[1:]:
+        for a, b in zip(results[0][:2] + tuple(results[0][2]), other[:2] + tuple(other[2])):
+            np.testing.assert_array_equal(a, b)

@@ -4,7 +4,9 @@ need no backward of their own.
 
 Inside a container, a Conv2d or BatchNorm2d followed by a ReLU runs as one kernel
 pass, and so do a BatchNorm2d followed by a ReLU6, and a BatchNorm2d followed by a
-ReLU and a 2x2 MaxPool2d with stride 2.  In inference (eval mode under no_grad), a
+ReLU and a 2x2 MaxPool2d with stride 2.  A Conv2d followed by a ReLU and a MaxPool2d
+masks the gradient by the pooled output, so its full-size output is not kept for
+the backward.  In inference (eval mode under no_grad), a
 Conv2d folds the BatchNorm2d after it into its weight and bias, and applies a ReLU or
 ReLU6 after that in its kernels.  None of them may have hooks; the layers and their
 state_dict keys stay as written.

@@ -1,7 +1,7 @@
 """Conv2d: 2-D convolution (cross-correlation, as PyTorch computes it)."""
 import numpy as np
 
-from cyconv import _conv, _conv_direct, _depthwise
+from cyconv import _activation, _conv, _conv_direct, _depthwise
 from cyconv._checks import (
     as_grad_output,
     as_input,
@@ -16,7 +16,7 @@ from cyconv._threads import blas_single_threaded, get_num_threads, threads_for
 from cyconv.nn import winograd
 from cyconv.nn._init import kaiming_uniform
 from cyconv.nn.activation import ACTIVATION_CODES, ReLU
-from cyconv.nn.module import Module, Parameter
+from cyconv.nn.module import Module, Parameter, naming_errors
 
 
 def output_size(size, kernel, stride, padding, dilation):
@@ -183,13 +183,19 @@ class Conv2d(Module):
                                        or next_layer._folds_into(self))
 
     def _can_absorb_second(self, first, second):
-        """... and a ReLU or ReLU6 after a folded BatchNorm2d."""
+        """... and a ReLU or ReLU6 after a folded BatchNorm2d, and a MaxPool2d after a ReLU
+        (see _gradient_through_pool)."""
+        from cyconv.nn.pooling import MaxPool2d  # (pooling imports this module)
+
+        if type(first) is ReLU:
+            return type(second) is MaxPool2d
         return first._folds_into(self) and type(second) in ACTIVATION_CODES
 
     def _forward_absorbing(self, x, absorbed):
+        if type(absorbed[0]) is ReLU:   # and perhaps a MaxPool2d
+            pool = absorbed[1] if len(absorbed) == 2 else None
+            return self._forward(x, ACTIVATION_CODES[ReLU], pool=pool)
         activation = ACTIVATION_CODES.get(type(absorbed[-1]), 0)
-        if type(absorbed[0]) is ReLU:
-            return self._forward(x, activation)
         bias = self.bias.data if self.bias is not None else np.zeros(self.out_channels)
         weight, bias = absorbed[0]._folded(self.weight.data, bias,
                                            self._scratch(self.weight.data.shape, self.dtype))
@@ -211,9 +217,10 @@ class Conv2d(Module):
                 and (taps <= DIRECT_MAX_TAPS or (taps <= DIRECT_WIDE_MAX_TAPS
                                                  and g["out_width"] >= DIRECT_MIN_COLUMNS)))
 
-    def _forward(self, x, activation, weight=None, bias=None):
+    def _forward(self, x, activation, weight=None, bias=None, pool=None):
         """The forward, then the activation of that code (ACTIVATION_CODES; 0: none), with
-        weight and bias in place of the parameters' when given (a folded BatchNorm2d's)."""
+        weight and bias in place of the parameters' when given (a folded BatchNorm2d's),
+        then pool (a MaxPool2d after a ReLU, or None)."""
         x = as_input(self, x, ("N", self.in_channels, "H", "W"), self.dtype)
         g = self._geometry(x.shape)
         out = self._output_array((x.shape[0], self.out_channels, g["out_height"], g["out_width"]),
@@ -233,11 +240,30 @@ class Conv2d(Module):
             self._direct_forward(x, flat_weight, bias, out, g, activation)
         else:
             self._im2col_forward(x, flat_weight, bias, out, g, activation)
+        if pool is not None:
+            with naming_errors(pool):
+                pooled, argmax, pool_geometry = pool._pool(out)
+            self._save_for_backward(x, g, False, empty(4, self.dtype), input_shape,
+                                    (pool, pooled, argmax, pool_geometry, out.shape))
+            return pooled
         # backward rebuilds what it needs from x; the output is kept only as a ReLU mask
         fuse_relu = activation == ACTIVATION_CODES[ReLU]   # (a ReLU6 only in inference)
         self._save_for_backward(x, g, fuse_relu, out if fuse_relu else empty(4, self.dtype),
-                                input_shape)
+                                input_shape, None)
         return out
+
+    def _gradient_through_pool(self, grad_pooled, pool, pooled, argmax, pool_geometry,
+                               out_shape):
+        """The gradient of this layer's output, from that of a max-pool absorbed with a
+        ReLU: 0 where the pooled output is <= 0, then spread to the windows' maxima.  A
+        window's maximum is the ReLU's output there, so the ReLU passes the gradient
+        that reaches it exactly where the pooled output is > 0: the full-size output
+        need not be kept as the mask."""
+        grad_pooled = as_grad_output(self, grad_pooled, pooled.shape, self.dtype)
+        masked = self._scratch(pooled.shape, self.dtype)
+        _activation.relu_backward(pooled.reshape(-1), grad_pooled.reshape(-1),
+                                  masked.reshape(-1), threads_for(pooled.size))
+        return pool._spread(masked, argmax, pool_geometry, out_shape, self.dtype)
 
     def _subsample(self, x, g):
         """(the pixels this 1x1 strided layer reads, (N, C, OH, OW); the geometry of a
@@ -275,7 +301,9 @@ class Conv2d(Module):
                                      planes_per_task, activation, threads)
 
     def backward(self, grad_output, input_grad=True):
-        x, g, fuse_relu, out, input_shape = self._saved_for_backward()
+        x, g, fuse_relu, out, input_shape, pooling = self._saved_for_backward()
+        if pooling is not None:
+            grad_output = self._gradient_through_pool(grad_output, *pooling)
         grad_output = as_grad_output(self, grad_output, (x.shape[0], self.out_channels,
                                                          g["out_height"], g["out_width"]),
                                      self.dtype)

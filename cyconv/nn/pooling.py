@@ -50,11 +50,24 @@ class MaxPool2d(_Pool2d):
     """
 
     def forward(self, x):
+        out, argmax, g = self._pool(x)
+        self._save_for_backward(x.shape, x.dtype, g, argmax)
+        return out
+
+    def _pool(self, x):
+        """(y, where each window's maximum is, the geometry) for x, nothing saved (also for
+        a Conv2d that absorbed this pool: Conv2d._forward_pooled)."""
         x, g, out = self._prepare(x)
         argmax = self._argmax_array(out.shape)
         _pool.max_pool2d_forward(x, out, argmax, g, threads_for(x.size))
-        self._save_for_backward(x.shape, x.dtype, g, argmax)
-        return out
+        return out, argmax, g
+
+    def _spread(self, grad_output, argmax, g, x_shape, dtype):
+        """The input gradient: each window's gradient at its maximum (overlaps add up)."""
+        grad_input = self._grad_input_array(x_shape, dtype)
+        _pool.max_pool2d_backward(grad_output, argmax, grad_input, g,
+                                  threads_for(grad_input.size))
+        return grad_input
 
     def _tiles_2x2(self):
         """True when the windows are 2x2 with stride 2 and no padding (they tile the input)."""
@@ -67,10 +80,10 @@ class MaxPool2d(_Pool2d):
                 else empty(4, np.int32))
 
     def _absorb(self, out):
-        """Stand in for a forward that the layers before already applied: a BatchNorm2d
-        and a ReLU computed this pooling in their kernel pass (see forward_chain), and the
-        BatchNorm2d's backward routes the gradient through the windows, so backward passes
-        it on."""
+        """Stand in for a forward that the layers before already applied: a BatchNorm2d or
+        a Conv2d and a ReLU computed this pooling (see forward_chain), and the absorbing
+        layer's backward routes the gradient through the windows, so backward passes it
+        on."""
         self._save_for_backward(out.shape, out.dtype, None, None)
         return out
 
@@ -81,10 +94,7 @@ class MaxPool2d(_Pool2d):
         grad_output = as_grad_output(self, grad_output, argmax.shape, dtype)
         if not input_grad:
             return None
-        grad_input = self._grad_input_array(x_shape, dtype)
-        _pool.max_pool2d_backward(grad_output, argmax, grad_input, g,
-                                  threads_for(grad_input.size))
-        return grad_input
+        return self._spread(grad_output, argmax, g, x_shape, dtype)
 
 
 class AvgPool2d(_Pool2d):
