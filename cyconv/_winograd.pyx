@@ -6,8 +6,12 @@ Layouts (row-major, C-contiguous; see _winograd.h for the transforms):
     out          (N, M, OH, OW)      OH = H + 2*pad_h - 2, likewise OW
     tiles        TH = ceil(OH / 4) by TW = ceil(OW / 4) 4x4 output tiles per image,
                  numbered over the batch: t = (n*TH + th)*TW + tw
-    packed       (36, Mp, C)         the transformed weight, Mp = M rounded up to
-                                     CHANNEL_BLOCK, in row blocks of CHANNEL_BLOCK channels
+    packed       (36, Mp*C + PAD)    the transformed weight, position by position an
+                                     (Mp, C) matrix, Mp = M rounded up to CHANNEL_BLOCK, in
+                                     row blocks of CHANNEL_BLOCK channels; PAD =
+                                     POSITION_PAD elements past each position (also in
+                                     the weight gradient's dw), so that the filter
+                                     transforms' 36 streams do not share a cache set
 
 Forward (winograd_forward): the batch's tiles are cut into ranges of tile_range
 tiles (fixed by the shapes, a multiple of TILE_BLOCK); each range is one task.
@@ -85,31 +89,32 @@ cdef inline int tiles_across(int size) noexcept nogil:
 
 
 cdef void pack_filters(const floating[:, :, :, ::1] weight, bint transposed, int block,
-                       floating[:, :, ::1] packed) noexcept nogil:
+                       floating[:, ::1] packed) noexcept nogil:
     """packed[:, row block, :] <- the transforms of the filters of output channels
     [CHANNEL_BLOCK * block, + CHANNEL_BLOCK) (zeros for the padding channels >= M).
 
     weight is (M, C, 3, 3), or (C, M, 3, 3) read transposed and flipped.
     """
-    cdef int C = packed.shape[2], M = weight.shape[1] if transposed else weight.shape[0]
+    cdef int C = weight.shape[0] if transposed else weight.shape[1]
+    cdef int M = weight.shape[1] if transposed else weight.shape[0]
     cdef int m = block * WINOGRAD_CHANNEL_BLOCK, count = min(WINOGRAD_CHANNEL_BLOCK, M - m)
-    cdef Py_ssize_t xi_stride = <Py_ssize_t> packed.shape[1] * C
+    cdef Py_ssize_t xi_stride = packed.shape[1]
     cdef Py_ssize_t filter_stride = 9 if transposed else <Py_ssize_t> C * 9
     cdef int c
     for c in range(C):
         winograd_filters(&weight[c, min(m, M - 1), 0, 0] if transposed
                          else &weight[min(m, M - 1), c, 0, 0],
                          filter_stride, count, transposed,
-                         &packed[0, 0, 0] + (block * C + c) * WINOGRAD_CHANNEL_BLOCK, xi_stride)
+                         &packed[0, 0] + (block * C + c) * WINOGRAD_CHANNEL_BLOCK, xi_stride)
 
 
 cdef void forward_range(const floating* x, const floating* mask, const floating* packed,
-                        const floating* bias, floating* v, floating* y, floating* taps,
-                        floating* out, int C, int M, int Mp, int H, int W, int OH, int OW,
-                        int pad_h, int pad_w, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t T,
-                        int activation) noexcept nogil:
-    """out's tiles [t0, t1) <- packed * transformed x, through v (36, C, T) and y (36, Mp, T)
-    (taps: the transforms' workspace)."""
+                        Py_ssize_t packed_stride, const floating* bias, floating* v,
+                        floating* y, floating* taps, floating* out, int C, int M, int Mp, int H,
+                        int W, int OH, int OW, int pad_h, int pad_w, Py_ssize_t t0,
+                        Py_ssize_t t1, Py_ssize_t T, int activation) noexcept nogil:
+    """out's tiles [t0, t1) <- packed (positions packed_stride apart) * transformed x,
+    through v (36, C, T) and y (36, Mp, T) (taps: the transforms' workspace)."""
     cdef int TH = tiles_across(OH), TW = tiles_across(OW), c, m, xi
     cdef Py_ssize_t plane = <Py_ssize_t> H * W, out_plane = <Py_ssize_t> OH * OW
     cdef Py_ssize_t v_stride = position_stride(C, T), y_stride = position_stride(Mp, T)
@@ -118,7 +123,7 @@ cdef void forward_range(const floating* x, const floating* mask, const floating*
                            H, W, pad_h, pad_w, TH, TW, t0, t1, T, False, taps, v + c * T,
                            v_stride)
     for xi in range(WINOGRAD_POSITIONS):
-        winograd_product(packed + xi * Mp * C, v + xi * v_stride, T, Mp, C, T,
+        winograd_product(packed + xi * packed_stride, v + xi * v_stride, T, Mp, C, T,
                          y + xi * y_stride, T)
     for m in range(M):
         winograd_output(y + m * T, y_stride, bias[m] if bias != NULL else 0, activation, OH, OW, TH,
@@ -129,7 +134,7 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
                      const floating[:, :, :, ::1] mask,    # IN   like x, or empty: x is read as 0 where mask <= 0
                      const floating[:, :, :, ::1] weight,  # IN   (M, C, 3, 3), or (C, M, 3, 3) when transposed
                      const floating[::1] bias,             # IN   (M,), or empty for no bias
-                     floating[:, :, ::1] packed,           # WORK (36, Mp, C)
+                     floating[:, ::1] packed,              # WORK (36, Mp*C + POSITION_PAD)
                      floating[:, ::1] v,                   # WORK (threads, 36 * (C * tile_range + POSITION_PAD))
                      floating[:, ::1] y,                   # WORK (threads, 36 * (Mp * tile_range + POSITION_PAD) + ROW_SLACK)
                      floating[:, ::1] taps,                # WORK (threads, GATHER_SIZE)
@@ -144,21 +149,24 @@ def winograd_forward(const floating[:, :, :, ::1] x,       # IN   (N, C, H, W)
     (with padding 2 - its padding).
     """
     cdef int N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef int M = out.shape[1], OH = out.shape[2], OW = out.shape[3], Mp = packed.shape[1]
+    cdef int M = out.shape[1], OH = out.shape[2], OW = out.shape[3]
+    cdef int blocks = (M + WINOGRAD_CHANNEL_BLOCK - 1) // WINOGRAD_CHANNEL_BLOCK
+    cdef int Mp = blocks * WINOGRAD_CHANNEL_BLOCK
     cdef Py_ssize_t tiles = <Py_ssize_t> N * tiles_across(OH) * tiles_across(OW)
     cdef Py_ssize_t task, t0
     cdef int block, slot
     cdef const floating* mask_ptr = &mask[0, 0, 0, 0] if mask.shape[0] > 0 else NULL
     cdef const floating* bias_ptr = &bias[0] if bias.shape[0] > 0 else NULL
     with nogil, parallel(num_threads=num_threads):
-        for block in prange(Mp // WINOGRAD_CHANNEL_BLOCK, schedule='static'):
+        for block in prange(blocks, schedule='static'):
             pack_filters(weight, transposed, block, packed)
         for task in prange((tiles + tile_range - 1) // tile_range, schedule='dynamic'):
             slot = threadid()
             t0 = task * tile_range
-            forward_range(&x[0, 0, 0, 0], mask_ptr, &packed[0, 0, 0], bias_ptr, &v[slot, 0],
-                          &y[slot, 0], &taps[slot, 0], &out[0, 0, 0, 0], C, M, Mp, H, W, OH, OW,
-                          pad_h, pad_w, t0, min(t0 + tile_range, tiles), tile_range, activation)
+            forward_range(&x[0, 0, 0, 0], mask_ptr, &packed[0, 0], packed.shape[1], bias_ptr,
+                          &v[slot, 0], &y[slot, 0], &taps[slot, 0], &out[0, 0, 0, 0], C, M, Mp,
+                          H, W, OH, OW, pad_h, pad_w, t0, min(t0 + tile_range, tiles),
+                          tile_range, activation)
 
 
 cdef void transform_for_grad(const floating* x, const floating* grad_out, const floating* mask,
@@ -180,9 +188,10 @@ cdef void transform_for_grad(const floating* x, const floating* grad_out, const 
                            0, 0, TH, TW, t0, t1, T, True, taps, d + j * T, position_stride(M, T))
 
 
-cdef void grad_product(const floating* v, const floating* d, floating* dw, floating* lanes,
-                       double* bias_sums, int xi, int C, int M, Py_ssize_t T) noexcept nogil:
-    """dw (36, M, C) at position xi += d @ v^T over the T tiles (one BLAS call), or, with
+cdef void grad_product(const floating* v, const floating* d, floating* dw, Py_ssize_t dw_stride,
+                       floating* lanes, double* bias_sums, int xi, int C, int M,
+                       Py_ssize_t T) noexcept nogil:
+    """dw (36, M, C; positions dw_stride apart) at position xi += d @ v^T over the T tiles (one BLAS call), or, with
     lanes given, its partial sums in lanes (36, M, C, GRAD_LANES) (see _winograd_filters.h).
     Position 7 of d ((A y A^T)[1][1], A's row 1 all ones) is the sum of each tile's output
     gradient, so that task also adds those to bias_sums."""
@@ -195,21 +204,21 @@ cdef void grad_product(const floating* v, const floating* d, floating* dw, float
                             lanes + xi * elements * (WINOGRAD_GRAD_LANE_BYTES // sizeof(floating)))
     else:
         gemm(False, True, M, C, <int> T, 1, a, <int> T, b, <int> T, 1,
-             dw + xi * elements, C)
+             dw + xi * dw_stride, C)
     if xi == 7:
         for m in range(M):
             bias_sums[m] += sum_run(a + m * T, T)
 
 
-cdef void unpack_filter_grads(const floating[:, :, ::1] dw, int m,
+cdef void unpack_filter_grads(const floating[:, ::1] dw, int m, int C,
                               floating[:, :, :, ::1] grad_weight) noexcept nogil:
     """grad_weight[m] += the gradients of output channel m's filters, from those of their
-    transforms dw[:, m, :] (CHANNEL_BLOCK input channels at a time)."""
-    cdef int C = dw.shape[2], block, c
-    cdef Py_ssize_t xi_stride = <Py_ssize_t> dw.shape[1] * C
+    transforms: row m of each position's (M, C) matrix in dw (CHANNEL_BLOCK input channels
+    at a time)."""
+    cdef int block, c
     for block in range((C + WINOGRAD_CHANNEL_BLOCK - 1) // WINOGRAD_CHANNEL_BLOCK):
         c = block * WINOGRAD_CHANNEL_BLOCK
-        winograd_filter_grads(&dw[0, m, c], xi_stride, min(WINOGRAD_CHANNEL_BLOCK, C - c),
+        winograd_filter_grads(&dw[0, m * C + c], dw.shape[1], min(WINOGRAD_CHANNEL_BLOCK, C - c),
                               &grad_weight[m, c, 0, 0], 9)
 
 
@@ -220,7 +229,7 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                          floating[::1] grad_bias,                # INOUT (M,), accumulated; empty for no bias
                          floating[::1] v,                        # WORK  (36 * (C * tile_range + POSITION_PAD))
                          floating[::1] d,                        # WORK  (36 * (M * tile_range + POSITION_PAD))
-                         floating[:, :, ::1] dw,                 # WORK  (36, M, C)
+                         floating[:, ::1] dw,                    # WORK  (36, M*C + POSITION_PAD)
                          floating[::1] lanes,                    # WORK  (36 * M * C * GRAD_LANES), or empty
                          double[::1] bias_sums,                  # WORK  (M,)
                          floating[:, ::1] taps,                  # WORK  (threads, GATHER_SIZE)
@@ -238,7 +247,7 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
     cdef const floating* mask_ptr = &out[0, 0, 0, 0] if out.shape[0] > 0 else NULL
     cdef floating* lanes_ptr = &lanes[0] if lanes.shape[0] > 0 else NULL
     cdef Py_ssize_t elements = <Py_ssize_t> M * C
-    memset(&dw[0, 0, 0], 0, WINOGRAD_POSITIONS * elements * sizeof(floating))
+    memset(&dw[0, 0], 0, dw.shape[0] * dw.shape[1] * sizeof(floating))
     if lanes_ptr != NULL:
         memset(lanes_ptr, 0, lanes.shape[0] * sizeof(floating))
     memset(&bias_sums[0], 0, M * sizeof(double))
@@ -250,13 +259,13 @@ def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, 
                                    &taps[threadid(), 0], j, C, M, H, W, OH, OW, pad_h, pad_w,
                                    t0, min(t0 + tile_range, tiles), tile_range)
             for xi in prange(WINOGRAD_POSITIONS, schedule='dynamic'):
-                grad_product(&v[0], &d[0], &dw[0, 0, 0], lanes_ptr, &bias_sums[0], xi, C, M,
-                             tile_range)
+                grad_product(&v[0], &d[0], &dw[0, 0], dw.shape[1], lanes_ptr, &bias_sums[0],
+                             xi, C, M, tile_range)
         if lanes_ptr != NULL:
             for xi in prange(WINOGRAD_POSITIONS, schedule='static'):
                 winograd_grad_lanes_sum(lanes_ptr + xi * (lanes.shape[0] // WINOGRAD_POSITIONS),
-                                        elements, &dw[xi, 0, 0])
+                                        elements, &dw[xi, 0])
         for m in prange(M, schedule='static'):
-            unpack_filter_grads(dw, m, grad_weight)
+            unpack_filter_grads(dw, m, C, grad_weight)
             if grad_bias.shape[0] > 0:
                 grad_bias[m] += <floating> bias_sums[m]

@@ -69,6 +69,13 @@ def tile_count(shape):
     return n * tiles_across(oh) * tiles_across(ow)
 
 
+def filter_scratch(layer, rows, channels):
+    """A scratch array for transformed filters (or their gradients): position by position
+    a (rows, channels) matrix, then POSITION_PAD elements (see _winograd.pyx)."""
+    return layer._scratch((_winograd.POSITIONS, rows * channels + _winograd.POSITION_PAD),
+                          layer.dtype)
+
+
 def tap_scratch(layer, threads):
     """Each thread's gathered taps of a block of tiles (see _winograd.h)."""
     return layer._scratch((threads, _winograd.GATHER_SIZE), layer.dtype)
@@ -87,7 +94,7 @@ def convolve(layer, x, weight, bias, out, padding, transposed, activation, mask=
     empty = np.empty((0, 0, 0, 0), layer.dtype)
     _winograd.winograd_forward(
         x, empty if mask is None else mask, weight, bias,
-        layer._scratch((_winograd.POSITIONS, packed_rows, channels), layer.dtype),
+        filter_scratch(layer, packed_rows, channels),
         layer._scratch((threads, block_size(channels, span)), layer.dtype),
         layer._scratch((threads, block_size(packed_rows, span) + _winograd.ROW_SLACK),
                        layer.dtype),
@@ -118,7 +125,7 @@ def backward(layer, grad_output, x, out, grad_input):
             grad_output, x, out, layer.weight.grad, grad_bias,
             layer._scratch((block_size(channels, span),), layer.dtype),
             layer._scratch((block_size(outputs, span),), layer.dtype),
-            layer._scratch((_winograd.POSITIONS, outputs, channels), layer.dtype), lanes,
+            filter_scratch(layer, outputs, channels), lanes,
             layer._scratch((outputs,), np.float64),
             tap_scratch(layer, threads), layer.padding[0],
             layer.padding[1], span, threads)
