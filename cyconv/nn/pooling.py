@@ -56,7 +56,7 @@ class MaxPool2d(_Pool2d):
 
     def _pool(self, x):
         """(y, where each window's maximum is, the geometry) for x, nothing saved (also for
-        a Conv2d that absorbed this pool: Conv2d._forward_pooled)."""
+        a Conv2d that absorbed this pool with the ReLU before it: Conv2d._forward)."""
         x, g, out = self._prepare(x)
         argmax = self._argmax_array(out.shape)
         _pool.max_pool2d_forward(x, out, argmax, g, threads_for(x.size))
