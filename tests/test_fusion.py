@@ -451,3 +451,13 @@ def test_conv_relu_maxpool_is_bitwise_thread_invariant(rng):
     for other in results[1:]:
         for a, b in zip(results[0][:2] + tuple(results[0][2]), other[:2] + tuple(other[2])):
             np.testing.assert_array_equal(a, b)
+
+
+def test_conv_relu_maxpool_errors_name_the_pool():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), nn.MaxPool2d(2))
+    with pytest.raises(ValueError, match="^2: MaxPool2d: input of size 1x2"):
+        model(np.zeros((1, 3, 3, 4), np.float32))
+    model(np.zeros((1, 3, 5, 6), np.float32))
+    with pytest.raises(ValueError, match=r"^2: MaxPool2d.backward: expected a gradient of "
+                                         r"shape \(1, 3, 1, 2\)"):
+        model.backward(np.zeros((1, 3, 2, 1), np.float32))
