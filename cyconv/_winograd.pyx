@@ -191,8 +191,9 @@ cdef void transform_for_grad(const floating* x, const floating* grad_out, const 
 cdef void grad_product(const floating* v, const floating* d, floating* dw, Py_ssize_t dw_stride,
                        floating* lanes, double* bias_sums, int xi, int C, int M,
                        Py_ssize_t T) noexcept nogil:
-    """dw (36, M, C; positions dw_stride apart) at position xi += d @ v^T over the T tiles (one BLAS call), or, with
-    lanes given, its partial sums in lanes (36, M, C, GRAD_LANES) (see _winograd_filters.h).
+    """dw (36, M, C; positions dw_stride apart) at position xi += d @ v^T over the T tiles
+    (one BLAS call), or, with lanes given, its partial sums in lanes (36, M, C, GRAD_LANES)
+    (see _winograd_filters.h).
     Position 7 of d ((A y A^T)[1][1], A's row 1 all ones) is the sum of each tile's output
     gradient, so that task also adds those to bias_sums."""
     cdef const floating* a = d + xi * position_stride(M, T)
@@ -218,8 +219,8 @@ cdef void unpack_filter_grads(const floating[:, ::1] dw, int m, int C,
     cdef int block, c
     for block in range((C + WINOGRAD_CHANNEL_BLOCK - 1) // WINOGRAD_CHANNEL_BLOCK):
         c = block * WINOGRAD_CHANNEL_BLOCK
-        winograd_filter_grads(&dw[0, m * C + c], dw.shape[1], min(WINOGRAD_CHANNEL_BLOCK, C - c),
-                              &grad_weight[m, c, 0, 0], 9)
+        winograd_filter_grads(&dw[0, m * C + c], dw.shape[1],
+                              min(WINOGRAD_CHANNEL_BLOCK, C - c), &grad_weight[m, c, 0, 0], 9)
 
 
 def winograd_weight_grad(const floating[:, :, :, ::1] grad_out,  # IN    (N, M, OH, OW)
