@@ -49,9 +49,8 @@ def geometry(layer, x_shape, kernel, stride, padding, dilation, groups=1):
 
 
 # Bytes of im2col columns per tile: an eighth of a 1 MB L2 cache, leaving room
-# for BLAS's packed panels and the output rows.
-# Measured on the reference network at batch 4 and 16: 64-128 KB beat 256 KB by
-# 5-10%; 32 KB and 1 MB were slower.
+# for BLAS's packed panels and the output rows (CHANGELOG.rst, 0.1, has the
+# measurement that chose it).
 TILE_BYTES = 128 * 1024
 # ... but at least this many columns (output pixels): a narrower product runs
 # far below BLAS's peak, worst for the many-channel layers whose K alone fills
