@@ -2,7 +2,7 @@
 Linear timed as numpy's float32 GEMM of its own shape, nothing else.
 
     python benchmarks/bench_gemm_shapes.py reference --batch 16 --threads 1 2
-    python benchmarks/bench_gemm_shapes.py small --batch 32
+    python benchmarks/bench_gemm_shapes.py default --batch 32
 
 A layer of groups=1 as im2col + GEMM multiplies (out) x (in * kh * kw) by
 (in * kh * kw) x (batch * OH * OW) forward; its weight gradient is the product
@@ -15,7 +15,8 @@ training step whose only work were these products: a bound on what any im2col
 implementation (cyconv's, or PyTorch's) can reach, and, with the share of the peak
 that benchmarks/bench_train.py gives PyTorch's step, on how far ahead of PyTorch an
 implementation of the direct computation can get.  Grouped layers are left out
-(they are not one product).  Every number: the median over --repeats products.
+(they are not one product).  It bounds nothing for 3x3 stride-1 layers, which
+cyconv computes by Winograd F(4x4, 3x3) with a quarter of the multiplications.  Every number: the median over --repeats products.
 """
 import argparse
 import statistics
