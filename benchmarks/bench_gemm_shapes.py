@@ -16,7 +16,8 @@ implementation (cyconv's, or PyTorch's) can reach, and, with the share of the pe
 that benchmarks/bench_train.py gives PyTorch's step, on how far ahead of PyTorch an
 implementation of the direct computation can get.  Grouped layers are left out
 (they are not one product).  It bounds nothing for 3x3 stride-1 layers, which
-cyconv computes by Winograd F(4x4, 3x3) with a quarter of the multiplications.  Every number: the median over --repeats products.
+cyconv computes by Winograd F(4x4, 3x3) with a quarter of the multiplications.
+Every number: the median over --repeats products.
 """
 import argparse
 import statistics
