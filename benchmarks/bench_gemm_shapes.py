@@ -41,7 +41,7 @@ def gemm_shapes(model, input_shape):
                                print_table=False)
     modules = dict(model.named_modules())
     shapes = []
-    for index, layer in enumerate(result.layers):
+    for layer in result.layers:
         module = modules[layer.name]
         if isinstance(module, nn.Conv2d) and module.groups == 1:
             batch, out, oh, ow = layer.output_shape
@@ -52,7 +52,7 @@ def gemm_shapes(model, input_shape):
         else:
             continue
         products = [("forward", out, taps, columns), ("weight grad", out, columns, taps)]
-        if index > 0:
+        if layer.backward.flops > layer.forward.flops:   # its input gradient was computed
             products.append(("input grad", taps, out, columns))
         shapes.append((layer.name, products))
     return shapes
@@ -73,7 +73,7 @@ def median_seconds(m, k, n, repeats):
 
 
 def report(name, shapes, threads, repeats, batch):
-    """Print each product's ms and share of the peak; return the step's GEMM-only ms."""
+    """Print each product's ms and share of the peak, and their sum over the step."""
     peak = profiling.gemm_peak(threads)
     print(f"\n{name}, batch {batch}, {threads} thread(s): sgemm peak {peak:.0f} GFLOP/s")
     print(f"{'layer':<22}{'pass':<13}{'M x K x N':>24}{'ms':>9}{'GFLOP/s':>9}{'peak':>6}")
@@ -102,7 +102,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args(argv)
     network = NETWORKS[args.network]
-    batch = args.batch or network.train_batches[0]
+    batch = network.train_batches[0] if args.batch is None else args.batch
+    for option, values in (("--batch", [batch]), ("--repeats", [args.repeats]),
+                           ("--threads", args.threads)):
+        if min(values) < 1:
+            p.error(f"{option}: expected ints >= 1, got {min(values)}")
     shape = (batch, 3, network.image_size, network.image_size)
     shapes = gemm_shapes(network.build(), shape)
     for threads in args.threads:
